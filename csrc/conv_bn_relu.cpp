@@ -1,0 +1,189 @@
+// Device-generic composition of the fused layer (see conv_bn_relu.h).
+#include "conv_bn_relu.h"
+
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+
+#include "common/checks.h"
+
+namespace unetx {
+namespace {
+
+constexpr const char* kOp = "unetx.conv_bn_relu";
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Geometry {
+  int64_t N, C1, C2, H, W;  // H, W: the spatial size the convolution sees
+  int64_t k;
+  Upsample mode;
+};
+
+Geometry check_args(const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool,
+                    const OptTensor& x2, c10::string_view x2_mode, const at::Tensor& weight, const OptTensor& bias,
+                    bool transposed) {
+  check_4d(x, kOp, "x");
+  TORCH_CHECK(x_scale.has_value() == x_shift.has_value(), kOp, ": x_scale and x_shift must be given together");
+  if (x_scale) {
+    check_channel_vector(*x_scale, x.size(1), x, kOp, "x_scale");
+    check_channel_vector(*x_shift, x.size(1), x, kOp, "x_shift");
+  }
+  if (x_pool) check_even(x, kOp);
+  Geometry g{x.size(0), x.size(1), 0, x_pool ? x.size(2) / 2 : x.size(2), x_pool ? x.size(3) / 2 : x.size(3), 0,
+             parse_upsample(x2_mode, kOp)};
+  if (x2) {
+    check_4d(*x2, kOp, "x2");
+    check_same(x, *x2, kOp, "x", "x2");
+    const int64_t f = g.mode == Upsample::None ? 1 : 2;
+    TORCH_CHECK(x2->size(0) == g.N && f * x2->size(2) == g.H && f * x2->size(3) == g.W, kOp, ": x2 of shape ",
+                x2->sizes(), " upsampled ", f, "x does not match the skip input's spatial size [", g.N, ", *, ", g.H,
+                ", ", g.W, "]");
+    g.C2 = x2->size(1);
+  }
+  TORCH_CHECK(weight.dim() == 4, kOp, ": expected a 4-D weight, got shape ", weight.sizes());
+  check_same(x, weight, kOp, "x", "weight");
+  g.k = weight.size(3);
+  TORCH_CHECK(weight.size(2) == g.k, kOp, ": expected a square kernel, got weight ", weight.sizes());
+  const int64_t in_ch = transposed ? weight.size(0) : weight.size(1);
+  const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(in_ch == g.C1 + g.C2, kOp, ": weight ", weight.sizes(), " expects ", in_ch, " input channels, but x has ",
+              g.C1, (g.C2 ? " and x2 has " : ""), (g.C2 ? std::to_string(g.C2) : std::string()),
+              " (total ", g.C1 + g.C2, ")");
+  TORCH_CHECK(transposed || g.k % 2 == 1, kOp, ": 'same' convolution needs an odd kernel size, got ", g.k);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_ch, kOp, ": expected bias of shape [", out_ch, "], got ",
+                bias->sizes());
+    check_same(x, *bias, kOp, "x", "bias");
+  }
+  return g;
+}
+
+at::Tensor input_stage(const LayerKernels& k, const Geometry& g, const at::Tensor& x, const OptTensor& scale,
+                       const OptTensor& shift, bool pool, const OptTensor& x2, at::MemoryFormat mf) {
+  if (!scale && !pool && !x2) return x;
+  auto a = at::empty({g.N, g.C1 + g.C2, g.H, g.W}, x.options().memory_format(mf));
+  auto a1 = a.narrow(1, 0, g.C1);
+  if (!scale && !pool)
+    a1.copy_(x);
+  else if (pool)
+    k.activation_forward(x, scale, shift, nullptr, &a1);
+  else
+    k.activation_forward(x, scale, shift, &a1, nullptr);
+  if (x2) {
+    auto a2 = a.narrow(1, g.C1, g.C2);
+    k.upsample_forward(*x2, g.mode, a2);
+  }
+  return a;
+}
+
+struct ConvParams {
+  std::vector<int64_t> stride, padding;
+  ConvParams(int64_t k, bool transposed)
+      : stride(transposed ? std::vector<int64_t>{k, k} : std::vector<int64_t>{1, 1}),
+        padding(transposed ? std::vector<int64_t>{0, 0} : std::vector<int64_t>{k / 2, k / 2}) {}
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
+    const LayerKernels& k, const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool,
+    const OptTensor& x2, c10::string_view x2_mode, const at::Tensor& weight, const OptTensor& bias, bool transposed,
+    bool stats, bool relu) {
+  const Geometry g = check_args(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed);
+  TORCH_CHECK(!(stats && relu), kOp, ": stats (training BatchNorm) and relu (eval, BatchNorm folded) exclude each other");
+  const auto mf = layout_of(x);
+  const auto xc = x.contiguous(mf);
+  const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
+  const auto a = input_stage(k, g, xc, x_scale, x_shift, x_pool, x2c, mf);
+  const ConvParams cp(g.k, transposed);
+  auto y = at::convolution(a, weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1);
+  if (relu) y.relu_();
+  if (!stats) return {y, at::empty({0}, y.options()), at::empty({0}, y.options())};
+  TORCH_CHECK(y.numel() / y.size(1) > 1, kOp, ": Expected more than 1 value per channel when training, got input size ",
+              y.sizes(), " (batch statistics need batch * height * width > 1)");
+  y = y.contiguous(layout_of(y));
+  auto opts = y.options().dtype(acc_type(y.scalar_type()));
+  auto mean = at::empty({y.size(1)}, opts), var = at::empty({y.size(1)}, opts);
+  k.batch_stats(y, mean, var);
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
+    const LayerKernels& k, const at::Tensor& grad_y, const OptTensor& grad_mean, const OptTensor& grad_var,
+    const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool, const OptTensor& x2,
+    c10::string_view x2_mode, const at::Tensor& weight, bool has_bias, bool transposed, const at::Tensor& y,
+    const at::Tensor& mean, bool relu, std::array<bool, 4> output_mask) {
+  const OptTensor no_bias;
+  const Geometry g = check_args(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, no_bias, transposed);
+  const auto mf = layout_of(x);
+  const auto xc = x.contiguous(mf);
+  const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
+
+  // 1. the gradient reaching the conv output: through the fused ReLU and/or the batch statistics
+  const auto ymf = layout_of(y);
+  at::Tensor gy = grad_y.contiguous(ymf);
+  const bool through_stats = (grad_mean && grad_mean->defined()) || (grad_var && grad_var->defined());
+  if (through_stats || relu) {
+    const auto yc = y.contiguous(ymf);
+    const double M = double(yc.numel() / yc.size(1));
+    const auto acc = acc_type(yc.scalar_type());
+    at::Tensor a, b, m;
+    if (grad_mean && grad_mean->defined()) a = at::div(grad_mean->to(acc), M).contiguous();
+    if (grad_var && grad_var->defined()) {
+      b = at::mul(grad_var->to(acc), 2.0 / M).contiguous();
+      m = mean.to(acc).contiguous();
+    }
+    auto out = at::empty(yc.sizes(), yc.options().memory_format(ymf));
+    k.fold_output_grad(gy, yc, b.defined() ? &m : nullptr, a.defined() ? &a : nullptr, b.defined() ? &b : nullptr,
+                       relu, out);
+    gy = out;
+  }
+
+  // 2. the convolution's backward (ATen), on the recomputed input stage
+  const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
+  const bool need_a = need_x || need_x2;
+  at::Tensor a = output_mask[2] ? input_stage(k, g, xc, x_scale, x_shift, x_pool, x2c, mf)
+                                : at::empty({g.N, g.C1 + g.C2, g.H, g.W}, xc.options().memory_format(mf));
+  const ConvParams cp(g.k, transposed);
+  const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
+  const std::vector<int64_t> bias_size{out_ch};
+  const at::OptionalIntArrayRef bias_sizes = has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt;
+  auto [ga, gw, gb_] = at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1}, transposed,
+                                               {0, 0}, 1, {need_a, output_mask[2], has_bias && output_mask[3]});
+
+  // 3. the input stage's backward: one pass for the skip/previous-layer part, one for the upsampled part
+  at::Tensor gx, gs, gt, gx2;
+  if (need_x) {
+    const bool staged = x_scale || x_pool || x2;
+    auto ga1 = staged ? ga.narrow(1, 0, g.C1) : ga;
+    if (!x_scale && !x_pool) {
+      gx = ga1.contiguous(mf);
+    } else {
+      gx = at::empty(xc.sizes(), xc.options().memory_format(mf));
+      at::Tensor* gsp = nullptr;
+      at::Tensor* gtp = nullptr;
+      if (x_scale) {
+        auto opts = xc.options().dtype(acc_type(xc.scalar_type()));
+        gs = at::empty({g.C1}, opts);
+        gt = at::empty({g.C1}, opts);
+        gsp = &gs;
+        gtp = &gt;
+      }
+      k.activation_backward(x_pool ? nullptr : &ga1, x_pool ? &ga1 : nullptr, xc, x_scale, x_shift, gx, gsp, gtp);
+      if (x_scale) {
+        gs = gs.to(x_scale->scalar_type());
+        gt = gt.to(x_shift->scalar_type());
+      }
+    }
+  }
+  if (need_x2) {
+    gx2 = at::empty(x2c->sizes(), x2c->options().memory_format(mf));
+    k.upsample_backward(ga.narrow(1, g.C1, g.C2), g.mode, gx2);
+  }
+  return std::make_tuple(gx, gs, gt, gx2, gw, gb_);
+}
+
+}  // namespace unetx

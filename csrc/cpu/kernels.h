@@ -1,0 +1,42 @@
+// The CPU kernels behind the unetx ops. Each op's file implements the kernels named after it; the fused
+// conv_bn_relu op composes them around ATen's (oneDNN's) convolution.
+//
+// Layouts: every tensor argument is either planar (NCHW-like: stride(3) == 1) or channels-last
+// (NHWC-like: stride(1) == 1). Outputs may be channel slices of a larger tensor (a concatenation buffer),
+// so kernels honour the strides they are given rather than assuming a dense tensor.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+#include "common/upsample2x.h"
+
+namespace unetx::cpu {
+
+// ---- bn_relu.cpp: the activation z = relu(x * scale[c] + shift[c]) (identity when scale is absent), optionally
+// 2x2-average-pooled. One read of x; writes z and/or p. Nothing is saved: backward recomputes from x.
+void activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                        const std::optional<at::Tensor>& shift, at::Tensor* z, at::Tensor* p);
+
+// Backward of activation_forward: g = grad_z + upsample(grad_p) / 4, masked where x * scale + shift <= 0;
+// grad_x = g * scale, grad_scale[c] = sum(g * x), grad_shift[c] = sum(g). Reads x and the grads once, writes grad_x.
+void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                         at::Tensor& grad_x, at::Tensor* grad_scale, at::Tensor* grad_shift);
+
+// ---- upsample_concat.cpp: x (N, C, h, w) -> out (N, C, 2h, 2w) (a channel slice of the concatenation);
+// mode None copies. Reads x once, writes out once.
+void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out);
+// Adjoint: grad (N, C, 2h, 2w) -> grad_x (N, C, h, w).
+void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x);
+
+// ---- batch_stats.cpp: per-channel mean and biased variance of y, accumulated in double around a per-channel
+// pivot (y's first element), so large means do not cancel. One read of y.
+void batch_stats(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
+
+// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = (y > 0) when relu. The gradient reaching a conv
+// output through its batch statistics (a = dmean / M, b = 2 dvar / M) and/or its fused ReLU.
+// Reads grad_y and y once, writes out once.
+void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
+                      const at::Tensor* b, bool relu, at::Tensor& out);
+
+}  // namespace unetx::cpu

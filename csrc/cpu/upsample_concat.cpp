@@ -1,0 +1,204 @@
+// CPU kernels: 2x upsampling (nearest, bilinear align_corners=False) written straight into its channel slice of a
+// concatenation buffer, and the op upsample_concat = cat([skip, upsample2x(x)], dim=1) built on it.
+//
+// Memory traffic: forward reads skip once and x once (each x element is read by 4 outputs, from cache), writes the
+// buffer once: no intermediate upsampled tensor. Backward reads grad once, writes grad_skip and grad_x.
+// Saves nothing for backward (shapes only).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/kernels.h"
+
+namespace unetx::cpu {
+namespace {
+
+struct Tap {
+  int64_t i0, i1;
+  float w0, w1;
+};
+
+std::vector<Tap> taps(int64_t out, int64_t in, Upsample mode) {
+  std::vector<Tap> t(out);
+  for (int64_t o = 0; o < out; ++o) {
+    if (mode == Upsample::Nearest) {
+      t[o] = {o / 2, o / 2, 1.f, 0.f};
+    } else {
+      bilinear_taps(o, in, t[o].i0, t[o].i1, t[o].w0, t[o].w1);
+    }
+  }
+  return t;
+}
+
+// For each input index k: the outputs that read it and with what total weight (at most 5 for 2x).
+struct Adjoint {
+  std::vector<int64_t> start;  // offsets into o / w, size in + 1
+  std::vector<int64_t> o;
+  std::vector<float> w;
+};
+
+Adjoint adjoint(int64_t out, int64_t in, Upsample mode) {
+  Adjoint a;
+  a.start.push_back(0);
+  for (int64_t k = 0; k < in; ++k) {
+    for (int64_t o = std::max<int64_t>(0, 2 * k - 2); o <= std::min<int64_t>(out - 1, 2 * k + 2); ++o) {
+      const float wt = mode == Upsample::Nearest ? (o / 2 == k ? 1.f : 0.f) : bilinear_weight(o, k, in);
+      if (wt != 0.f) {
+        a.o.push_back(o);
+        a.w.push_back(wt);
+      }
+    }
+    a.start.push_back(static_cast<int64_t>(a.o.size()));
+  }
+  return a;
+}
+
+inline bool channels_last(const at::Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1 && !x.is_contiguous(); }
+
+template <typename T>
+void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t N = x.size(0), C = x.size(1), h = x.size(2), w = x.size(3), H = out.size(2), W = out.size(3);
+  const auto th = taps(H, h, mode), tw = taps(W, w, mode);
+  const T* X = x.const_data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  const int64_t xn = x.stride(0), xc = x.stride(1), xh = x.stride(2), xw = x.stride(3);
+  const int64_t on = out.stride(0), oc = out.stride(1), oh = out.stride(2), ow = out.stride(3);
+  auto value = [&](const T* xb, int64_t i, int64_t j, int64_t cstride) -> T {
+    const Tap& a = th[i];
+    const Tap& b = tw[j];
+    if (mode == Upsample::Nearest) return xb[a.i0 * xh + b.i0 * xw];
+    (void)cstride;
+    const acc_t top = acc_t(b.w0) * acc_t(xb[a.i0 * xh + b.i0 * xw]) + acc_t(b.w1) * acc_t(xb[a.i0 * xh + b.i1 * xw]);
+    const acc_t bot = acc_t(b.w0) * acc_t(xb[a.i1 * xh + b.i0 * xw]) + acc_t(b.w1) * acc_t(xb[a.i1 * xh + b.i1 * xw]);
+    return T(acc_t(a.w0) * top + acc_t(a.w1) * bot);
+  };
+  if (!channels_last(x)) {
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / C, c = nc % C;
+        const T* xb = X + n * xn + c * xc;
+        T* ob = O + n * on + c * oc;
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t j = 0; j < W; ++j) ob[i * oh + j * ow] = value(xb, i, j, 0);
+      }
+    });
+  } else {
+    at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / H, i = r % H;
+        for (int64_t j = 0; j < W; ++j) {
+          T* op = O + n * on + i * oh + j * ow;
+          for (int64_t c = 0; c < C; ++c) op[c * oc] = value(X + n * xn + c * xc, i, j, xc);
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t N = gx.size(0), C = gx.size(1), h = gx.size(2), w = gx.size(3), H = grad.size(2), W = grad.size(3);
+  const auto ah = adjoint(H, h, mode), aw = adjoint(W, w, mode);
+  const T* G = grad.const_data_ptr<T>();
+  T* GX = gx.data_ptr<T>();
+  const int64_t gn = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gw = grad.stride(3);
+  const int64_t xn = gx.stride(0), xc = gx.stride(1), xh = gx.stride(2), xw = gx.stride(3);
+  auto value = [&](const T* gb, int64_t k, int64_t l) -> T {
+    acc_t s = 0;
+    for (int64_t p = ah.start[k]; p < ah.start[k + 1]; ++p) {
+      acc_t row = 0;
+      const T* gr = gb + ah.o[p] * gh;
+      for (int64_t q = aw.start[l]; q < aw.start[l + 1]; ++q) row += acc_t(aw.w[q]) * acc_t(gr[aw.o[q] * gw]);
+      s += acc_t(ah.w[p]) * row;
+    }
+    return T(s);
+  };
+  if (!channels_last(gx)) {
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / C, c = nc % C;
+        const T* gb = G + n * gn + c * gc;
+        T* xb = GX + n * xn + c * xc;
+        for (int64_t k = 0; k < h; ++k)
+          for (int64_t l = 0; l < w; ++l) xb[k * xh + l * xw] = value(gb, k, l);
+      }
+    });
+  } else {
+    at::parallel_for(0, N * h, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / h, k = r % h;
+        for (int64_t l = 0; l < w; ++l)
+          for (int64_t c = 0; c < C; ++c) GX[n * xn + c * xc + k * xh + l * xw] = value(G + n * gn + c * gc, k, l);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
+  if (mode == Upsample::None) {
+    out.copy_(x);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.upsample_forward",
+                                  [&] { forward_impl<scalar_t>(x, mode, out); });
+}
+
+void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x) {
+  if (mode == Upsample::None) {
+    grad_x.copy_(grad);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "unetx.upsample_backward",
+                                  [&] { backward_impl<scalar_t>(grad, mode, grad_x); });
+}
+
+// ------------------------------------------------------------------------------------------------ ops
+at::Tensor upsample_concat(const at::Tensor& skip, const at::Tensor& x, c10::string_view mode_str) {
+  const char* op = "unetx.upsample_concat";
+  const Upsample mode = parse_upsample(mode_str, op);
+  check_4d(skip, op, "skip");
+  check_4d(x, op, "x");
+  check_same(skip, x, op, "skip", "x");
+  const int64_t f = mode == Upsample::None ? 1 : 2;
+  TORCH_CHECK(skip.size(0) == x.size(0) && skip.size(2) == f * x.size(2) && skip.size(3) == f * x.size(3), op,
+              ": skip ", skip.sizes(), " does not match x ", x.sizes(), " upsampled ", f,
+              "x (expected skip of shape [", x.size(0), ", *, ", f * x.size(2), ", ", f * x.size(3), "])");
+  const auto mf = layout_of(skip);
+  auto out = at::empty({skip.size(0), skip.size(1) + x.size(1), skip.size(2), skip.size(3)}, skip.options().memory_format(mf));
+  out.narrow(1, 0, skip.size(1)).copy_(skip);
+  auto up = out.narrow(1, skip.size(1), x.size(1));
+  upsample_forward(x.contiguous(mf), mode, up);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> upsample_concat_backward(const at::Tensor& grad, int64_t skip_channels,
+                                                            c10::string_view mode_str) {
+  const char* op = "unetx.upsample_concat_backward";
+  const Upsample mode = parse_upsample(mode_str, op);
+  check_4d(grad, op, "grad");
+  TORCH_CHECK(0 <= skip_channels && skip_channels <= grad.size(1), op, ": skip_channels=", skip_channels,
+              " out of range for grad ", grad.sizes());
+  const auto mf = layout_of(grad);
+  const int64_t f = mode == Upsample::None ? 1 : 2;
+  auto gskip = grad.narrow(1, 0, skip_channels).contiguous(mf);
+  auto gx = at::empty({grad.size(0), grad.size(1) - skip_channels, grad.size(2) / f, grad.size(3) / f},
+                      grad.options().memory_format(mf));
+  upsample_backward(grad.narrow(1, skip_channels, grad.size(1) - skip_channels), mode, gx);
+  return {gskip, gx};
+}
+
+}  // namespace unetx::cpu
+
+TORCH_LIBRARY_IMPL(unetx, CPU, m) {
+  m.impl("upsample_concat", &unetx::cpu::upsample_concat);
+  m.impl("upsample_concat_backward", &unetx::cpu::upsample_concat_backward);
+}

@@ -1,0 +1,18 @@
+"""unetx: a U-Net for image segmentation whose conv-BN-ReLU, pooling and skip concatenation run on fused kernels.
+
+    import unetx
+    model = unetx.UNet(in_channels=1, out_channels=2)      # drop-in nn.Module, state_dict-compatible with
+    ref = unetx.reference.UNet(in_channels=1, out_channels=2)   # ... this plain-PyTorch twin
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (load libtorch before the extension)
+
+from . import reference
+from ._extension import build_info
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "reference", "build_info", "__version__"]

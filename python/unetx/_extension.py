@@ -1,0 +1,32 @@
+"""Load the compiled extension, refusing clearly when it was built for another torch."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (must come first: it loads libtorch, which the extension links against)
+
+_REBUILD = (
+    "Rebuild unetx against the torch you have: `pip install --force-reinstall --no-deps .` in the unetx source "
+    "folder (add --no-build-isolation for the fast developer build)."
+)
+
+try:
+    from unetx import _C  # type: ignore[attr-defined]
+except ImportError as e:  # an undefined symbol is what an ABI mismatch looks like
+    raise ImportError(f"unetx: could not load its compiled extension ({e}). torch is {torch.__version__}. {_REBUILD}") from e
+
+BUILD_INFO: dict = dict(_C.build_info())
+
+if BUILD_INFO["torch_version"] != torch.__version__:
+    raise ImportError(
+        f"unetx: the extension was built against torch {BUILD_INFO['torch_version']}, but torch {torch.__version__} "
+        f"is imported; a C++ extension only works with the torch it was compiled for. {_REBUILD}"
+    )
+
+
+def build_info() -> dict:
+    """How the extension was built: torch version, compiler, whether CUDA kernels were compiled and for which archs."""
+    from unetx import ops
+
+    info = dict(BUILD_INFO)
+    info["cuda_kernels_enabled"] = ops.cuda_kernels_enabled()
+    return info

@@ -1,0 +1,363 @@
+"""The unetx ops: thin wrappers over torch.ops.unetx.*, their fake (meta) implementations, their autograd
+formulas (each backward is itself a registered op), and the stock-PyTorch fallback used on devices that have no
+unetx kernel.
+
+Ops (kernels in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, references in unetx.reference):
+  conv_bn_relu      the fused layer: input stage (normalise + ReLU of the previous layer, pool, concat an
+                    upsampled second input) -> convolution -> batch statistics
+  bn_relu           relu(y * scale + shift)
+  bn_relu_pool      (relu(y * scale + shift), its 2x2 average pool) in one pass
+  avg_pool2x2       2x2 average pooling, stride 2
+  upsample_concat   cat([skip, upsample2x(x)], dim=1) in one pass
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from . import reference as ref
+from ._extension import BUILD_INFO, _C
+
+_ops = torch.ops.unetx
+
+
+# ------------------------------------------------------------------------------------------ wrappers
+def conv_bn_relu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    x_scale: Tensor | None = None,
+    x_shift: Tensor | None = None,
+    x_pool: bool = False,
+    x2: Tensor | None = None,
+    x2_mode: str = "none",
+    transposed: bool = False,
+    stats: bool = True,
+    relu: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused layer; see `unetx.reference.conv_bn_relu` for exactly what it computes. Returns (y, mean, var)."""
+    return _ops.conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu)
+
+
+def bn_relu(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return _ops.bn_relu(y, scale, shift)
+
+
+def bn_relu_pool(y: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    return _ops.bn_relu_pool(y, scale, shift)
+
+
+def avg_pool2x2(x: Tensor) -> Tensor:
+    return _ops.avg_pool2x2(x)
+
+
+def upsample_concat(skip: Tensor, x: Tensor, mode: str = "nearest") -> Tensor:
+    return _ops.upsample_concat(skip, x, mode)
+
+
+# ----------------------------------------------------------------------------------- fake (meta) impls
+def _layout(t: Tensor) -> torch.memory_format:
+    return suggest_memory_format(t)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(shape, like: Tensor, fmt: torch.memory_format, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+def _check_4d(t: Tensor, op: str, name: str) -> None:
+    torch._check(t.dim() == 4, lambda: f"{op}: expected {name} to be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
+
+
+@torch.library.register_fake("unetx::bn_relu")
+def _(y, scale, shift):
+    _check_4d(y, "unetx.bn_relu", "y")
+    return _empty(y.shape, y, _layout(y))
+
+
+@torch.library.register_fake("unetx::bn_relu_backward")
+def _(grad, y, scale, shift):
+    return _empty(y.shape, y, _layout(y)), torch.empty_like(scale), torch.empty_like(shift)
+
+
+@torch.library.register_fake("unetx::bn_relu_pool")
+def _(y, scale, shift):
+    _check_4d(y, "unetx.bn_relu_pool", "y")
+    n, c, h, w = y.shape
+    torch._check(h % 2 == 0 and w % 2 == 0, lambda: f"unetx.bn_relu_pool: needs even height and width, got {tuple(y.shape)}")
+    fmt = _layout(y)
+    return _empty(y.shape, y, fmt), _empty((n, c, h // 2, w // 2), y, fmt)
+
+
+@torch.library.register_fake("unetx::bn_relu_pool_backward")
+def _(grad_z, grad_p, y, scale, shift):
+    return _empty(y.shape, y, _layout(y)), torch.empty_like(scale), torch.empty_like(shift)
+
+
+@torch.library.register_fake("unetx::avg_pool2x2")
+def _(x):
+    _check_4d(x, "unetx.avg_pool2x2", "x")
+    n, c, h, w = x.shape
+    torch._check(h % 2 == 0 and w % 2 == 0, lambda: f"unetx.avg_pool2x2: needs even height and width, got {tuple(x.shape)}")
+    return _empty((n, c, h // 2, w // 2), x, _layout(x))
+
+
+@torch.library.register_fake("unetx::avg_pool2x2_backward")
+def _(grad):
+    n, c, h, w = grad.shape
+    return _empty((n, c, 2 * h, 2 * w), grad, _layout(grad))
+
+
+@torch.library.register_fake("unetx::upsample_concat")
+def _(skip, x, mode):
+    f = 1 if mode == "none" else 2
+    torch._check(skip.shape[2] == f * x.shape[2] and skip.shape[3] == f * x.shape[3],
+                 lambda: f"unetx.upsample_concat: skip {tuple(skip.shape)} does not match x {tuple(x.shape)} upsampled {f}x")
+    n, cs, h, w = skip.shape
+    return _empty((n, cs + x.shape[1], h, w), skip, _layout(skip))
+
+
+@torch.library.register_fake("unetx::upsample_concat_backward")
+def _(grad, skip_channels, mode):
+    f = 1 if mode == "none" else 2
+    n, c, h, w = grad.shape
+    fmt = _layout(grad)
+    return _empty((n, skip_channels, h, w), grad, fmt), _empty((n, c - skip_channels, h // f, w // f), grad, fmt)
+
+
+def _conv_out_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    # ATen's convolutions produce channels_last when the input (or the weight) is channels_last.
+    if _layout(x) == torch.channels_last or _layout(weight) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.register_fake("unetx::conv_bn_relu")
+def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu):
+    _check_4d(x, "unetx.conv_bn_relu", "x")
+    n, _, h, w = x.shape
+    if x_pool:
+        h, w = h // 2, w // 2
+    k = weight.shape[-1]
+    cout = weight.shape[1] if transposed else weight.shape[0]
+    if transposed:
+        h, w = h * k, w * k
+    y = _empty((n, cout, h, w), x, _conv_out_format(x, weight))
+    if stats:
+        acc = _acc_dtype(x.dtype)
+        return y, x.new_empty((cout,), dtype=acc), x.new_empty((cout,), dtype=acc)
+    return y, x.new_empty((0,)), x.new_empty((0,))
+
+
+@torch.library.register_fake("unetx::conv_bn_relu_backward")
+def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight, has_bias, transposed, y, mean,
+      relu, output_mask):
+    fmt = _layout(x)
+    gx = gs = gt = gx2 = gw = gb = None
+    if output_mask[0]:
+        gx = _empty(x.shape, x, fmt)
+        if x_scale is not None:
+            gs, gt = torch.empty_like(x_scale), torch.empty_like(x_shift)
+    if output_mask[1] and x2 is not None:
+        gx2 = _empty(x2.shape, x2, fmt)
+    if output_mask[2]:
+        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if _layout(weight) != torch.channels_last \
+            else torch.empty_like(weight)
+    if has_bias and output_mask[3]:
+        gb = weight.new_empty((weight.shape[1] if transposed else weight.shape[0],))
+    return gx, gs, gt, gx2, gw, gb
+
+
+# -------------------------------------------------------------------------------------------- autograd
+def _conv_bn_relu_setup(ctx, inputs, output):
+    x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu = inputs
+    y, mean, _ = output
+    # y is saved only where backward reads it; x is the previous layer's y (already saved there): one
+    # activation-sized tensor per layer.
+    keep_y = stats or relu
+    ctx.save_for_backward(x, x_scale, x_shift, x2, weight, y if keep_y else None, mean if stats else None)
+    ctx.flags = (x_pool, x2_mode, bias is not None, transposed, stats, relu)
+
+
+def _conv_bn_relu_backward(ctx, grad_y, grad_mean, grad_var):
+    x, x_scale, x_shift, x2, weight, y, mean = ctx.saved_tensors
+    x_pool, x2_mode, has_bias, transposed, stats, relu = ctx.flags
+    need = ctx.needs_input_grad
+    mask = [need[0] or need[1] or need[2], need[4], need[6], need[7]]
+    if y is None:
+        y = grad_y.new_empty(0)
+    if mean is None:
+        mean = grad_y.new_empty(0)
+    gx, gs, gt, gx2, gw, gb = _ops.conv_bn_relu_backward(
+        grad_y, grad_mean if stats else None, grad_var if stats else None, x, x_scale, x_shift, x_pool, x2, x2_mode,
+        weight, has_bias, transposed, y, mean, relu, mask,
+    )
+    return gx, gs, gt, None, gx2, None, gw, gb, None, None, None
+
+
+torch.library.register_autograd("unetx::conv_bn_relu", _conv_bn_relu_backward, setup_context=_conv_bn_relu_setup)
+
+
+def _bn_relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bn_relu_backward(ctx, grad):
+    y, scale, shift = ctx.saved_tensors
+    return _ops.bn_relu_backward(grad, y, scale, shift)
+
+
+torch.library.register_autograd("unetx::bn_relu", _bn_relu_backward, setup_context=_bn_relu_setup)
+
+
+def _bn_relu_pool_backward(ctx, grad_z, grad_p):
+    y, scale, shift = ctx.saved_tensors
+    return _ops.bn_relu_pool_backward(grad_z, grad_p, y, scale, shift)
+
+
+torch.library.register_autograd("unetx::bn_relu_pool", _bn_relu_pool_backward, setup_context=_bn_relu_setup)
+
+
+def _avg_pool_backward(ctx, grad):
+    return _ops.avg_pool2x2_backward(grad)
+
+
+torch.library.register_autograd("unetx::avg_pool2x2", _avg_pool_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _upsample_concat_setup(ctx, inputs, output):
+    skip, _, mode = inputs
+    ctx.skip_channels, ctx.mode = skip.shape[1], mode
+
+
+def _upsample_concat_backward(ctx, grad):
+    gs, gx = _ops.upsample_concat_backward(grad, ctx.skip_channels, ctx.mode)
+    return gs, gx, None
+
+
+torch.library.register_autograd("unetx::upsample_concat", _upsample_concat_backward, setup_context=_upsample_concat_setup)
+
+
+# ------------------------------------------------------------------- fallback: devices with no kernel
+# CUDA (until its kernels are verified on a GPU and enabled), MPS, XPU: each op runs as a composition of stock
+# PyTorch ops with the same semantics, so the package works everywhere. One warning per process.
+_warned = False
+
+
+def _warn_fallback(device: torch.device) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"unetx: no unetx kernels are enabled for {device.type}; running stock PyTorch compositions of the same ops "
+            "(correct, but without the fused kernels' speed and memory savings). "
+            + ("Set UNETX_CUDA_KERNELS=1 to use the compiled (not yet GPU-verified) CUDA kernels."
+               if device.type == "cuda" and BUILD_INFO["cuda"] else ""),
+            stacklevel=3,
+        )
+
+
+def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu):
+    _warn_fallback(x.device)
+    fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    y, _, _ = ref.conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, False, relu)
+    y = y.contiguous(memory_format=_conv_out_format(x, weight))
+    if not stats:
+        return y, y.new_empty(0), y.new_empty(0)
+    var, mean = torch.var_mean(y.to(_acc_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
+    return y, mean, var
+
+
+def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight,
+                              has_bias, transposed, y, mean, relu, output_mask):
+    gx, gs, gt, gx2, gw, gb = ref.conv_bn_relu_backward(
+        grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight, has_bias, transposed,
+        y, mean, relu,
+    )
+    keep = lambda t, m: t.contiguous() if (m and t is not None) else None  # noqa: E731
+    fmt = _layout(x)
+    gx = gx.contiguous(memory_format=fmt) if output_mask[0] else None
+    gs, gt = (gs, gt) if output_mask[0] else (None, None)
+    gx2 = gx2.contiguous(memory_format=fmt) if (output_mask[1] and gx2 is not None) else None
+    return gx, gs, gt, gx2, keep(gw, output_mask[2]), keep(gb, output_mask[3])
+
+
+def _fb_bn_relu(y, scale, shift):
+    _warn_fallback(y.device)
+    return ref.bn_relu(y, scale, shift).contiguous(memory_format=_layout(y))
+
+
+def _fb_bn_relu_backward(grad, y, scale, shift):
+    gx, gs, gt = ref.bn_relu_backward(grad, y, scale, shift)
+    return gx.contiguous(memory_format=_layout(y)), gs.to(scale.dtype), gt.to(shift.dtype)
+
+
+def _fb_bn_relu_pool(y, scale, shift):
+    _warn_fallback(y.device)
+    fmt = _layout(y)
+    z, p = ref.bn_relu_pool(y, scale, shift)
+    return z.contiguous(memory_format=fmt), p.contiguous(memory_format=fmt)
+
+
+def _fb_bn_relu_pool_backward(grad_z, grad_p, y, scale, shift):
+    return _fb_bn_relu_backward(grad_z + ref._pool_backward(grad_p), y, scale, shift)
+
+
+def _fb_avg_pool2x2(x):
+    _warn_fallback(x.device)
+    return ref.avg_pool2x2(x).contiguous(memory_format=_layout(x))
+
+
+def _fb_avg_pool2x2_backward(grad):
+    return ref._pool_backward(grad).contiguous(memory_format=_layout(grad))
+
+
+def _fb_upsample_concat(skip, x, mode):
+    _warn_fallback(skip.device)
+    return ref.upsample_concat(skip, x, mode).contiguous(memory_format=_layout(skip))
+
+
+def _fb_upsample_concat_backward(grad, skip_channels, mode):
+    fmt = _layout(grad)
+    n, c, h, w = grad.shape
+    f = 1 if mode == "none" else 2
+    gx = ref._upsample_backward(grad[:, skip_channels:], mode, [h // f, w // f])
+    return grad[:, :skip_channels].contiguous(memory_format=fmt), gx.contiguous(memory_format=fmt)
+
+
+FALLBACKS = {
+    "conv_bn_relu": _fb_conv_bn_relu,
+    "conv_bn_relu_backward": _fb_conv_bn_relu_backward,
+    "bn_relu": _fb_bn_relu,
+    "bn_relu_backward": _fb_bn_relu_backward,
+    "bn_relu_pool": _fb_bn_relu_pool,
+    "bn_relu_pool_backward": _fb_bn_relu_pool_backward,
+    "avg_pool2x2": _fb_avg_pool2x2,
+    "avg_pool2x2_backward": _fb_avg_pool2x2_backward,
+    "upsample_concat": _fb_upsample_concat,
+    "upsample_concat_backward": _fb_upsample_concat_backward,
+}
+
+_cuda_kernels = False
+if BUILD_INFO["cuda"] and os.environ.get("UNETX_CUDA_KERNELS", "0") == "1":
+    _cuda_kernels = bool(_C.register_cuda_kernels())
+
+_fallback_lib = torch.library.Library("unetx", "IMPL")
+for _key in (("MPS", "XPU") if _cuda_kernels else ("CUDA", "MPS", "XPU")):
+    for _name, _fn in FALLBACKS.items():
+        _fallback_lib.impl(_name, _fn, _key)
+
+
+def cuda_kernels_enabled() -> bool:
+    """True when the compiled CUDA kernels serve CUDA tensors (opt-in with UNETX_CUDA_KERNELS=1 until verified)."""
+    return _cuda_kernels
