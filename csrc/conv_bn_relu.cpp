@@ -6,6 +6,7 @@
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
 
 #include "common/checks.h"
 
@@ -61,22 +62,29 @@ Geometry check_args(const at::Tensor& x, const OptTensor& x_scale, const OptTens
   return g;
 }
 
-at::Tensor input_stage(const LayerKernels& k, const Geometry& g, const at::Tensor& x, const OptTensor& scale,
-                       const OptTensor& shift, bool pool, const OptTensor& x2, at::MemoryFormat mf) {
+at::Tensor input_stage(const LayerKernels& k, const Geometry& g, const at::Tensor& x, const OptTensor& mean,
+                       const OptTensor& scale, const OptTensor& shift, bool pool, const OptTensor& x2,
+                       at::MemoryFormat mf) {
   if (!scale && !pool && !x2) return x;
   auto a = at::empty({g.N, g.C1 + g.C2, g.H, g.W}, x.options().memory_format(mf));
   auto a1 = a.narrow(1, 0, g.C1);
   if (!scale && !pool)
     a1.copy_(x);
   else if (pool)
-    k.activation_forward(x, scale, shift, nullptr, &a1);
+    k.activation_forward(x, mean, scale, shift, nullptr, &a1);
   else
-    k.activation_forward(x, scale, shift, &a1, nullptr);
+    k.activation_forward(x, mean, scale, shift, &a1, nullptr);
   if (x2) {
     auto a2 = a.narrow(1, g.C1, g.C2);
     k.upsample_forward(*x2, g.mode, a2);
   }
   return a;
+}
+
+void check_mean(const OptTensor& x_mean, const OptTensor& x_scale, const at::Tensor& x) {
+  if (!x_mean) return;
+  TORCH_CHECK(x_scale.has_value(), kOp, ": x_mean needs x_scale and x_shift");
+  check_channel_vector(*x_mean, x.size(1), x, kOp, "x_mean");
 }
 
 struct ConvParams {
@@ -91,13 +99,14 @@ struct ConvParams {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
     const LayerKernels& k, const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool,
     const OptTensor& x2, c10::string_view x2_mode, const at::Tensor& weight, const OptTensor& bias, bool transposed,
-    bool stats, bool relu) {
+    bool stats, bool relu, const OptTensor& x_mean) {
   const Geometry g = check_args(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed);
+  check_mean(x_mean, x_scale, x);
   TORCH_CHECK(!(stats && relu), kOp, ": stats (training BatchNorm) and relu (eval, BatchNorm folded) exclude each other");
   const auto mf = layout_of(x);
   const auto xc = x.contiguous(mf);
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
-  const auto a = input_stage(k, g, xc, x_scale, x_shift, x_pool, x2c, mf);
+  const auto a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
   const ConvParams cp(g.k, transposed);
   auto y = at::convolution(a, weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1);
   if (relu) y.relu_();
@@ -111,13 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
   return {y, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
     const LayerKernels& k, const at::Tensor& grad_y, const OptTensor& grad_mean, const OptTensor& grad_var,
     const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool, const OptTensor& x2,
     c10::string_view x2_mode, const at::Tensor& weight, bool has_bias, bool transposed, const at::Tensor& y,
-    const at::Tensor& mean, bool relu, std::array<bool, 4> output_mask) {
+    const at::Tensor& mean, bool relu, std::array<bool, 4> output_mask, const OptTensor& x_mean) {
   const OptTensor no_bias;
   const Geometry g = check_args(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, no_bias, transposed);
+  check_mean(x_mean, x_scale, x);
   const auto mf = layout_of(x);
   const auto xc = x.contiguous(mf);
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
@@ -145,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // 2. the convolution's backward (ATen), on the recomputed input stage
   const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
   const bool need_a = need_x || need_x2;
-  at::Tensor a = output_mask[2] ? input_stage(k, g, xc, x_scale, x_shift, x_pool, x2c, mf)
+  at::Tensor a = output_mask[2] ? input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf)
                                 : at::empty({g.N, g.C1 + g.C2, g.H, g.W}, xc.options().memory_format(mf));
   const ConvParams cp(g.k, transposed);
   const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
@@ -155,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                {0, 0}, 1, {need_a, output_mask[2], has_bias && output_mask[3]});
 
   // 3. the input stage's backward: one pass for the skip/previous-layer part, one for the upsampled part
-  at::Tensor gx, gs, gt, gx2;
+  at::Tensor gx, gs, gt, gx2, gm;
   if (need_x) {
     const bool staged = x_scale || x_pool || x2;
     auto ga1 = staged ? ga.narrow(1, 0, g.C1) : ga;
@@ -172,7 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         gsp = &gs;
         gtp = &gt;
       }
-      k.activation_backward(x_pool ? nullptr : &ga1, x_pool ? &ga1 : nullptr, xc, x_scale, x_shift, gx, gsp, gtp);
+      k.activation_backward(x_pool ? nullptr : &ga1, x_pool ? &ga1 : nullptr, xc, x_mean, x_scale, x_shift, gx, gsp,
+                            gtp);
+      if (x_mean) gm = at::neg(at::mul(gt, x_scale->to(gt.scalar_type()))).to(x_mean->scalar_type());
       if (x_scale) {
         gs = gs.to(x_scale->scalar_type());
         gt = gt.to(x_shift->scalar_type());
@@ -183,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gx2 = at::empty(x2c->sizes(), x2c->options().memory_format(mf));
     k.upsample_backward(ga.narrow(1, g.C1, g.C2), g.mode, gx2);
   }
-  return std::make_tuple(gx, gs, gt, gx2, gw, gb_);
+  return std::make_tuple(gx, gs, gt, gx2, gw, gb_, gm);
 }
 
 }  // namespace unetx

@@ -1,6 +1,6 @@
 // The fused layer conv_bn_relu, composed once for every device from that device's kernels and ATen's convolution.
 //
-//   a = [avg_pool2x2](relu(x * x_scale + x_shift))  ++  upsample2x(x2)        (input stage: one pass, transient)
+//   a = [avg_pool2x2](relu((x - x_mean) * x_scale + x_shift))  ++  upsample2x(x2)        (input stage: one pass, transient)
 //   y = conv(a, weight, bias)    ('same' k x k, stride 1; or k x k stride-k transposed)   (cuDNN / oneDNN)
 //   mean, var = batch statistics of y                                          (one pass; training only)
 //
@@ -22,11 +22,11 @@ using OptTensor = std::optional<at::Tensor>;
 
 // One device's kernels (see cpu/kernels.h for what each one does and its memory traffic).
 struct LayerKernels {
-  void (*activation_forward)(const at::Tensor& x, const OptTensor& scale, const OptTensor& shift, at::Tensor* z,
-                             at::Tensor* p);
+  void (*activation_forward)(const at::Tensor& x, const OptTensor& mean, const OptTensor& scale,
+                             const OptTensor& shift, at::Tensor* z, at::Tensor* p);
   void (*activation_backward)(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
-                              const OptTensor& scale, const OptTensor& shift, at::Tensor& grad_x,
-                              at::Tensor* grad_scale, at::Tensor* grad_shift);
+                              const OptTensor& mean, const OptTensor& scale, const OptTensor& shift,
+                              at::Tensor& grad_x, at::Tensor* grad_scale, at::Tensor* grad_shift);
   void (*upsample_forward)(const at::Tensor& x, Upsample mode, at::Tensor& out);
   void (*upsample_backward)(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x);
   void (*batch_stats)(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
@@ -37,12 +37,13 @@ struct LayerKernels {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
     const LayerKernels& k, const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool,
     const OptTensor& x2, c10::string_view x2_mode, const at::Tensor& weight, const OptTensor& bias, bool transposed,
-    bool stats, bool relu);
+    bool stats, bool relu, const OptTensor& x_mean);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
+// Returns (grad_x, grad_x_scale, grad_x_shift, grad_x2, grad_weight, grad_bias, grad_x_mean); masked ones undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
     const LayerKernels& k, const at::Tensor& grad_y, const OptTensor& grad_mean, const OptTensor& grad_var,
     const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool, const OptTensor& x2,
     c10::string_view x2_mode, const at::Tensor& weight, bool has_bias, bool transposed, const at::Tensor& y,
-    const at::Tensor& mean, bool relu, std::array<bool, 4> output_mask);
+    const at::Tensor& mean, bool relu, std::array<bool, 4> output_mask, const OptTensor& x_mean);
 
 }  // namespace unetx

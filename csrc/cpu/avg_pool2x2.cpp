@@ -14,7 +14,7 @@ at::Tensor avg_pool2x2(const at::Tensor& x) {
   const auto xc = x.contiguous(layout_of(x));
   auto p = at::empty({xc.size(0), xc.size(1), xc.size(2) / 2, xc.size(3) / 2},
                      xc.options().memory_format(layout_of(xc)));
-  activation_forward(xc, std::nullopt, std::nullopt, nullptr, &p);
+  activation_forward(xc, std::nullopt, std::nullopt, std::nullopt, nullptr, &p);
   return p;
 }
 
@@ -24,7 +24,7 @@ at::Tensor avg_pool2x2_backward(const at::Tensor& grad) {
   auto gx = at::empty({gc.size(0), gc.size(1), 2 * gc.size(2), 2 * gc.size(3)},
                       gc.options().memory_format(layout_of(gc)));
   // gx doubles as the shape of x: with no scale, activation_backward never reads x.
-  activation_backward(nullptr, &gc, gx, std::nullopt, std::nullopt, gx, nullptr, nullptr);
+  activation_backward(nullptr, &gc, gx, std::nullopt, std::nullopt, std::nullopt, gx, nullptr, nullptr);
   return gx;
 }
 

@@ -1,14 +1,18 @@
-// CPU kernels: the activation relu(x * scale[c] + shift[c]) with optional fused 2x2 average pooling, and the
+// CPU kernels: the activation relu((x - mean[c]) * scale[c] + shift[c]) (BatchNorm + ReLU with the batch statistics
+// and affine parameters folded into mean/scale/shift) with optional fused 2x2 average pooling, and the
 // ops bn_relu / bn_relu_pool built on it.
 //
 // Memory traffic per element of x (T = element size):
 //   forward:  read T (x), write T (z) and/or T/4 (p).       Saved for backward: nothing new (x is the caller's).
-//   backward: read T (x) + T (grad_z) and/or T/4 (grad_p), write T (grad_x); grad_scale/grad_shift reduced in the
+//   backward: read T (x) + T (grad_z) and/or T/4 (grad_p), write T (grad_x); grad_scale = sum(g * (x - mean)) (centred,
+//             as BatchNorm's backward: no cancellation when |mean| >> std) and grad_shift = sum(g) reduced in the
 //             same pass (double accumulators).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -34,17 +38,19 @@ inline bool channels_last(const at::Tensor& x) {
 
 template <typename acc_t>
 struct Act {
+  const acc_t* m;
   const acc_t* s;
   const acc_t* t;
   inline acc_t operator()(acc_t v, int64_t c) const {
     if (!s) return v;
-    acc_t r = v * s[c] + t[c];
+    acc_t r = (v - m[c]) * s[c] + t[c];
     return r > acc_t(0) ? r : acc_t(0);
   }
 };
 
 template <typename T>
-void forward_impl(const at::Tensor& x, const at::Tensor* s, const at::Tensor* t, at::Tensor* z, at::Tensor* p) {
+void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s, const at::Tensor* t, at::Tensor* z,
+                  at::Tensor* p) {
   using acc_t = at::opmath_type<T>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool pool = p != nullptr;
@@ -52,7 +58,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor* s, const at::Tensor* t,
   const T* X = x.const_data_ptr<T>();
   T* Z = z ? z->data_ptr<T>() : nullptr;
   T* P = p ? p->data_ptr<T>() : nullptr;
-  const Act<acc_t> f{s ? s->const_data_ptr<acc_t>() : nullptr, t ? t->const_data_ptr<acc_t>() : nullptr};
+  const Act<acc_t> f{m ? m->const_data_ptr<acc_t>() : nullptr, s ? s->const_data_ptr<acc_t>() : nullptr,
+                     t ? t->const_data_ptr<acc_t>() : nullptr};
   const int64_t Ho = H / 2, Wo = W / 2;
 
   if (!channels_last(x)) {
@@ -132,8 +139,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor* s, const at::Tensor* t,
 }
 
 template <typename T>
-void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& x, const at::Tensor* s,
-                   const at::Tensor* t, at::Tensor& gx, at::Tensor* gs, at::Tensor* gt) {
+void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& x, const at::Tensor* m,
+                   const at::Tensor* s, const at::Tensor* t, at::Tensor& gx, at::Tensor* gs, at::Tensor* gt) {
   using acc_t = at::opmath_type<T>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const Strides xs(x), gxs(gx), gzs = gz ? Strides(*gz) : Strides(), gps = gp ? Strides(*gp) : Strides();
@@ -141,15 +148,16 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
   const T* GZ = gz ? gz->const_data_ptr<T>() : nullptr;
   const T* GP = gp ? gp->const_data_ptr<T>() : nullptr;
   T* GX = gx.data_ptr<T>();
+  const acc_t* MU = m ? m->const_data_ptr<acc_t>() : nullptr;
   const acc_t* S = s ? s->const_data_ptr<acc_t>() : nullptr;
   const acc_t* Tt = t ? t->const_data_ptr<acc_t>() : nullptr;
 
-  // one element: returns the masked gradient g and writes grad_x
+  // one element: returns the masked gradient g, sets xv = x - mean (centred), writes grad_x
   auto elem = [&](int64_t n, int64_t c, int64_t h, int64_t w, acc_t& xv) -> acc_t {
     acc_t g = GZ ? acc_t(GZ[n * gzs.n + c * gzs.c + h * gzs.h + w * gzs.w]) : acc_t(0);
     if (GP) g += acc_t(0.25) * acc_t(GP[n * gps.n + c * gps.c + (h / 2) * gps.h + (w / 2) * gps.w]);
     if (S) {
-      xv = acc_t(X[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
+      xv = acc_t(X[n * xs.n + c * xs.c + h * xs.h + w * xs.w]) - MU[c];
       if (!(xv * S[c] + Tt[c] > acc_t(0))) g = acc_t(0);
       GX[n * gxs.n + c * gxs.c + h * gxs.h + w * gxs.w] = T(g * S[c]);
     } else {
@@ -227,87 +235,103 @@ std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& v, at::ScalarT
   return v->to(acc_type(t)).contiguous();
 }
 
+// The centre: the given per-channel mean, or zeros where only scale/shift were given.
+std::optional<at::Tensor> centre(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& scale,
+                                 const at::Tensor& x) {
+  if (!scale) return std::nullopt;
+  if (mean) return as_acc(mean, x.scalar_type());
+  return at::zeros({x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
+}
+
 }  // namespace
 
-void activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& scale,
-                        const std::optional<at::Tensor>& shift, at::Tensor* z, at::Tensor* p) {
-  auto s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
+void activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& mean,
+                        const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, at::Tensor* z,
+                        at::Tensor* p) {
+  auto m = centre(mean, scale, x), s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.activation_forward", [&] {
-    forward_impl<scalar_t>(x, s ? &*s : nullptr, t ? &*t : nullptr, z, p);
+    forward_impl<scalar_t>(x, m ? &*m : nullptr, s ? &*s : nullptr, t ? &*t : nullptr, z, p);
   });
 }
 
 void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
-                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-                         at::Tensor& grad_x, at::Tensor* grad_scale, at::Tensor* grad_shift) {
-  auto s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
+                         const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, at::Tensor& grad_x, at::Tensor* grad_scale,
+                         at::Tensor* grad_shift) {
+  auto m = centre(mean, scale, x), s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.activation_backward", [&] {
-    backward_impl<scalar_t>(grad_z, grad_p, x, s ? &*s : nullptr, t ? &*t : nullptr, grad_x, grad_scale,
-                            grad_shift);
+    backward_impl<scalar_t>(grad_z, grad_p, x, m ? &*m : nullptr, s ? &*s : nullptr, t ? &*t : nullptr, grad_x,
+                            grad_scale, grad_shift);
   });
 }
 
 // ------------------------------------------------------------------------------------------------ ops
 namespace {
 
-void check_bn_relu_args(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const char* op) {
+void check_bn_relu_args(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                        const std::optional<at::Tensor>& mean, const char* op) {
   check_4d(y, op, "y");
   check_channel_vector(scale, y.size(1), y, op, "scale");
   check_channel_vector(shift, y.size(1), y, op, "shift");
+  if (mean) check_channel_vector(*mean, y.size(1), y, op, "mean");
 }
 
 at::Tensor empty_in(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::empty(sizes, like.options().dtype(dtype).memory_format(layout_of(like)));
 }
 
-std::tuple<at::Tensor, at::Tensor> grad_scale_shift(const at::Tensor& y) {
-  auto opts = y.options().dtype(acc_type(y.scalar_type()));
-  return {at::empty({y.size(1)}, opts), at::empty({y.size(1)}, opts)};
+using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Runs the activation backward and returns (grad_y, grad_scale, grad_shift, grad_mean); grad_mean = -scale * grad_shift
+// (undefined when no mean was given).
+Grads4 activation_grads(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& yc, const at::Tensor& scale,
+                        const at::Tensor& shift, const std::optional<at::Tensor>& mean) {
+  auto gx = empty_in(yc, yc.sizes(), yc.scalar_type());
+  auto opts = yc.options().dtype(acc_type(yc.scalar_type()));
+  auto gs = at::empty({yc.size(1)}, opts), gt = at::empty({yc.size(1)}, opts);
+  activation_backward(gz, gp, yc, mean, scale, shift, gx, &gs, &gt);
+  at::Tensor gm;
+  if (mean) gm = at::neg(at::mul(gt, scale.to(gt.scalar_type()))).to(mean->scalar_type());
+  return std::make_tuple(gx, gs.to(scale.scalar_type()), gt.to(shift.scalar_type()), gm);
 }
 
 }  // namespace
 
-at::Tensor bn_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {
-  check_bn_relu_args(y, scale, shift, "unetx.bn_relu");
+at::Tensor bn_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                   const std::optional<at::Tensor>& mean) {
+  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu");
   const auto yc = y.contiguous(layout_of(y));
   auto z = empty_in(yc, yc.sizes(), yc.scalar_type());
-  activation_forward(yc, scale, shift, &z, nullptr);
+  activation_forward(yc, mean, scale, shift, &z, nullptr);
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(const at::Tensor& grad, const at::Tensor& y,
-                                                                const at::Tensor& scale, const at::Tensor& shift) {
-  check_bn_relu_args(y, scale, shift, "unetx.bn_relu_backward");
+Grads4 bn_relu_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                        const std::optional<at::Tensor>& mean) {
+  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_backward");
   const auto yc = y.contiguous(layout_of(y));
   const auto gc = grad.contiguous(layout_of(yc));
-  auto gx = empty_in(yc, yc.sizes(), yc.scalar_type());
-  auto [gs, gt] = grad_scale_shift(yc);
-  activation_backward(&gc, nullptr, yc, scale, shift, gx, &gs, &gt);
-  return {gx, gs.to(scale.scalar_type()), gt.to(shift.scalar_type())};
+  return activation_grads(&gc, nullptr, yc, scale, shift, mean);
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_relu_pool(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift) {
-  check_bn_relu_args(y, scale, shift, "unetx.bn_relu_pool");
+std::tuple<at::Tensor, at::Tensor> bn_relu_pool(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                                                const std::optional<at::Tensor>& mean) {
+  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_pool");
   check_even(y, "unetx.bn_relu_pool");
   const auto yc = y.contiguous(layout_of(y));
   auto z = empty_in(yc, yc.sizes(), yc.scalar_type());
   auto p = empty_in(yc, {yc.size(0), yc.size(1), yc.size(2) / 2, yc.size(3) / 2}, yc.scalar_type());
-  activation_forward(yc, scale, shift, &z, &p);
+  activation_forward(yc, mean, scale, shift, &z, &p);
   return {z, p};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward(const at::Tensor& grad_z,
-                                                                     const at::Tensor& grad_p, const at::Tensor& y,
-                                                                     const at::Tensor& scale,
-                                                                     const at::Tensor& shift) {
-  check_bn_relu_args(y, scale, shift, "unetx.bn_relu_pool_backward");
+Grads4 bn_relu_pool_backward(const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& y,
+                             const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& mean) {
+  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_pool_backward");
   const auto yc = y.contiguous(layout_of(y));
   const auto gz = grad_z.contiguous(layout_of(yc));
   const auto gp = grad_p.contiguous(layout_of(yc));
-  auto gx = empty_in(yc, yc.sizes(), yc.scalar_type());
-  auto [gs, gt] = grad_scale_shift(yc);
-  activation_backward(&gz, &gp, yc, scale, shift, gx, &gs, &gt);
-  return {gx, gs.to(scale.scalar_type()), gt.to(shift.scalar_type())};
+  return activation_grads(&gz, &gp, yc, scale, shift, mean);
 }
 
 }  // namespace unetx::cpu

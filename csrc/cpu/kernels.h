@@ -12,16 +12,20 @@
 
 namespace unetx::cpu {
 
-// ---- bn_relu.cpp: the activation z = relu(x * scale[c] + shift[c]) (identity when scale is absent), optionally
-// 2x2-average-pooled. One read of x; writes z and/or p. Nothing is saved: backward recomputes from x.
-void activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& scale,
-                        const std::optional<at::Tensor>& shift, at::Tensor* z, at::Tensor* p);
+// ---- bn_relu.cpp: the activation z = relu((x - mean[c]) * scale[c] + shift[c]) (identity when scale is absent;
+// mean absent = 0), optionally 2x2-average-pooled. One read of x; writes z and/or p. Nothing is saved: backward
+// recomputes from x.
+void activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& mean,
+                        const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, at::Tensor* z,
+                        at::Tensor* p);
 
-// Backward of activation_forward: g = grad_z + upsample(grad_p) / 4, masked where x * scale + shift <= 0;
-// grad_x = g * scale, grad_scale[c] = sum(g * x), grad_shift[c] = sum(g). Reads x and the grads once, writes grad_x.
+// Backward of activation_forward: g = grad_z + upsample(grad_p) / 4, masked where the pre-activation <= 0;
+// grad_x = g * scale, grad_scale[c] = sum(g * (x - mean)) (centred: no cancellation for large means),
+// grad_shift[c] = sum(g) (so grad_mean = -scale * grad_shift). Reads x and the grads once, writes grad_x.
 void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
-                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-                         at::Tensor& grad_x, at::Tensor* grad_scale, at::Tensor* grad_shift);
+                         const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, at::Tensor& grad_x, at::Tensor* grad_scale,
+                         at::Tensor* grad_shift);
 
 // ---- upsample_concat.cpp: x (N, C, h, w) -> out (N, C, 2h, 2w) (a channel slice of the concatenation);
 // mode None copies. Reads x once, writes out once.

@@ -12,7 +12,9 @@ import torch  # noqa: F401  (load libtorch before the extension)
 from . import reference
 from ._extension import build_info
 from . import ops
+from .layers import ConvBNReLU, DoubleConv
+from .model import UNet
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "build_info", "__version__"]
+__all__ = ["UNet", "ConvBNReLU", "DoubleConv", "ops", "reference", "build_info", "__version__"]

@@ -40,17 +40,21 @@ def conv_bn_relu(
     transposed: bool = False,
     stats: bool = True,
     relu: bool = False,
+    x_mean: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused layer; see `unetx.reference.conv_bn_relu` for exactly what it computes. Returns (y, mean, var)."""
-    return _ops.conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu)
+    """The fused layer; see `unetx.reference.conv_bn_relu` for exactly what it computes. Returns (y, mean, var).
+
+    The input stage applies relu((x - x_mean) * x_scale + x_shift) when x_scale is given (x_mean None = 0)."""
+    return _ops.conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean)
 
 
-def bn_relu(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return _ops.bn_relu(y, scale, shift)
+def bn_relu(y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None = None) -> Tensor:
+    """relu((y - mean) * scale + shift) per channel (mean None = 0)."""
+    return _ops.bn_relu(y, scale, shift, mean)
 
 
-def bn_relu_pool(y: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    return _ops.bn_relu_pool(y, scale, shift)
+def bn_relu_pool(y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return _ops.bn_relu_pool(y, scale, shift, mean)
 
 
 def avg_pool2x2(x: Tensor) -> Tensor:
@@ -79,18 +83,23 @@ def _check_4d(t: Tensor, op: str, name: str) -> None:
 
 
 @torch.library.register_fake("unetx::bn_relu")
-def _(y, scale, shift):
+def _(y, scale, shift, mean=None):
     _check_4d(y, "unetx.bn_relu", "y")
     return _empty(y.shape, y, _layout(y))
 
 
+def _activation_grads_fake(y, scale, shift, mean):
+    gm = None if mean is None else torch.empty_like(mean)
+    return _empty(y.shape, y, _layout(y)), torch.empty_like(scale), torch.empty_like(shift), gm
+
+
 @torch.library.register_fake("unetx::bn_relu_backward")
-def _(grad, y, scale, shift):
-    return _empty(y.shape, y, _layout(y)), torch.empty_like(scale), torch.empty_like(shift)
+def _(grad, y, scale, shift, mean=None):
+    return _activation_grads_fake(y, scale, shift, mean)
 
 
 @torch.library.register_fake("unetx::bn_relu_pool")
-def _(y, scale, shift):
+def _(y, scale, shift, mean=None):
     _check_4d(y, "unetx.bn_relu_pool", "y")
     n, c, h, w = y.shape
     torch._check(h % 2 == 0 and w % 2 == 0, lambda: f"unetx.bn_relu_pool: needs even height and width, got {tuple(y.shape)}")
@@ -99,8 +108,8 @@ def _(y, scale, shift):
 
 
 @torch.library.register_fake("unetx::bn_relu_pool_backward")
-def _(grad_z, grad_p, y, scale, shift):
-    return _empty(y.shape, y, _layout(y)), torch.empty_like(scale), torch.empty_like(shift)
+def _(grad_z, grad_p, y, scale, shift, mean=None):
+    return _activation_grads_fake(y, scale, shift, mean)
 
 
 @torch.library.register_fake("unetx::avg_pool2x2")
@@ -142,7 +151,7 @@ def _conv_out_format(x: Tensor, weight: Tensor) -> torch.memory_format:
 
 
 @torch.library.register_fake("unetx::conv_bn_relu")
-def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu):
+def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean=None):
     _check_4d(x, "unetx.conv_bn_relu", "x")
     n, _, h, w = x.shape
     if x_pool:
@@ -160,13 +169,15 @@ def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats,
 
 @torch.library.register_fake("unetx::conv_bn_relu_backward")
 def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight, has_bias, transposed, y, mean,
-      relu, output_mask):
+      relu, output_mask, x_mean=None):
     fmt = _layout(x)
-    gx = gs = gt = gx2 = gw = gb = None
+    gx = gs = gt = gx2 = gw = gb = gm = None
     if output_mask[0]:
         gx = _empty(x.shape, x, fmt)
         if x_scale is not None:
             gs, gt = torch.empty_like(x_scale), torch.empty_like(x_shift)
+        if x_mean is not None:
+            gm = torch.empty_like(x_mean)
     if output_mask[1] and x2 is not None:
         gx2 = _empty(x2.shape, x2, fmt)
     if output_mask[2]:
@@ -174,34 +185,34 @@ def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, wei
             else torch.empty_like(weight)
     if has_bias and output_mask[3]:
         gb = weight.new_empty((weight.shape[1] if transposed else weight.shape[0],))
-    return gx, gs, gt, gx2, gw, gb
+    return gx, gs, gt, gx2, gw, gb, gm
 
 
 # -------------------------------------------------------------------------------------------- autograd
 def _conv_bn_relu_setup(ctx, inputs, output):
-    x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu = inputs
+    x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean = inputs
     y, mean, _ = output
     # y is saved only where backward reads it; x is the previous layer's y (already saved there): one
     # activation-sized tensor per layer.
     keep_y = stats or relu
-    ctx.save_for_backward(x, x_scale, x_shift, x2, weight, y if keep_y else None, mean if stats else None)
+    ctx.save_for_backward(x, x_scale, x_shift, x2, weight, y if keep_y else None, mean if stats else None, x_mean)
     ctx.flags = (x_pool, x2_mode, bias is not None, transposed, stats, relu)
 
 
 def _conv_bn_relu_backward(ctx, grad_y, grad_mean, grad_var):
-    x, x_scale, x_shift, x2, weight, y, mean = ctx.saved_tensors
+    x, x_scale, x_shift, x2, weight, y, mean, x_mean = ctx.saved_tensors
     x_pool, x2_mode, has_bias, transposed, stats, relu = ctx.flags
     need = ctx.needs_input_grad
-    mask = [need[0] or need[1] or need[2], need[4], need[6], need[7]]
+    mask = [need[0] or need[1] or need[2] or need[11], need[4], need[6], need[7]]
     if y is None:
         y = grad_y.new_empty(0)
     if mean is None:
         mean = grad_y.new_empty(0)
-    gx, gs, gt, gx2, gw, gb = _ops.conv_bn_relu_backward(
+    gx, gs, gt, gx2, gw, gb, gm = _ops.conv_bn_relu_backward(
         grad_y, grad_mean if stats else None, grad_var if stats else None, x, x_scale, x_shift, x_pool, x2, x2_mode,
-        weight, has_bias, transposed, y, mean, relu, mask,
+        weight, has_bias, transposed, y, mean, relu, mask, x_mean,
     )
-    return gx, gs, gt, None, gx2, None, gw, gb, None, None, None
+    return gx, gs, gt, None, gx2, None, gw, gb, None, None, None, gm
 
 
 torch.library.register_autograd("unetx::conv_bn_relu", _conv_bn_relu_backward, setup_context=_conv_bn_relu_setup)
@@ -212,16 +223,16 @@ def _bn_relu_setup(ctx, inputs, output):
 
 
 def _bn_relu_backward(ctx, grad):
-    y, scale, shift = ctx.saved_tensors
-    return _ops.bn_relu_backward(grad, y, scale, shift)
+    y, scale, shift, mean = ctx.saved_tensors
+    return _ops.bn_relu_backward(grad, y, scale, shift, mean)
 
 
 torch.library.register_autograd("unetx::bn_relu", _bn_relu_backward, setup_context=_bn_relu_setup)
 
 
 def _bn_relu_pool_backward(ctx, grad_z, grad_p):
-    y, scale, shift = ctx.saved_tensors
-    return _ops.bn_relu_pool_backward(grad_z, grad_p, y, scale, shift)
+    y, scale, shift, mean = ctx.saved_tensors
+    return _ops.bn_relu_pool_backward(grad_z, grad_p, y, scale, shift, mean)
 
 
 torch.library.register_autograd("unetx::bn_relu_pool", _bn_relu_pool_backward, setup_context=_bn_relu_setup)
@@ -266,11 +277,11 @@ def _warn_fallback(device: torch.device) -> None:
         )
 
 
-def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu):
+def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean=None):
     _warn_fallback(x.device)
     fmt = _layout(x)
     x = x.contiguous(memory_format=fmt)
-    y, _, _ = ref.conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, False, relu)
+    y, _, _ = ref.conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, False, relu, x_mean)
     y = y.contiguous(memory_format=_conv_out_format(x, weight))
     if not stats:
         return y, y.new_empty(0), y.new_empty(0)
@@ -279,38 +290,38 @@ def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, tra
 
 
 def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight,
-                              has_bias, transposed, y, mean, relu, output_mask):
-    gx, gs, gt, gx2, gw, gb = ref.conv_bn_relu_backward(
+                              has_bias, transposed, y, mean, relu, output_mask, x_mean=None):
+    gx, gs, gt, gx2, gw, gb, gm = ref.conv_bn_relu_backward(
         grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight, has_bias, transposed,
-        y, mean, relu,
+        y, mean, relu, x_mean,
     )
     keep = lambda t, m: t.contiguous() if (m and t is not None) else None  # noqa: E731
     fmt = _layout(x)
     gx = gx.contiguous(memory_format=fmt) if output_mask[0] else None
-    gs, gt = (gs, gt) if output_mask[0] else (None, None)
+    gs, gt, gm = (gs, gt, gm) if output_mask[0] else (None, None, None)
     gx2 = gx2.contiguous(memory_format=fmt) if (output_mask[1] and gx2 is not None) else None
-    return gx, gs, gt, gx2, keep(gw, output_mask[2]), keep(gb, output_mask[3])
+    return gx, gs, gt, gx2, keep(gw, output_mask[2]), keep(gb, output_mask[3]), gm
 
 
-def _fb_bn_relu(y, scale, shift):
+def _fb_bn_relu(y, scale, shift, mean=None):
     _warn_fallback(y.device)
-    return ref.bn_relu(y, scale, shift).contiguous(memory_format=_layout(y))
+    return ref.bn_relu(y, scale, shift, mean).contiguous(memory_format=_layout(y))
 
 
-def _fb_bn_relu_backward(grad, y, scale, shift):
-    gx, gs, gt = ref.bn_relu_backward(grad, y, scale, shift)
-    return gx.contiguous(memory_format=_layout(y)), gs.to(scale.dtype), gt.to(shift.dtype)
+def _fb_bn_relu_backward(grad, y, scale, shift, mean=None):
+    gx, gs, gt, gm = ref.bn_relu_backward(grad, y, scale, shift, mean)
+    return gx.contiguous(memory_format=_layout(y)), gs.to(scale.dtype), gt.to(shift.dtype), gm
 
 
-def _fb_bn_relu_pool(y, scale, shift):
+def _fb_bn_relu_pool(y, scale, shift, mean=None):
     _warn_fallback(y.device)
     fmt = _layout(y)
-    z, p = ref.bn_relu_pool(y, scale, shift)
+    z, p = ref.bn_relu_pool(y, scale, shift, mean)
     return z.contiguous(memory_format=fmt), p.contiguous(memory_format=fmt)
 
 
-def _fb_bn_relu_pool_backward(grad_z, grad_p, y, scale, shift):
-    return _fb_bn_relu_backward(grad_z + ref._pool_backward(grad_p), y, scale, shift)
+def _fb_bn_relu_pool_backward(grad_z, grad_p, y, scale, shift, mean=None):
+    return _fb_bn_relu_backward(grad_z + ref._pool_backward(grad_p), y, scale, shift, mean)
 
 
 def _fb_avg_pool2x2(x):

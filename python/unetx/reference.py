@@ -23,8 +23,13 @@ def _per_channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def bn_relu(y: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """relu(y * scale[c] + shift[c]): a BatchNorm+ReLU whose statistics are already folded into scale/shift."""
+def bn_relu(y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None = None) -> Tensor:
+    """relu((y - mean[c]) * scale[c] + shift[c]): BatchNorm + ReLU with scale = gamma / sqrt(var + eps), shift = beta.
+
+    mean None means 0 (scale and shift then carry the whole affine map).
+    """
+    if mean is not None:
+        y = y - _per_channel(mean)
     return torch.relu(y * _per_channel(scale) + _per_channel(shift))
 
 
@@ -32,9 +37,9 @@ def avg_pool2x2(x: Tensor) -> Tensor:
     return F.avg_pool2d(x, 2)
 
 
-def bn_relu_pool(y: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+def bn_relu_pool(y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The encoder's epilogue: the skip activation and its 2x2 average pool."""
-    z = bn_relu(y, scale, shift)
+    z = bn_relu(y, scale, shift, mean)
     return z, avg_pool2x2(z)
 
 
@@ -58,12 +63,13 @@ def input_stage(
     x_pool: bool,
     x2: Tensor | None,
     x2_mode: str,
+    x_mean: Tensor | None = None,
 ) -> Tensor:
     """What a fused layer convolves: [pool](bn_relu(x)) concatenated with upsample(x2) on channels.
 
     x_scale/x_shift None means x is already an activation (an image, a pooled tensor, ...).
     """
-    a = x if x_scale is None else bn_relu(x, x_scale, x_shift)
+    a = x if x_scale is None else bn_relu(x, x_scale, x_shift, x_mean)
     if x_pool:
         a = avg_pool2x2(a)
     if x2 is not None:
@@ -83,6 +89,7 @@ def conv_bn_relu(
     transposed: bool,
     stats: bool,
     relu: bool,
+    x_mean: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The fused layer. Returns (y, mean, var).
 
@@ -91,7 +98,7 @@ def conv_bn_relu(
     With stats, mean/var are y's biased batch statistics per channel (BatchNorm's training normalisation);
     otherwise they are empty. The caller turns them into scale/shift for the consumer of y.
     """
-    a = input_stage(x, x_scale, x_shift, x_pool, x2, x2_mode)
+    a = input_stage(x, x_scale, x_shift, x_pool, x2, x2_mode, x_mean)
     if transposed:
         y = F.conv_transpose2d(a, weight, bias, stride=weight.shape[-1])
     else:
@@ -106,7 +113,11 @@ def conv_bn_relu(
 
 
 def fold_batch_stats(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """BatchNorm's affine transform as one per-channel scale and shift (differentiable in all inputs)."""
+    """BatchNorm's affine transform as one per-channel scale and shift (differentiable in all inputs).
+
+    For the eval-mode fold into a convolution. Training keeps the mean separate (see `bn_relu`): folding it into
+    the shift makes the gradient of scale a difference of two large sums when |mean| >> std.
+    """
     scale = gamma * torch.rsqrt(var + eps)
     return scale, beta - mean * scale
 
@@ -124,10 +135,14 @@ def _upsample_backward(g: Tensor, mode: str, input_size: list[int]) -> Tensor:
     return torch.ops.aten.upsample_bilinear2d_backward(g, [g.shape[2], g.shape[3]], input_size, False)
 
 
-def bn_relu_backward(grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    pre = y * _per_channel(scale) + _per_channel(shift)
+def bn_relu_backward(grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None = None):
+    """Returns (grad_y, grad_scale, grad_shift, grad_mean); grad_mean is None when mean is None."""
+    yc = y if mean is None else y - _per_channel(mean)
+    pre = yc * _per_channel(scale) + _per_channel(shift)
     g = torch.where(pre > 0, grad, torch.zeros_like(grad))
-    return g * _per_channel(scale), (g * y).sum((0, 2, 3)), g.sum((0, 2, 3))
+    gt = g.sum((0, 2, 3))
+    gm = None if mean is None else (-gt * scale).to(mean.dtype)
+    return g * _per_channel(scale), (g * yc).sum((0, 2, 3)), gt, gm
 
 
 def input_stage_backward(
@@ -138,7 +153,9 @@ def input_stage_backward(
     x_pool: bool,
     x2: Tensor | None,
     x2_mode: str,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    x_mean: Tensor | None = None,
+):
+    """Returns (grad_x, grad_scale, grad_shift, grad_x2, grad_mean)."""
     c1 = x.shape[1]
     g1 = grad_a[:, :c1]
     if x_pool:
@@ -147,9 +164,9 @@ def input_stage_backward(
     if x2 is not None:
         gx2 = _upsample_backward(grad_a[:, c1:], x2_mode, [x2.shape[2], x2.shape[3]])
     if x_scale is None:
-        return g1, None, None, gx2
-    gx, gs, gt = bn_relu_backward(g1, x, x_scale, x_shift)
-    return gx, gs, gt, gx2
+        return g1, None, None, gx2, None
+    gx, gs, gt, gm = bn_relu_backward(g1, x, x_scale, x_shift, x_mean)
+    return gx, gs, gt, gx2, gm
 
 
 def conv_bn_relu_backward(
@@ -168,8 +185,9 @@ def conv_bn_relu_backward(
     y: Tensor,
     mean: Tensor,
     relu: bool,
+    x_mean: Tensor | None = None,
 ):
-    """Closed-form backward of `conv_bn_relu` in stock ops. Returns (gx, gscale, gshift, gx2, gweight, gbias)."""
+    """Closed-form backward of `conv_bn_relu` in stock ops. Returns (gx, gscale, gshift, gx2, gweight, gbias, gmean)."""
     g = grad_y
     if relu:
         g = torch.where(y > 0, g, torch.zeros_like(g))
@@ -180,15 +198,15 @@ def conv_bn_relu_backward(
             g = g + _per_channel(grad_mean) / n
         if grad_var is not None:
             g = g + _per_channel(grad_var) * 2.0 / n * (y - _per_channel(mean))
-    a = input_stage(x, x_scale, x_shift, x_pool, x2, x2_mode)
+    a = input_stage(x, x_scale, x_shift, x_pool, x2, x2_mode, x_mean)
     k = weight.shape[-1]
     stride, pad = ([k, k], [0, 0]) if transposed else ([1, 1], [k // 2, k // 2])
     bias_sizes = [weight.shape[1] if transposed else weight.shape[0]] if has_bias else None
     ga, gw, gb = torch.ops.aten.convolution_backward(
         g, a, weight, bias_sizes, stride, pad, [1, 1], transposed, [0, 0], 1, [True, True, has_bias]
     )
-    gx, gs, gt, gx2 = input_stage_backward(ga, x, x_scale, x_shift, x_pool, x2, x2_mode)
-    return gx, gs, gt, gx2, gw, gb
+    gx, gs, gt, gx2, gm = input_stage_backward(ga, x, x_scale, x_shift, x_pool, x2, x2_mode, x_mean)
+    return gx, gs, gt, gx2, gw, gb, gm
 
 
 # ----------------------------------------------------------------------------------- the network

@@ -1,0 +1,124 @@
+"""The fused modules: Conv-BN-ReLU and the double conv block, state_dict-compatible with their stock twins in
+`unetx.reference` (same submodule names `conv`, `bn`; same parameters and buffers).
+
+Between fused layers an activation travels *pending*: `Act(y, scale, shift, mean)` stands for
+relu((y - mean) * scale + shift), where y is the previous convolution's raw output, mean its batch mean,
+scale = gamma / sqrt(var + eps) and shift = beta. The next op applies it
+on the fly and recomputes it in backward, so each layer keeps one activation-sized tensor (y) for backward.
+`Act(z)` (no scale) is an already-activated tensor: an image, a pooled or dropped-out tensor, or an eval-mode
+output whose BatchNorm was folded into the convolution.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import ops
+
+
+class Act(NamedTuple):
+    y: Tensor
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+    mean: Tensor | None = None
+
+    def materialize(self) -> Tensor:
+        return self.y if self.scale is None else ops.bn_relu(self.y, self.scale, self.shift, self.mean)
+
+
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The lower-precision dtype autocast would run a convolution in on t's device, or None when autocast is off."""
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if (t is None or dtype is None or t.dtype == dtype) else t.to(dtype)
+
+
+def _sync_batch_stats(mean: Tensor, var: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Batch statistics over every process (as nn.SyncBatchNorm): differentiable all-reduce of the moments."""
+    from torch.distributed.nn.functional import all_reduce
+
+    n = torch.full_like(mean, float(count))
+    moments = torch.stack([mean * n, (var + mean * mean) * n, n])
+    total = all_reduce(moments, op=dist.ReduceOp.SUM)
+    g_mean = total[0] / total[2]
+    g_var = (total[1] / total[2] - g_mean * g_mean).clamp_min(0)
+    return g_mean, g_var
+
+
+class ConvBNReLU(nn.Module):
+    """Conv2d (k x k, 'same', stride 1) -> BatchNorm2d -> ReLU on the fused ops. Drop-in for
+    `unetx.reference.ConvBNReLU`: same constructor, same state_dict, same outputs and gradients, same running
+    statistics (momentum, unbiased running variance, num_batches_tracked, momentum=None as cumulative average)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False,
+                 sync_bn: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.sync_bn = sync_bn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pending(Act(x)).materialize()
+
+    def pending(self, x: Act, pool: bool = False, x2: Tensor | None = None, x2_mode: str = "none") -> Act:
+        """This layer on a pending input (optionally 2x2-avg-pooled, optionally concatenated with upsample(x2))."""
+        conv, bn = self.conv, self.bn
+        dt = autocast_dtype(x.y)
+        xy, x2 = _cast(x.y, dt), _cast(x2, dt)
+        weight, bias = _cast(conv.weight, dt), _cast(conv.bias, dt)
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_mean if bn.running_mean is not None else weight[:, 0, 0, 0])
+        beta = bn.bias if bn.affine else torch.zeros_like(gamma)
+        batch_stats = self.training or bn.running_mean is None
+        if batch_stats:
+            y, mean, var = ops.conv_bn_relu(xy, weight, bias, x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
+                                            x_pool=pool, x2=x2, x2_mode=x2_mode, stats=True)
+            count = y.numel() // y.shape[1]
+            if self.sync_bn and self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                mean, var = _sync_batch_stats(mean, var, count)
+                count *= dist.get_world_size()
+            if self.training and bn.running_mean is not None:
+                self._update_running_stats(mean.detach(), var.detach(), count)
+            return Act(y, gamma * torch.rsqrt(var + bn.eps), beta, mean)
+        # eval: BatchNorm folded into the convolution, ReLU fused; the output is already activated
+        s = gamma * torch.rsqrt(bn.running_var + bn.eps)
+        w = conv.weight * s.view(-1, 1, 1, 1)
+        b = beta - bn.running_mean * s
+        if conv.bias is not None:
+            b = b + conv.bias * s
+        y, _, _ = ops.conv_bn_relu(xy, _cast(w, dt), _cast(b, dt), x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
+                                   x_pool=pool, x2=x2, x2_mode=x2_mode, stats=False, relu=True)
+        return Act(y)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        # momentum=None is BatchNorm's cumulative average; a tensor factor keeps torch.compile free of graph breaks
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+        unbiased = var * (count / max(count - 1, 1))
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+class DoubleConv(nn.Module):
+    """Two ConvBNReLU (a U-Net level); state_dict-compatible with `unetx.reference.DoubleConv`."""
+
+    def __init__(self, in_channels: int, out_channels: int, sync_bn: bool = False):
+        super().__init__()
+        self.block1 = ConvBNReLU(in_channels, out_channels, sync_bn=sync_bn)
+        self.block2 = ConvBNReLU(out_channels, out_channels, sync_bn=sync_bn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pending(Act(x)).materialize()
+
+    def pending(self, x: Act, pool: bool = False, x2: Tensor | None = None, x2_mode: str = "none") -> Act:
+        return self.block2.pending(self.block1.pending(x, pool, x2, x2_mode))
