@@ -14,7 +14,8 @@ from ._extension import build_info
 from . import ops
 from .layers import ConvBNReLU, DoubleConv
 from .model import UNet
+from .convert import convert
 
 __version__ = "0.1.0"
 
-__all__ = ["UNet", "ConvBNReLU", "DoubleConv", "ops", "reference", "build_info", "__version__"]
+__all__ = ["UNet", "convert", "ConvBNReLU", "DoubleConv", "ops", "reference", "build_info", "__version__"]

@@ -71,42 +71,47 @@ class ConvBNReLU(nn.Module):
 
     def pending(self, x: Act, pool: bool = False, x2: Tensor | None = None, x2_mode: str = "none") -> Act:
         """This layer on a pending input (optionally 2x2-avg-pooled, optionally concatenated with upsample(x2))."""
-        conv, bn = self.conv, self.bn
-        dt = autocast_dtype(x.y)
-        xy, x2 = _cast(x.y, dt), _cast(x2, dt)
-        weight, bias = _cast(conv.weight, dt), _cast(conv.bias, dt)
-        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_mean if bn.running_mean is not None else weight[:, 0, 0, 0])
-        beta = bn.bias if bn.affine else torch.zeros_like(gamma)
-        batch_stats = self.training or bn.running_mean is None
-        if batch_stats:
-            y, mean, var = ops.conv_bn_relu(xy, weight, bias, x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
-                                            x_pool=pool, x2=x2, x2_mode=x2_mode, stats=True)
-            count = y.numel() // y.shape[1]
-            if self.sync_bn and self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                mean, var = _sync_batch_stats(mean, var, count)
-                count *= dist.get_world_size()
-            if self.training and bn.running_mean is not None:
-                self._update_running_stats(mean.detach(), var.detach(), count)
-            return Act(y, gamma * torch.rsqrt(var + bn.eps), beta, mean)
-        # eval: BatchNorm folded into the convolution, ReLU fused; the output is already activated
-        s = gamma * torch.rsqrt(bn.running_var + bn.eps)
-        w = conv.weight * s.view(-1, 1, 1, 1)
-        b = beta - bn.running_mean * s
-        if conv.bias is not None:
-            b = b + conv.bias * s
-        y, _, _ = ops.conv_bn_relu(xy, _cast(w, dt), _cast(b, dt), x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
-                                   x_pool=pool, x2=x2, x2_mode=x2_mode, stats=False, relu=True)
-        return Act(y)
+        return conv_bn_relu_pending(x, self.conv, self.bn, pool, x2, x2_mode, sync_bn=self.sync_bn)
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
-        bn = self.bn
-        bn.num_batches_tracked.add_(1)
-        # momentum=None is BatchNorm's cumulative average; a tensor factor keeps torch.compile free of graph breaks
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-        unbiased = var * (count / max(count - 1, 1))
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+def conv_bn_relu_pending(x: Act, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: bool = False, x2: Tensor | None = None,
+                         x2_mode: str = "none", sync_bn: bool = False) -> Act:
+    """Conv2d -> BatchNorm2d -> ReLU of stock modules' parameters on the fused op, BatchNorm semantics included
+    (batch statistics and running-stat updates in training, folded running statistics in eval)."""
+    dt = autocast_dtype(x.y)
+    xy, x2 = _cast(x.y, dt), _cast(x2, dt)
+    weight, bias = _cast(conv.weight, dt), _cast(conv.bias, dt)
+    gamma = bn.weight if bn.affine else torch.ones(bn.num_features, device=weight.device, dtype=torch.float32)
+    beta = bn.bias if bn.affine else torch.zeros_like(gamma)
+    if bn.training or bn.running_mean is None:
+        y, mean, var = ops.conv_bn_relu(xy, weight, bias, x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
+                                        x_pool=pool, x2=x2, x2_mode=x2_mode, stats=True)
+        count = y.numel() // y.shape[1]
+        if sync_bn and bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            mean, var = _sync_batch_stats(mean, var, count)
+            count *= dist.get_world_size()
+        if bn.training and bn.running_mean is not None:
+            _update_running_stats(bn, mean.detach(), var.detach(), count)
+        return Act(y, gamma * torch.rsqrt(var + bn.eps), beta, mean)
+    # eval: BatchNorm folded into the convolution, ReLU fused; the output is already activated
+    s = gamma * torch.rsqrt(bn.running_var + bn.eps)
+    w = conv.weight * s.view(-1, 1, 1, 1)
+    b = beta - bn.running_mean * s
+    if conv.bias is not None:
+        b = b + conv.bias * s
+    y, _, _ = ops.conv_bn_relu(xy, _cast(w, dt), _cast(b, dt), x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
+                               x_pool=pool, x2=x2, x2_mode=x2_mode, stats=False, relu=True)
+    return Act(y)
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    bn.num_batches_tracked.add_(1)
+    # momentum=None is BatchNorm's cumulative average; a tensor factor keeps torch.compile free of graph breaks
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
 
 
 class DoubleConv(nn.Module):

@@ -190,7 +190,8 @@ def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, wei
 
 # -------------------------------------------------------------------------------------------- autograd
 def _conv_bn_relu_setup(ctx, inputs, output):
-    x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean = inputs
+    x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, *rest = inputs
+    x_mean = rest[0] if rest else None  # a trailing x_mean=None may be left out of inputs
     y, mean, _ = output
     # y is saved only where backward reads it; x is the previous layer's y (already saved there): one
     # activation-sized tensor per layer.
@@ -202,7 +203,8 @@ def _conv_bn_relu_setup(ctx, inputs, output):
 def _conv_bn_relu_backward(ctx, grad_y, grad_mean, grad_var):
     x, x_scale, x_shift, x2, weight, y, mean, x_mean = ctx.saved_tensors
     x_pool, x2_mode, has_bias, transposed, stats, relu = ctx.flags
-    need = ctx.needs_input_grad
+    # needs_input_grad omits trailing arguments left at their schema default (x_mean=None)
+    need = tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
     mask = [need[0] or need[1] or need[2] or need[11], need[4], need[6], need[7]]
     if y is None:
         y = grad_y.new_empty(0)
@@ -212,19 +214,21 @@ def _conv_bn_relu_backward(ctx, grad_y, grad_mean, grad_var):
         grad_y, grad_mean if stats else None, grad_var if stats else None, x, x_scale, x_shift, x_pool, x2, x2_mode,
         weight, has_bias, transposed, y, mean, relu, mask, x_mean,
     )
-    return gx, gs, gt, None, gx2, None, gw, gb, None, None, None, gm
+    return (gx, gs, gt, None, gx2, None, gw, gb, None, None, None, gm)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("unetx::conv_bn_relu", _conv_bn_relu_backward, setup_context=_conv_bn_relu_setup)
 
 
 def _bn_relu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    y, scale, shift, *mean = inputs  # a trailing mean=None may be left out of inputs
+    ctx.save_for_backward(y, scale, shift, mean[0] if mean else None)
+    ctx.n_inputs = len(inputs)
 
 
 def _bn_relu_backward(ctx, grad):
     y, scale, shift, mean = ctx.saved_tensors
-    return _ops.bn_relu_backward(grad, y, scale, shift, mean)
+    return _ops.bn_relu_backward(grad, y, scale, shift, mean)[: ctx.n_inputs]
 
 
 torch.library.register_autograd("unetx::bn_relu", _bn_relu_backward, setup_context=_bn_relu_setup)
@@ -232,7 +236,7 @@ torch.library.register_autograd("unetx::bn_relu", _bn_relu_backward, setup_conte
 
 def _bn_relu_pool_backward(ctx, grad_z, grad_p):
     y, scale, shift, mean = ctx.saved_tensors
-    return _ops.bn_relu_pool_backward(grad_z, grad_p, y, scale, shift, mean)
+    return _ops.bn_relu_pool_backward(grad_z, grad_p, y, scale, shift, mean)[: ctx.n_inputs]
 
 
 torch.library.register_autograd("unetx::bn_relu_pool", _bn_relu_pool_backward, setup_context=_bn_relu_setup)
