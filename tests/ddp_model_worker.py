@@ -1,0 +1,40 @@
+"""Run by tests/test_model_ddp.py under torchrun (2 processes, gloo): a few SGD steps of unetx.UNet under
+DistributedDataParallel, each rank on its half of one batch; rank 0 saves the resulting state_dict."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import unetx
+
+
+def main(out_path: str, sync_bn: bool) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = unetx.UNet(1, 2, base_channels=4, depth=2, sync_bn=sync_bn)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 1, 16, 16, generator=g)
+        t = torch.randn(4, 2, 16, 16, generator=g)
+        lo, hi = rank * 4 // world, (rank + 1) * 4 // world
+        loss = (ddp(x[lo:hi]) - t[lo:hi]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # every rank must hold the same weights
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(gathered[0], f) for f in gathered), "ranks diverged"
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "sync")
