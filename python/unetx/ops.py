@@ -268,6 +268,15 @@ torch.library.register_autograd("unetx::upsample_concat", _upsample_concat_backw
 _warned = False
 
 
+def _cuda_hint(device: torch.device) -> str:
+    if device.type != "cuda":
+        return ""
+    if BUILD_INFO["cuda"]:
+        return "Set UNETX_CUDA_KERNELS=1 to use the compiled (not yet GPU-verified) CUDA kernels."
+    return ("This unetx was built without CUDA kernels (no nvcc was found at build time); install the CUDA toolkit "
+            "and reinstall unetx to compile them.")
+
+
 def _warn_fallback(device: torch.device) -> None:
     global _warned
     if not _warned:
@@ -275,8 +284,7 @@ def _warn_fallback(device: torch.device) -> None:
         warnings.warn(
             f"unetx: no unetx kernels are enabled for {device.type}; running stock PyTorch compositions of the same ops "
             "(correct, but without the fused kernels' speed and memory savings). "
-            + ("Set UNETX_CUDA_KERNELS=1 to use the compiled (not yet GPU-verified) CUDA kernels."
-               if device.type == "cuda" and BUILD_INFO["cuda"] else ""),
+            + _cuda_hint(device),
             stacklevel=3,
         )
 
