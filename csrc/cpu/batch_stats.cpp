@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -18,55 +19,64 @@ namespace {
 
 inline bool channels_last(const at::Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1 && !x.is_contiguous(); }
 
+// Both kernels take dense tensors (the caller's contiguous(layout)): planar = (n, c) planes of H*W contiguous
+// elements, channels-last = N*H*W pixels of C contiguous channels.
 template <typename T>
 void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   using acc_t = at::opmath_type<T>;
-  const int64_t N = y.size(0), C = y.size(1), H = y.size(2), W = y.size(3);
-  const int64_t sn = y.stride(0), sc = y.stride(1), sh = y.stride(2), sw = y.stride(3);
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   const T* Y = y.const_data_ptr<T>();
-  const double M = double(N * H * W);
+  const bool cl = channels_last(y);
+  const double M = double(N * HW);
   std::vector<double> s1(C, 0.0), s2(C, 0.0), pivot(C);
-  for (int64_t c = 0; c < C; ++c) pivot[c] = double(Y[c * sc]);
+  for (int64_t c = 0; c < C; ++c) pivot[c] = double(Y[cl ? c : c * HW]);
 
-  if (!channels_last(y)) {
+  if (!cl) {
     at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
         const acc_t pv = acc_t(pivot[c]);
         double a1 = 0, a2 = 0;
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t h = 0; h < H; ++h) {
-            const T* r = Y + n * sn + c * sc + h * sh;
-            acc_t r1 = 0, r2 = 0;  // one row in acc_t (short), rows summed in double
-            for (int64_t w = 0; w < W; ++w) {
-              const acc_t d = acc_t(r[w * sw]) - pv;
+        for (int64_t n = 0; n < N; ++n) {
+          const T* __restrict__ r = Y + (n * C + c) * HW;
+          for (int64_t i0 = 0; i0 < HW; i0 += 4096) {  // chunks in acc_t, chunks summed in double
+            const int64_t i1 = std::min(HW, i0 + 4096);
+            acc_t r1 = 0, r2 = 0;
+#pragma omp simd reduction(+ : r1, r2)
+            for (int64_t i = i0; i < i1; ++i) {
+              const acc_t d = acc_t(r[i]) - pv;
               r1 += d;
               r2 += d * d;
             }
             a1 += r1;
             a2 += r2;
           }
+        }
         s1[c] = a1;
         s2[c] = a2;
       }
     });
   } else {
-    const int64_t rows = N * H;
-    const int64_t blocks = std::min<int64_t>(rows, 4 * at::get_num_threads());
+    const int64_t pixels = N * HW;
+    const int64_t blocks = std::min<int64_t>(std::max<int64_t>(pixels / 64, 1), 4 * at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> r1(C), r2(C), pv(C);
-      for (int64_t c = 0; c < C; ++c) pv[c] = acc_t(pivot[c]);
+      std::vector<acc_t> r1v(C), r2v(C), pvv(C);
+      for (int64_t c = 0; c < C; ++c) pvv[c] = acc_t(pivot[c]);
       for (int64_t blk = b; blk < e; ++blk) {
         double* p1 = part.data() + 2 * blk * C;
         double* p2 = p1 + C;
-        for (int64_t r = rows * blk / blocks; r < rows * (blk + 1) / blocks; ++r) {
-          const int64_t n = r / H, h = r % H;
-          std::fill(r1.begin(), r1.end(), acc_t(0));
-          std::fill(r2.begin(), r2.end(), acc_t(0));
-          for (int64_t w = 0; w < W; ++w) {
-            const T* px = Y + n * sn + h * sh + w * sw;
+        const int64_t q0 = pixels * blk / blocks, q1 = pixels * (blk + 1) / blocks;
+        for (int64_t j0 = q0; j0 < q1; j0 += 256) {  // 256 pixels in acc_t, then into double
+          std::fill(r1v.begin(), r1v.end(), acc_t(0));
+          std::fill(r2v.begin(), r2v.end(), acc_t(0));
+          acc_t* __restrict__ r1 = r1v.data();
+          acc_t* __restrict__ r2 = r2v.data();
+          const acc_t* __restrict__ pv = pvv.data();
+          for (int64_t j = j0; j < std::min(q1, j0 + 256); ++j) {
+            const T* __restrict__ px = Y + j * C;
+#pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              const acc_t d = acc_t(px[c * sc]) - pv[c];
+              const acc_t d = acc_t(px[c]) - pv[c];
               r1[c] += d;
               r2[c] += d * d;
             }
@@ -93,49 +103,67 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   }
 }
 
-template <typename T>
-void fold_impl(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
-               const at::Tensor* b, bool relu, at::Tensor& out) {
+template <typename T, bool RELU, bool STATS>
+inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __restrict__ o, int64_t len,
+                     const typename at::opmath_type<T>* a, const typename at::opmath_type<T>* b,
+                     const typename at::opmath_type<T>* mu, int64_t c0, int64_t cstep) {
+  // cstep 0: one channel c0 for the whole run (planar); cstep 1: the channel is the index (channels-last pixel)
   using acc_t = at::opmath_type<T>;
-  const int64_t N = y.size(0), C = y.size(1), H = y.size(2), W = y.size(3);
-  const T* GY = gy.const_data_ptr<T>();
-  const T* Y = y.const_data_ptr<T>();
-  T* O = out.data_ptr<T>();
-  const acc_t* MEAN = mean ? mean->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* A = a ? a->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* B = b ? b->const_data_ptr<acc_t>() : nullptr;
-  // gy, y and out share one dense layout (the caller makes them so): index them with y's strides.
-  const int64_t sn = y.stride(0), sc = y.stride(1), sh = y.stride(2), sw = y.stride(3);
-  auto one = [&](int64_t i, int64_t c) {
-    const acc_t yv = acc_t(Y[i]);
-    acc_t g = acc_t(GY[i]);
-    if (relu && !(yv > acc_t(0))) g = 0;
-    if (A) g += A[c];
-    if (B) g += B[c] * (yv - MEAN[c]);
-    O[i] = T(g);
-  };
-  if (!channels_last(y)) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t c = c0 + cstep * i;
+    const acc_t yv = acc_t(y[i]);
+    acc_t g = acc_t(gy[i]);
+    if constexpr (RELU) g = yv > acc_t(0) ? g : acc_t(0);
+    if constexpr (STATS) g += a[c] + b[c] * (yv - mu[c]);
+    o[i] = T(g);
+  }
+}
+
+template <typename T, bool RELU, bool STATS>
+void fold_loops(const T* GY, const T* Y, T* O, int64_t N, int64_t C, int64_t HW, bool cl,
+                const at::opmath_type<T>* A, const at::opmath_type<T>* B, const at::opmath_type<T>* MU) {
+  if (!cl) {
     at::parallel_for(0, N * C, 1, [&](int64_t bb, int64_t e) {
-      for (int64_t nc = bb; nc < e; ++nc) {
-        const int64_t n = nc / C, c = nc % C;
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w) one(n * sn + c * sc + h * sh + w * sw, c);
-      }
+      for (int64_t nc = bb; nc < e; ++nc)
+        fold_run<T, RELU, STATS>(GY + nc * HW, Y + nc * HW, O + nc * HW, HW, A, B, MU, nc % C, 0);
     });
   } else {
-    at::parallel_for(0, N * H, 1, [&](int64_t bb, int64_t e) {
-      for (int64_t r = bb; r < e; ++r) {
-        const int64_t n = r / H, h = r % H;
-        for (int64_t w = 0; w < W; ++w)
-          for (int64_t c = 0; c < C; ++c) one(n * sn + c * sc + h * sh + w * sw, c);
-      }
+    at::parallel_for(0, N * HW, 64, [&](int64_t bb, int64_t e) {
+      for (int64_t px = bb; px < e; ++px)
+        fold_run<T, RELU, STATS>(GY + px * C, Y + px * C, O + px * C, C, A, B, MU, 0, 1);
     });
   }
 }
 
+template <typename T>
+void fold_impl(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
+               const at::Tensor* b, bool relu, at::Tensor& out) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  const bool cl = channels_last(y);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_INTERNAL_ASSERT(y.is_contiguous(fmt) && gy.is_contiguous(fmt) && out.is_contiguous(fmt),
+                        "unetx.fold_output_grad: expects dense tensors of one layout");
+  // a missing a (no grad_mean) or b (no grad_var) is a zero vector
+  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor zeros = at::zeros({C}, y.options().dtype(acc));
+  const acc_t* A = a ? a->const_data_ptr<acc_t>() : zeros.const_data_ptr<acc_t>();
+  const acc_t* B = b ? b->const_data_ptr<acc_t>() : zeros.const_data_ptr<acc_t>();
+  const acc_t* MU = mean ? mean->const_data_ptr<acc_t>() : zeros.const_data_ptr<acc_t>();
+  const bool stats = a || b;
+  const T* GY = gy.const_data_ptr<T>();
+  const T* Y = y.const_data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  if (relu && stats) fold_loops<T, true, true>(GY, Y, O, N, C, HW, cl, A, B, MU);
+  else if (relu) fold_loops<T, true, false>(GY, Y, O, N, C, HW, cl, A, B, MU);
+  else fold_loops<T, false, true>(GY, Y, O, N, C, HW, cl, A, B, MU);
+}
+
 }  // namespace
 
-void batch_stats(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
+void batch_stats(const at::Tensor& y_in, at::Tensor& mean, at::Tensor& var) {
+  const at::Tensor y = y_in.contiguous(y_in.suggest_memory_format());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "unetx.batch_stats",
                                   [&] { stats_impl<scalar_t>(y, mean, var); });
 }

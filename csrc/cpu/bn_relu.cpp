@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -31,64 +32,90 @@ struct Strides {
   Strides() : n(0), c(0), h(0), w(0) {}
 };
 
-// Channels-last inputs iterate (n, h) rows with channels innermost; planar ones iterate (n, c) planes.
+// Channels-last tensors iterate (n, h) rows with channels innermost; planar ones iterate (n, c) planes with the
+// width innermost. Either way the innermost stride is 1 (the callers make it so), which lets the loops vectorise.
 inline bool channels_last(const at::Tensor& x) {
   return x.size(1) > 1 && x.stride(1) == 1 && !x.is_contiguous();
 }
 
-template <typename acc_t>
-struct Act {
-  const acc_t* m;
-  const acc_t* s;
-  const acc_t* t;
-  inline acc_t operator()(acc_t v, int64_t c) const {
-    if (!s) return v;
-    acc_t r = (v - m[c]) * s[c] + t[c];
-    return r > acc_t(0) ? r : acc_t(0);
-  }
-};
+inline void check_inner_unit(const at::Tensor& t, bool cl) {
+  TORCH_INTERNAL_ASSERT(t.size(cl ? 1 : 3) == 1 || t.stride(cl ? 1 : 3) == 1, "unetx: kernel needs a unit inner stride");
+}
 
-template <typename T>
-void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s, const at::Tensor* t, at::Tensor* z,
-                  at::Tensor* p) {
+// f(v) = relu((v - m) * s + t) when ACT, else v
+template <bool ACT, typename acc_t>
+inline acc_t act(acc_t v, acc_t m, acc_t s, acc_t t) {
+  if constexpr (ACT) {
+    const acc_t r = (v - m) * s + t;
+    return r > acc_t(0) ? r : acc_t(0);
+  } else {
+    return v;
+  }
+}
+
+template <typename T, bool ACT>
+void forward_loops(const at::Tensor& x, const float* M, const float* S, const float* Tt, const double* Md,
+                   const double* Sd, const double* Td, at::Tensor* z, at::Tensor* p) {
   using acc_t = at::opmath_type<T>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool pool = p != nullptr;
+  const bool cl = channels_last(x);
   const Strides xs(x), zs = z ? Strides(*z) : Strides(), ps = p ? Strides(*p) : Strides();
   const T* X = x.const_data_ptr<T>();
   T* Z = z ? z->data_ptr<T>() : nullptr;
   T* P = p ? p->data_ptr<T>() : nullptr;
-  const Act<acc_t> f{m ? m->const_data_ptr<acc_t>() : nullptr, s ? s->const_data_ptr<acc_t>() : nullptr,
-                     t ? t->const_data_ptr<acc_t>() : nullptr};
+  // per-channel parameters in acc_t
+  const acc_t* m;
+  const acc_t* s;
+  const acc_t* t;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    m = Md, s = Sd, t = Td;
+  } else {
+    m = M, s = S, t = Tt;
+  }
   const int64_t Ho = H / 2, Wo = W / 2;
 
-  if (!channels_last(x)) {
+  if (!cl) {
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C, c = nc % C;
+        const acc_t mc = ACT ? m[c] : acc_t(0), sc = ACT ? s[c] : acc_t(1), tc = ACT ? t[c] : acc_t(0);
         const T* xb = X + n * xs.n + c * xs.c;
-        T* zb = Z ? Z + n * zs.n + c * zs.c : nullptr;
         if (!pool) {
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w) zb[h * zs.h + w * zs.w] = T(f(acc_t(xb[h * xs.h + w * xs.w]), c));
+          T* zb = Z + n * zs.n + c * zs.c;
+          for (int64_t h = 0; h < H; ++h) {
+            const T* __restrict__ xr = xb + h * xs.h;
+            T* __restrict__ zr = zb + h * zs.h;
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) zr[w] = T(act<ACT>(acc_t(xr[w]), mc, sc, tc));
+          }
           continue;
         }
         T* pb = P + n * ps.n + c * ps.c;
+        T* zb = Z ? Z + n * zs.n + c * zs.c : nullptr;
         for (int64_t ho = 0; ho < Ho; ++ho) {
-          const T* r0 = xb + 2 * ho * xs.h;
-          const T* r1 = r0 + xs.h;
-          for (int64_t wo = 0; wo < Wo; ++wo) {
-            const int64_t i0 = 2 * wo * xs.w, i1 = i0 + xs.w;
-            const acc_t v00 = f(acc_t(r0[i0]), c), v01 = f(acc_t(r0[i1]), c);
-            const acc_t v10 = f(acc_t(r1[i0]), c), v11 = f(acc_t(r1[i1]), c);
-            if (zb) {
-              T* q = zb + 2 * ho * zs.h + 2 * wo * zs.w;
-              q[0] = T(v00);
-              q[zs.w] = T(v01);
-              q[zs.h] = T(v10);
-              q[zs.h + zs.w] = T(v11);
+          const T* __restrict__ r0 = xb + 2 * ho * xs.h;
+          const T* __restrict__ r1 = r0 + xs.h;
+          T* __restrict__ pr = pb + ho * ps.h;
+          if (zb) {
+            T* __restrict__ z0 = zb + 2 * ho * zs.h;
+            T* __restrict__ z1 = z0 + zs.h;
+            for (int64_t wo = 0; wo < Wo; ++wo) {
+              const acc_t v00 = act<ACT>(acc_t(r0[2 * wo]), mc, sc, tc), v01 = act<ACT>(acc_t(r0[2 * wo + 1]), mc, sc, tc);
+              const acc_t v10 = act<ACT>(acc_t(r1[2 * wo]), mc, sc, tc), v11 = act<ACT>(acc_t(r1[2 * wo + 1]), mc, sc, tc);
+              z0[2 * wo] = T(v00);
+              z0[2 * wo + 1] = T(v01);
+              z1[2 * wo] = T(v10);
+              z1[2 * wo + 1] = T(v11);
+              pr[wo] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
             }
-            pb[ho * ps.h + wo * ps.w] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
+          } else {
+#pragma omp simd
+            for (int64_t wo = 0; wo < Wo; ++wo) {
+              const acc_t v00 = act<ACT>(acc_t(r0[2 * wo]), mc, sc, tc), v01 = act<ACT>(acc_t(r0[2 * wo + 1]), mc, sc, tc);
+              const acc_t v10 = act<ACT>(acc_t(r1[2 * wo]), mc, sc, tc), v11 = act<ACT>(acc_t(r1[2 * wo + 1]), mc, sc, tc);
+              pr[wo] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
+            }
           }
         }
       }
@@ -101,37 +128,45 @@ void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s,
     for (int64_t r = b; r < e; ++r) {
       const int64_t n = r / (pool ? Ho : H), h = r % (pool ? Ho : H);
       if (!pool) {
-        const T* xr = X + n * xs.n + h * xs.h;
-        T* zr = Z + n * zs.n + h * zs.h;
         for (int64_t w = 0; w < W; ++w) {
-          const T* xp = xr + w * xs.w;
-          T* zp = zr + w * zs.w;
-          for (int64_t c = 0; c < C; ++c) zp[c * zs.c] = T(f(acc_t(xp[c * xs.c]), c));
+          const T* __restrict__ xp = X + n * xs.n + h * xs.h + w * xs.w;
+          T* __restrict__ zp = Z + n * zs.n + h * zs.h + w * zs.w;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c)
+            zp[c] = T(act<ACT>(acc_t(xp[c]), ACT ? m[c] : acc_t(0), ACT ? s[c] : acc_t(1), ACT ? t[c] : acc_t(0)));
         }
         continue;
       }
-      const T* r0 = X + n * xs.n + 2 * h * xs.h;
-      const T* r1 = r0 + xs.h;
-      T* pr = P + n * ps.n + h * ps.h;
       for (int64_t wo = 0; wo < Wo; ++wo) {
-        const T* a0 = r0 + 2 * wo * xs.w;
-        const T* a1 = a0 + xs.w;
-        const T* b0 = r1 + 2 * wo * xs.w;
-        const T* b1 = b0 + xs.w;
-        T* pp = pr + wo * ps.w;
+        const T* __restrict__ a0 = X + n * xs.n + 2 * h * xs.h + 2 * wo * xs.w;
+        const T* __restrict__ a1 = a0 + xs.w;
+        const T* __restrict__ b0 = a0 + xs.h;
+        const T* __restrict__ b1 = b0 + xs.w;
+        T* __restrict__ pp = P + n * ps.n + h * ps.h + wo * ps.w;
         T* q00 = Z ? Z + n * zs.n + 2 * h * zs.h + 2 * wo * zs.w : nullptr;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t o = c * xs.c;
-          const acc_t v00 = f(acc_t(a0[o]), c), v01 = f(acc_t(a1[o]), c);
-          const acc_t v10 = f(acc_t(b0[o]), c), v11 = f(acc_t(b1[o]), c);
-          if (q00) {
-            T* q = q00 + c * zs.c;
-            q[0] = T(v00);
-            q[zs.w] = T(v01);
-            q[zs.h] = T(v10);
-            q[zs.h + zs.w] = T(v11);
+        if (q00) {
+          T* __restrict__ q01 = q00 + zs.w;
+          T* __restrict__ q10 = q00 + zs.h;
+          T* __restrict__ q11 = q10 + zs.w;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t mc = ACT ? m[c] : acc_t(0), sc = ACT ? s[c] : acc_t(1), tc = ACT ? t[c] : acc_t(0);
+            const acc_t v00 = act<ACT>(acc_t(a0[c]), mc, sc, tc), v01 = act<ACT>(acc_t(a1[c]), mc, sc, tc);
+            const acc_t v10 = act<ACT>(acc_t(b0[c]), mc, sc, tc), v11 = act<ACT>(acc_t(b1[c]), mc, sc, tc);
+            q00[c] = T(v00);
+            q01[c] = T(v01);
+            q10[c] = T(v10);
+            q11[c] = T(v11);
+            pp[c] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
           }
-          pp[c * ps.c] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t mc = ACT ? m[c] : acc_t(0), sc = ACT ? s[c] : acc_t(1), tc = ACT ? t[c] : acc_t(0);
+            const acc_t v00 = act<ACT>(acc_t(a0[c]), mc, sc, tc), v01 = act<ACT>(acc_t(a1[c]), mc, sc, tc);
+            const acc_t v10 = act<ACT>(acc_t(b0[c]), mc, sc, tc), v11 = act<ACT>(acc_t(b1[c]), mc, sc, tc);
+            pp[c] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
+          }
         }
       }
     }
@@ -139,49 +174,82 @@ void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s,
 }
 
 template <typename T>
+void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s, const at::Tensor* t, at::Tensor* z,
+                  at::Tensor* p) {
+  using acc_t = at::opmath_type<T>;
+  const bool cl = channels_last(x);
+  check_inner_unit(x, cl);
+  if (z) check_inner_unit(*z, cl);
+  if (p) check_inner_unit(*p, cl);
+  const acc_t* M = s ? m->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* S = s ? s->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* Tt = s ? t->const_data_ptr<acc_t>() : nullptr;
+  const auto cast_f = [](const acc_t* v) { return reinterpret_cast<const float*>(v); };
+  const auto cast_d = [](const acc_t* v) { return reinterpret_cast<const double*>(v); };
+  if (s)
+    forward_loops<T, true>(x, cast_f(M), cast_f(S), cast_f(Tt), cast_d(M), cast_d(S), cast_d(Tt), z, p);
+  else
+    forward_loops<T, false>(x, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, z, p);
+}
+
+// Backward, one (n, c) row of W elements (planar) or one pixel's C channels (channels-last) at a time.
+// g = grad_z + grad_p / 4 (grad_p indexed by the pooled position), masked by the recomputed pre-activation.
+template <typename T>
 void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& x, const at::Tensor* m,
                    const at::Tensor* s, const at::Tensor* t, at::Tensor& gx, at::Tensor* gs, at::Tensor* gt) {
   using acc_t = at::opmath_type<T>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const bool cl = channels_last(x);
+  check_inner_unit(gx, cl);
+  if (s) check_inner_unit(x, cl);
+  if (gz) check_inner_unit(*gz, cl);
+  if (gp) check_inner_unit(*gp, cl);
   const Strides xs(x), gxs(gx), gzs = gz ? Strides(*gz) : Strides(), gps = gp ? Strides(*gp) : Strides();
   const T* X = x.const_data_ptr<T>();
   const T* GZ = gz ? gz->const_data_ptr<T>() : nullptr;
   const T* GP = gp ? gp->const_data_ptr<T>() : nullptr;
   T* GX = gx.data_ptr<T>();
-  const acc_t* MU = m ? m->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* MU = s ? m->const_data_ptr<acc_t>() : nullptr;
   const acc_t* S = s ? s->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* Tt = t ? t->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* Tt = s ? t->const_data_ptr<acc_t>() : nullptr;
+  const bool act_on = S != nullptr;
 
-  // one element: returns the masked gradient g, sets xv = x - mean (centred), writes grad_x
-  auto elem = [&](int64_t n, int64_t c, int64_t h, int64_t w, acc_t& xv) -> acc_t {
-    acc_t g = GZ ? acc_t(GZ[n * gzs.n + c * gzs.c + h * gzs.h + w * gzs.w]) : acc_t(0);
-    if (GP) g += acc_t(0.25) * acc_t(GP[n * gps.n + c * gps.c + (h / 2) * gps.h + (w / 2) * gps.w]);
-    if (S) {
-      xv = acc_t(X[n * xs.n + c * xs.c + h * xs.h + w * xs.w]) - MU[c];
-      if (!(xv * S[c] + Tt[c] > acc_t(0))) g = acc_t(0);
-      GX[n * gxs.n + c * gxs.c + h * gxs.h + w * gxs.w] = T(g * S[c]);
-    } else {
-      xv = acc_t(0);  // x is only a shape here (pure pooling backward): never read
-      GX[n * gxs.n + c * gxs.c + h * gxs.h + w * gxs.w] = T(g);
-    }
-    return g;
-  };
-
-  std::vector<double> sum_gx, sum_g;
-  if (!channels_last(x)) {
-    sum_gx.assign(C, 0.0);
-    sum_g.assign(C, 0.0);
+  std::vector<double> sum_gx(C, 0.0), sum_g(C, 0.0);
+  if (!cl) {
     at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> g(W);
       for (int64_t c = b; c < e; ++c) {
+        const acc_t mc = act_on ? MU[c] : acc_t(0), sc = act_on ? S[c] : acc_t(1), tc = act_on ? Tt[c] : acc_t(0);
         double a1 = 0, a2 = 0;
         for (int64_t n = 0; n < N; ++n)
           for (int64_t h = 0; h < H; ++h) {
-            acc_t r1 = 0, r2 = 0;  // row partials in acc_t, the row total in double
+            acc_t* __restrict__ gr = g.data();
+            if (GZ) {
+              const T* __restrict__ gzr = GZ + n * gzs.n + c * gzs.c + h * gzs.h;
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) gr[w] = acc_t(gzr[w]);
+            } else {
+              std::fill(g.begin(), g.end(), acc_t(0));
+            }
+            if (GP) {
+              const T* __restrict__ gpr = GP + n * gps.n + c * gps.c + (h / 2) * gps.h;
+              for (int64_t w = 0; w < W; ++w) gr[w] += acc_t(0.25) * acc_t(gpr[w / 2]);
+            }
+            T* __restrict__ gxr = GX + n * gxs.n + c * gxs.c + h * gxs.h;
+            if (!act_on) {
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) gxr[w] = T(gr[w]);
+              continue;
+            }
+            const T* __restrict__ xr = X + n * xs.n + c * xs.c + h * xs.h;
+            acc_t r1 = 0, r2 = 0;  // a row in acc_t, rows summed in double
+#pragma omp simd reduction(+ : r1, r2)
             for (int64_t w = 0; w < W; ++w) {
-              acc_t xv;
-              const acc_t g = elem(n, c, h, w, xv);
-              r1 += g * xv;
-              r2 += g;
+              const acc_t xv = acc_t(xr[w]) - mc;
+              const acc_t gv = xv * sc + tc > acc_t(0) ? gr[w] : acc_t(0);
+              gxr[w] = T(gv * sc);
+              r1 += gv * xv;
+              r2 += gv;
             }
             a1 += r1;
             a2 += r2;
@@ -195,23 +263,53 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
     const int64_t blocks = std::min<int64_t>(rows, 4 * at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> r1v(C), r2v(C), gv(C);
       for (int64_t blk = b; blk < e; ++blk) {
         double* p1 = part.data() + 2 * blk * C;
         double* p2 = p1 + C;
         for (int64_t r = rows * blk / blocks; r < rows * (blk + 1) / blocks; ++r) {
           const int64_t n = r / H, h = r % H;
-          for (int64_t w = 0; w < W; ++w)
-            for (int64_t c = 0; c < C; ++c) {
-              acc_t xv;
-              const acc_t g = elem(n, c, h, w, xv);
-              p1[c] += double(g * xv);
-              p2[c] += double(g);
+          std::fill(r1v.begin(), r1v.end(), acc_t(0));
+          std::fill(r2v.begin(), r2v.end(), acc_t(0));
+          for (int64_t w = 0; w < W; ++w) {
+            acc_t* __restrict__ g = gv.data();
+            if (GZ) {
+              const T* __restrict__ gzp = GZ + n * gzs.n + h * gzs.h + w * gzs.w;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) g[c] = acc_t(gzp[c]);
+            } else {
+              std::fill(gv.begin(), gv.end(), acc_t(0));
             }
+            if (GP) {
+              const T* __restrict__ gpp = GP + n * gps.n + (h / 2) * gps.h + (w / 2) * gps.w;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) g[c] += acc_t(0.25) * acc_t(gpp[c]);
+            }
+            T* __restrict__ gxp = GX + n * gxs.n + h * gxs.h + w * gxs.w;
+            if (!act_on) {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) gxp[c] = T(g[c]);
+              continue;
+            }
+            const T* __restrict__ xp = X + n * xs.n + h * xs.h + w * xs.w;
+            acc_t* __restrict__ r1 = r1v.data();
+            acc_t* __restrict__ r2 = r2v.data();
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = acc_t(xp[c]) - MU[c];
+              const acc_t gg = xv * S[c] + Tt[c] > acc_t(0) ? g[c] : acc_t(0);
+              gxp[c] = T(gg * S[c]);
+              r1[c] += gg * xv;
+              r2[c] += gg;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            p1[c] += r1v[c];
+            p2[c] += r2v[c];
+          }
         }
       }
     });
-    sum_gx.assign(C, 0.0);
-    sum_g.assign(C, 0.0);
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t c = 0; c < C; ++c) {
         sum_gx[c] += part[2 * blk * C + c];
@@ -245,24 +343,51 @@ std::optional<at::Tensor> centre(const std::optional<at::Tensor>& mean, const st
 
 }  // namespace
 
-void activation_forward(const at::Tensor& x, const std::optional<at::Tensor>& mean,
+// The kernels' precondition, established here: every tensor has a unit innermost stride in x's iteration order
+// (channels for channels-last, width for planar). Inputs that lack it are copied; an output that lacks it (a
+// one-channel slice of a channels-last buffer) is computed into a temporary and copied into place.
+namespace {
+bool inner_unit(const at::Tensor& t, bool cl) { return t.size(cl ? 1 : 3) == 1 || t.stride(cl ? 1 : 3) == 1; }
+at::MemoryFormat format_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
+at::Tensor unit_input(const at::Tensor& t, bool cl) { return inner_unit(t, cl) ? t : t.contiguous(format_of(cl)); }
+}  // namespace
+
+void activation_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& mean,
                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, at::Tensor* z,
                         at::Tensor* p) {
+  const bool cl = channels_last(x_in);
+  const at::Tensor x = unit_input(x_in, cl);
   auto m = centre(mean, scale, x), s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
+  at::Tensor zt, pt;
+  at::Tensor* zk = z;
+  at::Tensor* pk = p;
+  if (z && !inner_unit(*z, cl)) zt = at::empty(z->sizes(), z->options().memory_format(format_of(cl))), zk = &zt;
+  if (p && !inner_unit(*p, cl)) pt = at::empty(p->sizes(), p->options().memory_format(format_of(cl))), pk = &pt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.activation_forward", [&] {
-    forward_impl<scalar_t>(x, m ? &*m : nullptr, s ? &*s : nullptr, t ? &*t : nullptr, z, p);
+    forward_impl<scalar_t>(x, m ? &*m : nullptr, s ? &*s : nullptr, t ? &*t : nullptr, zk, pk);
   });
+  if (zt.defined()) z->copy_(zt);
+  if (pt.defined()) p->copy_(pt);
 }
 
-void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
+void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x_in,
                          const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& shift, at::Tensor& grad_x, at::Tensor* grad_scale,
                          at::Tensor* grad_shift) {
+  const bool cl = channels_last(x_in);
+  const at::Tensor x = scale ? unit_input(x_in, cl) : x_in;  // without scale x is only a shape
+  at::Tensor gz, gp;
+  if (grad_z) gz = unit_input(*grad_z, cl);
+  if (grad_p) gp = unit_input(*grad_p, cl);
   auto m = centre(mean, scale, x), s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
+  at::Tensor gxt;
+  at::Tensor* gxk = &grad_x;
+  if (!inner_unit(grad_x, cl)) gxt = at::empty(grad_x.sizes(), grad_x.options().memory_format(format_of(cl))), gxk = &gxt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.activation_backward", [&] {
-    backward_impl<scalar_t>(grad_z, grad_p, x, m ? &*m : nullptr, s ? &*s : nullptr, t ? &*t : nullptr, grad_x,
-                            grad_scale, grad_shift);
+    backward_impl<scalar_t>(grad_z ? &gz : nullptr, grad_p ? &gp : nullptr, x, m ? &*m : nullptr, s ? &*s : nullptr,
+                            t ? &*t : nullptr, *gxk, grad_scale, grad_shift);
   });
+  if (gxt.defined()) grad_x.copy_(gxt);
 }
 
 // ------------------------------------------------------------------------------------------------ ops
