@@ -132,7 +132,8 @@ def _upsample_backward(g: Tensor, mode: str, input_size: list[int]) -> Tensor:
         return g
     if mode == "nearest":
         return F.avg_pool2d(g, 2) * 4.0
-    return torch.ops.aten.upsample_bilinear2d_backward(g, [g.shape[2], g.shape[3]], input_size, False)
+    n, c = g.shape[:2]
+    return torch.ops.aten.upsample_bilinear2d_backward(g, [g.shape[2], g.shape[3]], [n, c, *input_size], False)
 
 
 def bn_relu_backward(grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None = None):
