@@ -109,6 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
   const auto a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
   const ConvParams cp(g.k, transposed);
   auto y = at::convolution(a, weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1);
+  // The backend picks y's layout from a's (and weight's) suggested format, which for degenerate shapes (a of shape
+  // (N, 1, 1, 1)) or backends (cuDNN in float64) is not x's. Pin it to what the fake impl promises: x's layout, or
+  // channels_last when the weight is; a no-op whenever the backend already chose it.
+  y = y.contiguous(layout_of(weight) == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast : mf);
   if (relu) y.relu_();
   if (!stats) return {y, at::empty({0}, y.options()), at::empty({0}, y.options())};
   TORCH_CHECK(y.numel() / y.size(1) > 1, kOp, ": Expected more than 1 value per channel when training, got input size ",
@@ -163,6 +167,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::OptionalIntArrayRef bias_sizes = has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt;
   auto [ga, gw, gb_] = at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1}, transposed,
                                                {0, 0}, 1, {need_a, output_mask[2], has_bias && output_mask[3]});
+  // Some backends (oneDNN) compute the weight and bias gradients together and return both whatever the mask says;
+  // the op returns exactly the masked-in ones, as its fake impl does.
+  if (!output_mask[2]) gw = at::Tensor();
+  if (!(has_bias && output_mask[3])) gb_ = at::Tensor();
+  // The backend picks the weight gradient's layout from the input's; the fake impl (and autograd) expect weight's.
+  if (gw.defined()) gw = gw.contiguous(layout_of(weight));
 
   // 3. the input stage's backward: one pass for the skip/previous-layer part, one for the upsampled part
   at::Tensor gx, gs, gt, gx2, gm;

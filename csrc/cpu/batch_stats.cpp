@@ -32,7 +32,7 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   for (int64_t c = 0; c < C; ++c) pivot[c] = double(Y[cl ? c : c * HW]);
 
   if (!cl) {
-    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, C, grain_for(N * HW), [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
         const acc_t pv = acc_t(pivot[c]);
         double a1 = 0, a2 = 0;
@@ -57,7 +57,7 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
     });
   } else {
     const int64_t pixels = N * HW;
-    const int64_t blocks = std::min<int64_t>(std::max<int64_t>(pixels / 64, 1), 4 * at::get_num_threads());
+    const int64_t blocks = reduction_blocks(pixels, pixels * C, at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
       std::vector<acc_t> r1v(C), r2v(C), pvv(C);
@@ -124,12 +124,12 @@ template <typename T, bool RELU, bool STATS>
 void fold_loops(const T* GY, const T* Y, T* O, int64_t N, int64_t C, int64_t HW, bool cl,
                 const at::opmath_type<T>* A, const at::opmath_type<T>* B, const at::opmath_type<T>* MU) {
   if (!cl) {
-    at::parallel_for(0, N * C, 1, [&](int64_t bb, int64_t e) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t bb, int64_t e) {
       for (int64_t nc = bb; nc < e; ++nc)
         fold_run<T, RELU, STATS>(GY + nc * HW, Y + nc * HW, O + nc * HW, HW, A, B, MU, nc % C, 0);
     });
   } else {
-    at::parallel_for(0, N * HW, 64, [&](int64_t bb, int64_t e) {
+    at::parallel_for(0, N * HW, grain_for(C), [&](int64_t bb, int64_t e) {
       for (int64_t px = bb; px < e; ++px)
         fold_run<T, RELU, STATS>(GY + px * C, Y + px * C, O + px * C, C, A, B, MU, 0, 1);
     });

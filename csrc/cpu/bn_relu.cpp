@@ -76,7 +76,7 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
   const int64_t Ho = H / 2, Wo = W / 2;
 
   if (!cl) {
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C, c = nc % C;
         const acc_t mc = ACT ? m[c] : acc_t(0), sc = ACT ? s[c] : acc_t(1), tc = ACT ? t[c] : acc_t(0);
@@ -124,7 +124,7 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
   }
   // channels-last: rows of W pixels with C contiguous channels each
   const int64_t rows = N * (pool ? Ho : H);
-  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, grain_for((pool ? 4 : 1) * W * C), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t n = r / (pool ? Ho : H), h = r % (pool ? Ho : H);
       if (!pool) {
@@ -216,7 +216,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
 
   std::vector<double> sum_gx(C, 0.0), sum_g(C, 0.0);
   if (!cl) {
-    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, C, grain_for(N * H * W), [&](int64_t b, int64_t e) {
       std::vector<acc_t> g(W);
       for (int64_t c = b; c < e; ++c) {
         const acc_t mc = act_on ? MU[c] : acc_t(0), sc = act_on ? S[c] : acc_t(1), tc = act_on ? Tt[c] : acc_t(0);
@@ -260,7 +260,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
     });
   } else {
     const int64_t rows = N * H;
-    const int64_t blocks = std::min<int64_t>(rows, 4 * at::get_num_threads());
+    const int64_t blocks = reduction_blocks(rows, rows * W * C, at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
       std::vector<acc_t> r1v(C), r2v(C), gv(C);
@@ -434,6 +434,8 @@ at::Tensor bn_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tenso
 Grads4 bn_relu_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                         const std::optional<at::Tensor>& mean) {
   check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_backward");
+  TORCH_CHECK(grad.sizes() == y.sizes(), "unetx.bn_relu_backward: grad of shape ", grad.sizes(), " does not match y ",
+              y.sizes());
   const auto yc = y.contiguous(layout_of(y));
   const auto gc = grad.contiguous(layout_of(yc));
   return activation_grads(&gc, nullptr, yc, scale, shift, mean);
@@ -453,6 +455,12 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_pool(const at::Tensor& y, const at::T
 Grads4 bn_relu_pool_backward(const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& y,
                              const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& mean) {
   check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_pool_backward");
+  check_even(y, "unetx.bn_relu_pool_backward");
+  TORCH_CHECK(grad_z.sizes() == y.sizes(), "unetx.bn_relu_pool_backward: grad_z of shape ", grad_z.sizes(),
+              " does not match y ", y.sizes());
+  TORCH_CHECK(grad_p.dim() == 4 && grad_p.size(0) == y.size(0) && grad_p.size(1) == y.size(1) &&
+                  grad_p.size(2) == y.size(2) / 2 && grad_p.size(3) == y.size(3) / 2,
+              "unetx.bn_relu_pool_backward: grad_p of shape ", grad_p.sizes(), " is not y ", y.sizes(), " pooled 2x2");
   const auto yc = y.contiguous(layout_of(y));
   const auto gz = grad_z.contiguous(layout_of(yc));
   const auto gp = grad_p.contiguous(layout_of(yc));

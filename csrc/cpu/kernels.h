@@ -6,11 +6,20 @@
 // so kernels honour the strides they are given rather than assuming a dense tensor.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <algorithm>
 #include <optional>
 
 #include "common/upsample2x.h"
 
 namespace unetx::cpu {
+
+// Grain for at::parallel_for when each item covers `elems` elements: about 32k elements per task (ATen's
+// GRAIN_SIZE), so small tensors stay on one thread instead of paying a fork-join per call.
+inline int64_t grain_for(int64_t elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(elems, 1)); }
+// Number of reduction blocks for `total` elements: enough for the threads, never smaller than ~32k elements each.
+inline int64_t reduction_blocks(int64_t items, int64_t total, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>({items, 4 * threads, total / 32768}));
+}
 
 // ---- bn_relu.cpp: the activation z = relu((x - mean[c]) * scale[c] + shift[c]) (identity when scale is absent;
 // mean absent = 0), optionally 2x2-average-pooled. One read of x; writes z and/or p. Nothing is saved: backward

@@ -79,7 +79,7 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
     return T(acc_t(a.w0) * top + acc_t(a.w1) * bot);
   };
   if (!channels_last(x)) {
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C, c = nc % C;
         const T* xb = X + n * xn + c * xc;
@@ -89,7 +89,7 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
       }
     });
   } else {
-    at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / H, i = r % H;
         for (int64_t j = 0; j < W; ++j) {
@@ -121,7 +121,7 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
     return T(s);
   };
   if (!channels_last(gx)) {
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C, grain_for(h * w * 4), [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C, c = nc % C;
         const T* gb = G + n * gn + c * gc;
@@ -131,7 +131,7 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
       }
     });
   } else {
-    at::parallel_for(0, N * h, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * h, grain_for(w * C * 4), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / h, k = r % h;
         for (int64_t l = 0; l < w; ++l)
@@ -189,7 +189,9 @@ std::tuple<at::Tensor, at::Tensor> upsample_concat_backward(const at::Tensor& gr
               " out of range for grad ", grad.sizes());
   const auto mf = layout_of(grad);
   const int64_t f = mode == Upsample::None ? 1 : 2;
-  auto gskip = grad.narrow(1, 0, skip_channels).contiguous(mf);
+  // clone, not contiguous(): with batch 1 the NCHW channel slice is already contiguous, and an output may not alias
+  // an input (the schema declares none).
+  auto gskip = grad.narrow(1, 0, skip_channels).clone(mf);
   auto gx = at::empty({grad.size(0), grad.size(1) - skip_channels, grad.size(2) / f, grad.size(3) / f},
                       grad.options().memory_format(mf));
   upsample_backward(grad.narrow(1, skip_channels, grad.size(1) - skip_channels), mode, gx);

@@ -15,7 +15,12 @@ from . import ops
 from .layers import ConvBNReLU, DoubleConv
 from .model import UNet
 from .convert import convert
+from . import checkpoint, data, losses, metrics, predict, synthetic
+from .data import ClassTable, InputError
+from .predict import predict_tiled
+from .train import TrainConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["UNet", "convert", "ConvBNReLU", "DoubleConv", "ops", "reference", "build_info", "__version__"]
+__all__ = ["UNet", "convert", "predict_tiled", "TrainConfig", "ClassTable", "InputError", "checkpoint", "data", "losses",
+           "metrics", "predict", "synthetic", "ConvBNReLU", "DoubleConv", "ops", "reference", "build_info", "__version__"]

@@ -82,9 +82,19 @@ def _check_4d(t: Tensor, op: str, name: str) -> None:
     torch._check(t.dim() == 4, lambda: f"{op}: expected {name} to be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
 
 
+def _check_devices(op: str, main: str, first: Tensor, /, **others: Tensor | None) -> None:
+    # The Meta key outranks CPU: a call mixing meta and CPU tensors lands in the fake impl, never in the kernels'
+    # checks; a CUDA one without CUDA kernels lands in the fallback. Both check here, with the kernels' message.
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == first.device, lambda: f"{op}: {main} is on {first.device} but {name} is on "
+                                                            f"{t.device}; move both to the same device")
+
+
 @torch.library.register_fake("unetx::bn_relu")
 def _(y, scale, shift, mean=None):
     _check_4d(y, "unetx.bn_relu", "y")
+    _check_devices("unetx.bn_relu", "y", y, scale=scale, shift=shift, mean=mean)
     return _empty(y.shape, y, _layout(y))
 
 
@@ -101,6 +111,7 @@ def _(grad, y, scale, shift, mean=None):
 @torch.library.register_fake("unetx::bn_relu_pool")
 def _(y, scale, shift, mean=None):
     _check_4d(y, "unetx.bn_relu_pool", "y")
+    _check_devices("unetx.bn_relu_pool", "y", y, scale=scale, shift=shift, mean=mean)
     n, c, h, w = y.shape
     torch._check(h % 2 == 0 and w % 2 == 0, lambda: f"unetx.bn_relu_pool: needs even height and width, got {tuple(y.shape)}")
     fmt = _layout(y)
@@ -128,6 +139,7 @@ def _(grad):
 
 @torch.library.register_fake("unetx::upsample_concat")
 def _(skip, x, mode):
+    _check_devices("unetx.upsample_concat", "skip", skip, x=x)
     f = 1 if mode == "none" else 2
     torch._check(skip.shape[2] == f * x.shape[2] and skip.shape[3] == f * x.shape[3],
                  lambda: f"unetx.upsample_concat: skip {tuple(skip.shape)} does not match x {tuple(x.shape)} upsampled {f}x")
@@ -153,6 +165,8 @@ def _conv_out_format(x: Tensor, weight: Tensor) -> torch.memory_format:
 @torch.library.register_fake("unetx::conv_bn_relu")
 def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean=None):
     _check_4d(x, "unetx.conv_bn_relu", "x")
+    _check_devices("unetx.conv_bn_relu", "x", x, weight=weight, bias=bias, x_scale=x_scale, x_shift=x_shift,
+                   x_mean=x_mean, x2=x2)
     n, _, h, w = x.shape
     if x_pool:
         h, w = h // 2, w // 2
@@ -181,8 +195,7 @@ def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, wei
     if output_mask[1] and x2 is not None:
         gx2 = _empty(x2.shape, x2, fmt)
     if output_mask[2]:
-        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if _layout(weight) != torch.channels_last \
-            else torch.empty_like(weight)
+        gw = _empty(weight.shape, weight, _layout(weight))
     if has_bias and output_mask[3]:
         gb = weight.new_empty((weight.shape[1] if transposed else weight.shape[0],))
     return gx, gs, gt, gx2, gw, gb, gm
@@ -290,10 +303,14 @@ def _warn_fallback(device: torch.device) -> None:
 
 
 def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean=None):
+    _check_devices("unetx.conv_bn_relu", "x", x, weight=weight, bias=bias, x_scale=x_scale, x_shift=x_shift,
+                   x_mean=x_mean, x2=x2)
     _warn_fallback(x.device)
     fmt = _layout(x)
     x = x.contiguous(memory_format=fmt)
-    y, _, _ = ref.conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, False, relu, x_mean)
+    # float32 scale/shift/mean on bfloat16 data (autocast) promote the input stage; the kernels write it in x's dtype
+    a = ref.input_stage(x, x_scale, x_shift, x_pool, x2, x2_mode, x_mean).to(x.dtype)
+    y, _, _ = ref.conv_bn_relu(a, None, None, False, None, "none", weight, bias, transposed, False, relu)
     y = y.contiguous(memory_format=_conv_out_format(x, weight))
     if not stats:
         return y, y.new_empty(0), y.new_empty(0)
@@ -303,33 +320,46 @@ def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, tra
 
 def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight,
                               has_bias, transposed, y, mean, relu, output_mask, x_mean=None):
+    # Mixed precision (bfloat16 data, float32 statistics and vectors): the reference promotes part of the
+    # computation, so run all of it in the promoted dtype and cast each gradient back to its input's dtype.
+    dt = x.dtype
+    for v in (x_scale, x_shift, x_mean, grad_mean, grad_var, mean if mean.numel() else None):
+        dt = dt if v is None else torch.promote_types(dt, v.dtype)
+    up = lambda t: None if t is None else t.to(dt)  # noqa: E731
     gx, gs, gt, gx2, gw, gb, gm = ref.conv_bn_relu_backward(
-        grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight, has_bias, transposed,
-        y, mean, relu, x_mean,
+        up(grad_y), grad_mean, grad_var, up(x), x_scale, x_shift, x_pool, up(x2), x2_mode, up(weight), has_bias,
+        transposed, up(y) if y.numel() else y, mean, relu, x_mean,
     )
-    keep = lambda t, m: t.contiguous() if (m and t is not None) else None  # noqa: E731
+    gw = gw.to(weight.dtype).contiguous(memory_format=_layout(weight)) if output_mask[2] else None
+    gb = gb.to(weight.dtype).contiguous() if (output_mask[3] and gb is not None) else None
     fmt = _layout(x)
-    gx = gx.contiguous(memory_format=fmt) if output_mask[0] else None
-    gs, gt, gm = (gs, gt, gm) if output_mask[0] else (None, None, None)
-    gx2 = gx2.contiguous(memory_format=fmt) if (output_mask[1] and gx2 is not None) else None
-    return gx, gs, gt, gx2, keep(gw, output_mask[2]), keep(gb, output_mask[3]), gm
+    gx = gx.to(x.dtype).contiguous(memory_format=fmt) if output_mask[0] else None
+    if output_mask[0] and x_scale is not None:
+        gs, gt = gs.to(x_scale.dtype), gt.to(x_shift.dtype)
+        gm = None if x_mean is None else gm.to(x_mean.dtype)
+    else:
+        gs, gt, gm = None, None, None
+    gx2 = gx2.to(x2.dtype).contiguous(memory_format=fmt) if (output_mask[1] and gx2 is not None) else None
+    return gx, gs, gt, gx2, gw, gb, gm
 
 
 def _fb_bn_relu(y, scale, shift, mean=None):
+    _check_devices("unetx.bn_relu", "y", y, scale=scale, shift=shift, mean=mean)
     _warn_fallback(y.device)
-    return ref.bn_relu(y, scale, shift, mean).contiguous(memory_format=_layout(y))
+    return ref.bn_relu(y, scale, shift, mean).to(y.dtype).contiguous(memory_format=_layout(y))
 
 
 def _fb_bn_relu_backward(grad, y, scale, shift, mean=None):
     gx, gs, gt, gm = ref.bn_relu_backward(grad, y, scale, shift, mean)
-    return gx.contiguous(memory_format=_layout(y)), gs.to(scale.dtype), gt.to(shift.dtype), gm
+    return gx.to(y.dtype).contiguous(memory_format=_layout(y)), gs.to(scale.dtype), gt.to(shift.dtype), gm
 
 
 def _fb_bn_relu_pool(y, scale, shift, mean=None):
+    _check_devices("unetx.bn_relu_pool", "y", y, scale=scale, shift=shift, mean=mean)
     _warn_fallback(y.device)
     fmt = _layout(y)
     z, p = ref.bn_relu_pool(y, scale, shift, mean)
-    return z.contiguous(memory_format=fmt), p.contiguous(memory_format=fmt)
+    return z.to(y.dtype).contiguous(memory_format=fmt), p.to(y.dtype).contiguous(memory_format=fmt)
 
 
 def _fb_bn_relu_pool_backward(grad_z, grad_p, y, scale, shift, mean=None):
@@ -346,6 +376,7 @@ def _fb_avg_pool2x2_backward(grad):
 
 
 def _fb_upsample_concat(skip, x, mode):
+    _check_devices("unetx.upsample_concat", "skip", skip, x=x)
     _warn_fallback(skip.device)
     return ref.upsample_concat(skip, x, mode).contiguous(memory_format=_layout(skip))
 
@@ -355,7 +386,9 @@ def _fb_upsample_concat_backward(grad, skip_channels, mode):
     n, c, h, w = grad.shape
     f = 1 if mode == "none" else 2
     gx = ref._upsample_backward(grad[:, skip_channels:], mode, [h // f, w // f])
-    return grad[:, :skip_channels].contiguous(memory_format=fmt), gx.contiguous(memory_format=fmt)
+    # clone: with batch 1 a channel slice of grad is already dense, and outputs may not alias inputs
+    gx = gx.clone(memory_format=fmt) if mode == "none" else gx.contiguous(memory_format=fmt)
+    return grad[:, :skip_channels].clone(memory_format=fmt), gx
 
 
 FALLBACKS = {

@@ -1,0 +1,8 @@
+"""`python -m unetx ...` and `torchrun -m unetx train ...`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

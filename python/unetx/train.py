@@ -1,0 +1,553 @@
+"""Training a UNet on folders of images and masks, single process or DistributedDataParallel under torchrun.
+
+    from unetx.train import TrainConfig, train, resume
+    summary = train(TrainConfig(images="train/images", masks="train/masks", out="runs/a", epochs=20))
+    summary = resume("runs/a", epochs=30)          # continue a killed (or finished) run from its last checkpoint
+
+RUN_DIR gets last.pt and best.pt (atomic checkpoints), history.csv and history.npy (one row per epoch), curves.png,
+and overlays/ (validation images with predicted and true masks). Everything about the data and the options is
+checked before the first step; a problem is one `InputError` listing every bad file.
+
+Determinism: the weights are initialised from `seed`; the patches, augmentation and shuffling of epoch e come from
+generators seeded by (seed, e), and dropout from torch's generator seeded at each epoch's start. A resumed run
+therefore continues exactly as the killed one would have (on the same device and number of processes).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint
+from .data import (Augment, ClassTable, InputError, PatchDataset, Sample, balancing_weights, class_frequencies,
+                   default_patches_per_image, image_channels, infer_class_table, load_samples, pair_files)
+from .losses import LOSSES, make_loss, num_output_channels, probabilities
+from .metrics import confusion_counts, dice_from_counts, foreground_mean, iou_from_counts
+
+SCHEDULES = ("cosine", "step", "plateau", "none")
+RUN_FILES = ("last.pt", "best.pt", "history.csv", "history.npy", "curves.png")
+
+
+class TrainingError(RuntimeError):
+    """Training had to stop mid-run (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training option (the CLI flags of `unetx train` have the same names, with - for _)."""
+
+    images: str = ""
+    masks: str = ""
+    out: str = "runs/unetx"
+    val_images: str | None = None
+    val_masks: str | None = None
+    val_fraction: float = 0.0  # with no validation folders: hold out the last round(F * N) samples (name order)
+    mask_suffix: str = ""
+    mask_mode: str = "auto"  # auto | binary | labels | colour
+    foreground: str = "bright"  # binary masks: which of the two values is the foreground (ISBI membranes: dark)
+    classes: int | None = None  # label maps: number of classes (default: largest value + 1)
+    class_table: str | None = None  # JSON class table (colour masks, or grey values with names)
+    normalize: str = "dtype"
+    # model
+    base_channels: int = 32
+    depth: int = 4
+    pool: str = "avg"
+    upsample: str = "transpose"
+    dropout: float = 0.0
+    sync_bn: bool = False
+    # optimisation
+    epochs: int = 50
+    batch_size: int = 4
+    crop: int = 256
+    patches_per_image: int | None = None  # random crops per image per epoch (default: image area / crop area)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    loss: str = "ce+dice"
+    weight_map: bool = False  # the U-Net paper's border-emphasising weight map
+    w0: float = 10.0
+    sigma: float = 5.0
+    # augmentation
+    augment: bool = True
+    elastic: float = 0.5
+    elastic_sigma: float = 10.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    # execution
+    amp: str = "auto"  # auto (on for CUDA) | on | off  (CPU: bfloat16)
+    channels_last: bool = False
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"
+    val_every: int = 1
+    val_tile: int = 1024  # validation images up to this size run whole, larger ones by overlap-tile
+    overlays: int = 4
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.amp not in ("auto", "on", "off"):
+            raise InputError(f"--amp must be auto, on or off, got {self.amp!r}")
+        for name in ("epochs", "batch_size", "crop", "base_channels", "depth", "val_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.crop < 2**self.depth:
+            raise InputError(f"--crop {self.crop} is smaller than the network's downsampling factor 2**depth = "
+                             f"{2**self.depth}; use --crop {4 * 2**self.depth} or more, or a smaller --depth")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if (self.val_images is None) != (self.val_masks is None):
+            raise InputError("give both --val-images and --val-masks, or neither")
+        if self.val_images is not None and self.val_fraction > 0:
+            raise InputError("give either validation folders or --val-fraction, not both")
+        if not self.lr > 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+        if not self.images or not self.masks:
+            raise InputError("--images and --masks are required (folders of training images and masks)")
+
+
+@dataclass
+class RunData:
+    train: list[Sample]
+    val: list[Sample]
+    table: ClassTable
+    channels: int
+    class_weights: list[float] | None = None
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when not under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"--device {name!r} is not a device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available in this PyTorch build / machine; use --device cpu")
+    return dev
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"the output folder {out} is a file; choose another --out")
+    if not resume and (out / "last.pt").exists():
+        raise InputError(f"{out} already holds a run (last.pt); continue it with `unetx train --resume {out}` or "
+                         "choose another --out (nothing was overwritten)")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise InputError(f"cannot write to {probe} (for the output folder {out})")
+
+
+def prepare_data(cfg: TrainConfig, table: ClassTable | None = None, channels: int | None = None) -> RunData:
+    """Read, pair and check all training and validation data; infer the class table unless one is given."""
+    pairs = pair_files(cfg.images, cfg.masks, cfg.mask_suffix)
+    val_pairs = pair_files(cfg.val_images, cfg.val_masks, cfg.mask_suffix) if cfg.val_images else []
+    if table is None:
+        if cfg.class_table:
+            table = ClassTable.from_json(cfg.class_table)
+            if table.kind == "binary" and cfg.foreground == "dark":
+                table = ClassTable("binary", table.values[::-1], table.names)
+        else:
+            table = infer_class_table([p.mask for p in pairs + val_pairs], cfg.mask_mode, cfg.foreground, cfg.classes)
+    if cfg.classes is not None and table.num_classes != cfg.classes:
+        raise InputError(f"--classes {cfg.classes} but the masks / class table have {table.num_classes} classes "
+                         f"({table.values})")
+    channels = channels or image_channels(pairs + val_pairs)
+    samples = load_samples(pairs, table, channels, cfg.normalize)
+    val = load_samples(val_pairs, table, channels, cfg.normalize) if val_pairs else []
+    if cfg.val_fraction > 0 and not val:
+        n_val = max(1, int(round(cfg.val_fraction * len(samples))))
+        if n_val >= len(samples):
+            raise InputError(f"--val-fraction {cfg.val_fraction} leaves no training images out of {len(samples)}")
+        samples, val = samples[:-n_val], samples[-n_val:]
+    class_weights = None
+    if cfg.weight_map:
+        class_weights = balancing_weights(class_frequencies(samples, table.num_classes))
+        from .data import unet_weight_map
+
+        for s in samples + val:
+            s.weight = unet_weight_map(s.target, class_weights, cfg.w0, cfg.sigma)
+    return RunData(samples, val, table, channels, class_weights)
+
+
+def build_model(cfg: TrainConfig, data: RunData) -> nn.Module:
+    from .model import UNet
+
+    try:
+        out_ch = num_output_channels(cfg.loss, data.table.num_classes)
+        return UNet(in_channels=data.channels, out_channels=out_ch, base_channels=cfg.base_channels, depth=cfg.depth,
+                    pool=cfg.pool, upsample=cfg.upsample, dropout=cfg.dropout, sync_bn=cfg.sync_bn)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
+    return None
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    on = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
+    if not on:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+class Trainer:
+    """One training run. `Trainer(cfg).run()`; `Trainer.from_run_dir(dir)` to resume."""
+
+    def __init__(self, cfg: TrainConfig, resume_ckpt: dict | None = None):
+        cfg.check()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.rank, self.world, self.local_rank = _distributed()
+        check_run_dir(self.out, resume=resume_ckpt is not None)
+        self.device = _device(cfg.device, self.local_rank)
+        table = checkpoint.class_table(resume_ckpt) if resume_ckpt else None
+        channels = resume_ckpt["config"]["in_channels"] if resume_ckpt else None
+        self.data = prepare_data(cfg, table, channels)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, self.data)
+        if resume_ckpt is not None:
+            if resume_ckpt["config"] != self.model.config:
+                raise InputError(f"the checkpoint's model {resume_ckpt['config']} differs from the options' "
+                                 f"{self.model.config}")
+            self.model.load_state_dict(resume_ckpt["state_dict"])
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = make_loss(cfg.loss)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = _scheduler(cfg, self.opt)
+        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.history: dict[str, list] = {}
+        self.best = {"epoch": -1, "score": -math.inf}
+        self.start_epoch = 0
+        if resume_ckpt is not None:
+            self.opt.load_state_dict(resume_ckpt["optimizer"])
+            if self.sched is not None and resume_ckpt.get("scheduler"):
+                self.sched.load_state_dict(resume_ckpt["scheduler"])
+                if isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    self.sched.T_max = cfg.epochs  # a resumed run may have been given more epochs
+            if self.scaler is not None and resume_ckpt.get("scaler"):
+                self.scaler.load_state_dict(resume_ckpt["scaler"])
+            self.history = {k: list(v) for k, v in resume_ckpt.get("history", {}).items()}
+            self.best = dict(resume_ckpt.get("best", self.best))
+            self.start_epoch = int(resume_ckpt["epoch"])
+        ppi = cfg.patches_per_image or default_patches_per_image(self.data.train, cfg.crop)
+        aug = (Augment(elastic=cfg.elastic, elastic_sigma=cfg.elastic_sigma, brightness=cfg.brightness,
+                       contrast=cfg.contrast) if cfg.augment else None)
+        self.dataset = PatchDataset(self.data.train, cfg.crop, aug, ppi, cfg.seed)
+        self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
+                                                           shuffle=True, seed=cfg.seed)
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
+                                                  num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        self.ddp = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:  # temporary files of a run killed while writing them
+                for stale in self.out.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, **overrides) -> "Trainer":
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise InputError(f"--resume {run_dir}: no such run folder")
+        if not (run_dir / "last.pt").exists():
+            raise InputError(f"--resume {run_dir}: the folder has no last.pt (no epoch finished yet?); "
+                             "start the run again without --resume")
+        ckpt = checkpoint.load(run_dir / "last.pt")
+        args = dict(ckpt.get("train_args") or {})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in args.items() if k in known})
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        cfg.out = str(run_dir)
+        return cls(cfg, resume_ckpt=ckpt)
+
+    # -------------------------------------------------------------------------------- helpers
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _all_reduce(self, values: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return values
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    # -------------------------------------------------------------------------------- epochs
+    def train_epoch(self, epoch: int) -> dict:
+        from tqdm.auto import tqdm
+
+        model = self.ddp or self.model
+        model.train()
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(self.cfg.seed * 100003 + epoch)
+        total_loss, seen, steps = 0.0, 0, 0
+        t0 = time.perf_counter()
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", leave=False,
+                   disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True, file=sys.stderr)
+        for image, target, weight in bar:
+            image = image.to(self.device, non_blocking=True)
+            if self.cfg.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            target = target.to(self.device, non_blocking=True)
+            weight = weight.to(self.device, non_blocking=True) if self.cfg.weight_map else None
+            with self._autocast():
+                logits = model(image)
+            loss = self.loss_fn(logits.float(), target, weight)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}; "
+                    f"training stopped, {self.out / 'last.pt'} still holds the last good epoch "
+                    f"({self.start_epoch if not self.history else self.history['epoch'][-1]}). "
+                    "Lower --lr, or try --amp off")
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.opt.step()
+            n = image.shape[0]
+            total_loss += loss.item() * n
+            seen += n
+            steps += 1
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen * self.world / max(elapsed, 1e-9):.1f}")
+        bar.close()
+        sums = self._all_reduce(np.array([total_loss, seen], dtype=np.float64))
+        elapsed = time.perf_counter() - t0
+        return {"train_loss": sums[0] / max(sums[1], 1), "images_per_s": sums[1] / max(elapsed, 1e-9),
+                "steps": steps, "seconds": elapsed}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss and per-class Dice/IoU over the validation images (whole images, or overlap-tile when large);
+        each process takes every world-th image and the counts are summed."""
+        from .predict import predict_tiled
+
+        k = self.data.table.num_classes
+        model = self.model
+        model.eval()
+        counts = np.zeros((k, 3), dtype=np.float64)
+        loss_sum, n = 0.0, 0
+        for s in self.data.val[self.rank:: self.world]:
+            image = torch.from_numpy(s.image)
+            target = torch.from_numpy(s.target.astype(np.int64))
+            h, w = s.target.shape
+            if h * w <= self.cfg.val_tile**2:
+                with self._autocast():
+                    logits = model(image[None].to(self.device)).float()
+            else:
+                logits = torch.from_numpy(predict_tiled(model, image, tile=self.cfg.val_tile, output="logits"))[None]
+                logits = logits.to(self.device)
+            weight = torch.from_numpy(s.weight)[None].to(self.device) if (self.cfg.weight_map and s.weight is not None) else None
+            loss_sum += self.loss_fn(logits, target[None].to(self.device), weight).item()
+            n += 1
+            pred = probabilities(logits).argmax(1)[0]
+            counts += confusion_counts(pred, target, k)
+        model.train()
+        totals = self._all_reduce(np.concatenate([counts.ravel(), [loss_sum, n]]))
+        counts = totals[:-2].reshape(k, 3)
+        dice, iou = dice_from_counts(counts), iou_from_counts(counts)
+        out = {"val_loss": totals[-2] / max(totals[-1], 1), "val_dice": foreground_mean(dice)}
+        for c, name in enumerate(self.data.table.names):
+            out[f"val_dice_{name}"] = float(dice[c])
+            out[f"val_iou_{name}"] = float(iou[c])
+        return out
+
+    def save(self, epoch: int, best: bool) -> None:
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        kw = dict(classes=self.data.table, normalize=self.cfg.normalize, loss=self.cfg.loss, epoch=epoch,
+                  optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
+                  scaler=self.scaler.state_dict() if self.scaler else None, history=self.history, best=self.best,
+                  train_args=dataclasses.asdict(self.cfg), world_size=self.world)
+        ckpt = checkpoint.to_dict(self.model, **kw)
+        try:
+            # best before last: whenever last.pt exists, the best.pt it records exists too (a kill between the two
+            # writes leaves a newer best.pt, which the resumed run recomputes identically)
+            if best:
+                checkpoint.write(self.out / "best.pt", ckpt)
+            checkpoint.write(self.out / "last.pt", ckpt)
+        except ValueError as e:
+            raise TrainingError(f"{e}; {self.out / 'last.pt'} keeps the last good epoch. Lower --lr, or try --amp off") from None
+        write_history(self.history, self.out)
+        from .plots import save_curves
+
+        save_curves(self.history, self.out / "curves.png")
+
+    def write_overlays(self) -> list[Path]:
+        """Validation images beside their predicted and true masks (best weights), in RUN_DIR/overlays/."""
+        if not self.is_main or self.cfg.overlays <= 0 or not self.data.val:
+            return []
+        from .plots import comparison, save_png
+        from .predict import predict_tiled
+
+        best_path = self.out / ("best.pt" if (self.out / "best.pt").exists() else "last.pt")
+        model, _ = checkpoint.load_model(best_path, self.device)
+        folder = self.out / "overlays"
+        folder.mkdir(exist_ok=True)
+        paths = []
+        for s in self.data.val[: self.cfg.overlays]:
+            probs = predict_tiled(model, torch.from_numpy(s.image), tile=min(self.cfg.val_tile, 1024))
+            path = folder / f"{s.name}.png"
+            save_png(comparison(s.image, probs.argmax(0), s.target), path)
+            paths.append(path)
+        return paths
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        initialised_here = False
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend)
+            initialised_here = True
+        try:
+            if self.world > 1:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            return self._loop()
+        finally:
+            if initialised_here:
+                dist.destroy_process_group()
+
+    def _loop(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if self.start_epoch >= cfg.epochs:
+            self.log(f"unetx train: {self.out} already has {self.start_epoch} of {cfg.epochs} epochs; "
+                     "nothing to do (raise --epochs to train longer)")
+        else:
+            n_val = len(self.data.val)
+            self.log(f"unetx train: {len(self.data.train)} training / {n_val} validation images, "
+                     f"{self.data.table.num_classes} classes ({self.data.table.kind}: {self.data.table.values}), "
+                     f"UNet {self.model.config}, {len(self.dataset)} patches of {cfg.crop}px per epoch, "
+                     f"device {self.device}{f' x {self.world} processes' if self.world > 1 else ''}"
+                     f"{', resuming after epoch ' + str(self.start_epoch) if self.start_epoch else ''}")
+        for epoch in range(self.start_epoch, cfg.epochs):
+            stats = self.train_epoch(epoch)
+            if self.data.val and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                stats.update(self.validate())
+            score = stats.get("val_dice", -stats["train_loss"])
+            if self.sched is not None:
+                if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.sched.step(stats.get("val_loss", stats["train_loss"]))
+                else:
+                    self.sched.step()
+            row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"], **stats}
+            done = len(self.history.get("epoch", []))
+            for key in row:
+                self.history.setdefault(key, [math.nan] * done)  # a column first seen now (e.g. validation)
+            for key, col in self.history.items():
+                col.append(float(row.get(key, math.nan)))
+            improved = score > self.best["score"]
+            if improved:
+                self.best = {"epoch": epoch + 1, "score": float(score)}
+            self.save(epoch + 1, improved)
+            val_txt = (f", val loss {stats['val_loss']:.4f}, val Dice {stats['val_dice']:.4f}" if "val_dice" in stats
+                       else "")
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f}{val_txt}, "
+                     f"{stats['images_per_s']:.1f} img/s, {stats['seconds']:.1f}s{' *' if improved else ''}")
+            if self.world > 1:
+                dist.barrier()
+        overlays = self.write_overlays()
+        elapsed = time.perf_counter() - t_start
+        best_txt = (f"best val Dice {self.best['score']:.4f} at epoch {self.best['epoch']}" if self.data.val
+                    else f"best train loss {-self.best['score']:.4f} at epoch {self.best['epoch']}")
+        self.log(f"unetx train: done, {cfg.epochs} epochs ({elapsed:.0f}s this session), {best_txt}; "
+                 f"checkpoints {self.out / 'best.pt'}, {self.out / 'last.pt'}; history {self.out / 'history.csv'}, "
+                 f"curves {self.out / 'curves.png'}" + (f", overlays {self.out / 'overlays'}" if overlays else ""))
+        return {"out": str(self.out), "epochs": cfg.epochs, "best_epoch": self.best["epoch"],
+                "best_score": self.best["score"], "history": self.history, "seconds": elapsed,
+                "best_checkpoint": str(self.out / "best.pt"), "last_checkpoint": str(self.out / "last.pt")}
+
+
+def write_history(history: dict, out: Path) -> None:
+    """history.csv (one row per epoch) and history.npy (a structured array with the same columns)."""
+    keys = ["epoch"] + sorted(k for k in history if k != "epoch")
+    rows = list(zip(*(history[k] for k in keys)))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(keys)
+            for r in rows:
+                w.writerow([int(v) if k == "epoch" else f"{v:.6g}" for k, v in zip(keys, r)])
+
+    checkpoint.atomic_write(out / "history.csv", write_csv)
+    arr = np.array(rows, dtype=[(k, np.int64 if k == "epoch" else np.float64) for k in keys])
+
+    def write_npy(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            np.save(f, arr)
+
+    checkpoint.atomic_write(out / "history.npy", write_npy)
+
+
+def train(cfg: TrainConfig | None = None, **options) -> dict:
+    """Train a UNet (see TrainConfig for the options) and return a summary dict (paths, best score, history)."""
+    cfg = dataclasses.replace(cfg, **options) if cfg is not None else TrainConfig(**options)
+    return Trainer(cfg).run()
+
+
+def resume(run_dir: str | Path, **overrides) -> dict:
+    """Continue the run in run_dir from its last checkpoint (overrides e.g. epochs=, device=, workers=)."""
+    return Trainer.from_run_dir(run_dir, **overrides).run()

@@ -1,0 +1,360 @@
+"""unetx.ops.conv_bn_relu (csrc/cpu/conv_bn_relu.cpp + csrc/conv_bn_relu.cpp) against unetx.reference.conv_bn_relu.
+
+Outputs and every gradient (x, weight, bias, x_scale, x_shift, x_mean, x2) are compared with autograd through the
+reference forward in stock ops, which checks the op's closed-form backward independently. Also: the stock-PyTorch
+fallback (ops.FALLBACKS), BatchNorm running statistics through unetx.layers.ConvBNReLU, opcheck and gradcheck.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import unetx
+from unetx import ops
+from unetx import reference as ref
+from conftest import (
+    cast_inputs, check_vs_stock, check_close, check_outputs, device_param, dtype_param, grads_of, layout_param, leaf,
+    max_err, rand, randn, scale_of, stock_bound, to_layout,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int = 2
+    cin: int = 3
+    h: int = 7
+    w: int = 9
+    cout: int = 5
+    k: int = 3
+    act: str = "none"  # input stage normalisation: "none" | "scale" (x_scale, x_shift) | "mean" (+ x_mean)
+    pool: bool = False
+    c2: int = 0  # channels of x2 (0: no x2)
+    mode: str = "none"  # x2_mode
+    transposed: bool = False
+    stats: bool = True
+    relu: bool = False
+    bias: bool = False
+
+
+TRAIN = dict(stats=True, relu=False)
+EVAL = dict(stats=False, relu=True, bias=True)
+CASES = {
+    "train-plain": Case(**TRAIN),
+    "train-scale-bias": Case(act="scale", bias=True, cin=5, cout=7, **TRAIN),
+    "train-mean": Case(act="mean", **TRAIN),
+    "train-mean-pool": Case(act="mean", pool=True, h=8, w=10, cin=5, cout=3, **TRAIN),
+    "train-pool-only": Case(pool=True, h=6, w=10, **TRAIN),
+    "train-x2-none": Case(act="mean", c2=5, mode="none", **TRAIN),
+    "train-x2-nearest": Case(act="mean", h=8, w=10, c2=5, mode="nearest", **TRAIN),
+    "train-x2-bilinear": Case(act="mean", cin=7, h=6, w=10, c2=3, mode="bilinear", cout=7, **TRAIN),
+    "train-1x1-batch1": Case(n=1, k=1, act="mean", cin=7, cout=3, **TRAIN),
+    "train-1ch-x2-pool": Case(cin=1, c2=3, pool=True, h=8, w=12, mode="nearest", **TRAIN),  # a 1-channel slice
+    "train-pool-to-1x1": Case(n=3, act="mean", pool=True, h=2, w=2, **TRAIN),  # 1x1 spatial: layouts coincide
+    "eval-plain": Case(**EVAL),
+    "eval-scale": Case(act="scale", cin=5, cout=3, **EVAL),
+    "eval-x2-bilinear-batch1": Case(n=1, h=6, w=8, c2=7, mode="bilinear", **EVAL),
+    "transposed": Case(act="mean", k=2, h=5, w=7, cin=7, cout=3, transposed=True, stats=False, bias=True),
+    "transposed-batch1": Case(n=1, k=2, h=3, w=4, cin=5, cout=7, transposed=True, stats=False),
+}
+
+
+def make_inputs(case: Case, dtype, device, layout="nchw", gen=None, vec_dtype=None, mean_offset=0.0,
+                weight_layout=None):
+    """Leaf tensors for one call, random and nonzero. Vectors (x_scale, x_shift, x_mean) in vec_dtype (default dtype).
+    The weight is channels_last with a channels_last input (what module.to(memory_format=...) does) unless told.
+
+    mean_offset gives x per-channel means of about +-mean_offset (with x_mean set to them): the large-mean regime."""
+    vec_dtype = vec_dtype or dtype
+    c = case
+    offs = randn(c.cin, gen=gen).sign() * mean_offset + randn(c.cin, gen=gen)
+    x = randn(c.n, c.cin, c.h, c.w, gen=gen) + offs.view(1, -1, 1, 1)
+    hh, ww = (c.h // 2, c.w // 2) if c.pool else (c.h, c.w)
+    x2 = None
+    if c.c2:
+        f = 1 if c.mode == "none" else 2
+        x2 = to_layout(randn(c.n, c.c2, hh // f, ww // f, dtype=dtype, device=device, gen=gen), layout)
+    cin_total = c.cin + c.c2
+    fan_in = cin_total * c.k * c.k
+    if c.transposed:
+        weight = randn(cin_total, c.cout, c.k, c.k, std=fan_in**-0.5, gen=gen)
+    else:
+        weight = randn(c.cout, cin_total, c.k, c.k, std=fan_in**-0.5, gen=gen)
+    t = dict(
+        x=to_layout(x.to(device=device, dtype=dtype), layout),
+        x_scale=rand(c.cin, dtype=vec_dtype, device=device, gen=gen) if c.act != "none" else None,
+        x_shift=randn(c.cin, std=0.5, dtype=vec_dtype, device=device, gen=gen) if c.act != "none" else None,
+        x_mean=(offs + 0.1 * randn(c.cin, gen=gen)).to(device=device, dtype=vec_dtype) if c.act == "mean" else None,
+        x2=x2,
+        weight=to_layout(weight.to(device=device, dtype=dtype), weight_layout or
+                         ("channels_last" if layout == "channels_last" else "nchw")),
+        bias=randn(c.cout, std=0.5, dtype=dtype, device=device, gen=gen) if c.bias else None,
+    )
+    return {k: leaf(v) for k, v in t.items()}
+
+
+def run_op(case: Case, t: dict):
+    return ops.conv_bn_relu(
+        t["x"], t["weight"], t["bias"], x_scale=t["x_scale"], x_shift=t["x_shift"], x_mean=t["x_mean"],
+        x_pool=case.pool, x2=t["x2"], x2_mode=case.mode, transposed=case.transposed, stats=case.stats, relu=case.relu,
+    )
+
+
+def run_ref(case: Case, t: dict):
+    return ref.conv_bn_relu(t["x"], t["x_scale"], t["x_shift"], case.pool, t["x2"], case.mode, t["weight"], t["bias"],
+                            case.transposed, case.stats, case.relu, t["x_mean"])
+
+
+def cotangents(outputs, gen):
+    return [randn(*o.shape, gen=gen).to(dtype=o.dtype, device=o.device) for o in outputs]
+
+
+def check_case(case: Case, dtype, device, layout, seed=0, vec_dtype=None, mean_offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    t = make_inputs(case, dtype, device, layout, gen, vec_dtype, mean_offset)
+    ours = run_op(case, t)
+    y, mean, var = ours
+    f_in, f_out = (2 if case.pool else 1), (case.k if case.transposed else 1)
+    y_shape_hw = (case.h // f_in * f_out, case.w // f_in * f_out)
+    assert y.shape == (case.n, case.cout, *y_shape_hw) and y.dtype == dtype
+    if case.stats:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert mean.shape == var.shape == (case.cout,) and mean.dtype == var.dtype == acc
+    else:
+        assert mean.numel() == var.numel() == 0
+    cots = cotangents(ours, gen)
+    names = list(t)
+    g_ours = grads_of(ours, cots, [t[k] for k in names])
+    for k, g in zip(names, g_ours):
+        if t[k] is not None and g is not None:
+            assert g.shape == t[k].shape and g.dtype == t[k].dtype, k
+
+    exact_in = cast_inputs(t, torch.float64)
+    exact = run_ref(case, exact_in)
+    g_exact = grads_of(exact, cots, [exact_in[k] for k in names])
+    stock, g_stock = exact, g_exact
+    if dtype == torch.bfloat16:
+        stock_in = cast_inputs(t, torch.bfloat16)
+        stock = run_ref(case, stock_in)
+        g_stock = grads_of(stock, cots, [stock_in[k] for k in names])
+    live = [i for i, o in enumerate(exact) if o.numel() > 0]
+    check_outputs([ours[i] for i in live], [stock[i] for i in live], [exact[i] for i in live], dtype,
+                  "outputs (y, mean, var)")
+    for k, a, s, e in zip(names, g_ours, g_stock, g_exact):
+        check_outputs([a], [s], [e], dtype, f"grad {k}")
+    return t, ours, g_ours
+
+
+@device_param
+@dtype_param
+@layout_param
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_matches_reference(case, layout, dtype, device):
+    check_case(CASES[case], dtype, device, layout)
+
+
+@device_param
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["train-mean-pool", "train-x2-bilinear", "eval-scale", "transposed"])
+def test_bfloat16_data_with_float32_vectors(case, layout, device):
+    """The autocast case: activations and weights in bfloat16, scale/shift/mean from BatchNorm in float32."""
+    check_case(CASES[case], torch.bfloat16, device, layout, vec_dtype=torch.float32)
+
+
+@device_param
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_channel_means_keep_float32_gradients_exact(layout, device):
+    """|mean| ~ 100 x std on both sides of the layer: the input stage is centred on x_mean (grad x_scale =
+    sum(g * (x - mean)), no cancellation) and y's batch statistics are pivoted (no E[y^2] - E[y]^2 cancellation).
+    float32 errors against float64 must stay within 2x stock float32 PyTorch's (which centres elementwise) + 5e-7."""
+    case = Case(act="mean", cin=5, cout=7, h=16, w=16, bias=True, **TRAIN)
+    gen = torch.Generator().manual_seed(0)
+    t = make_inputs(case, torch.float32, device, layout, gen, mean_offset=100.0)
+    with torch.no_grad():
+        t["bias"].add_(100.0 * randn(case.cout, gen=gen).sign().to(device))  # y's means ~ +-100 too
+    ours = run_op(case, t)
+    exact_in, stock_in = cast_inputs(t, torch.float64), cast_inputs(t, torch.float32)
+    exact, stock = run_ref(case, exact_in), run_ref(case, stock_in)
+    assert exact[1].abs().min() > 50 and exact[2].max() < 10  # the regime this test is about
+    assert t["x_mean"].abs().min() > 50 and t["x"].std((0, 2, 3)).max() < 2
+    floor = 5e-7
+    for name, a, s, e in zip(["y", "mean", "var"], ours, stock, exact):
+        check_vs_stock(a, s, e, name, floor=floor)
+    gy = randn(*ours[0].shape, gen=gen).to(device)
+    names = ["x", "x_scale", "x_shift", "x_mean", "weight", "bias"]
+    g_ours = grads_of(ours[:1], [gy], [t[k] for k in names])
+    g_exact = grads_of(exact[:1], [gy], [exact_in[k] for k in names])
+    g_stock = grads_of(stock[:1], [gy], [stock_in[k] for k in names])
+    for k, a, s, e in zip(names, g_ours, g_stock, g_exact):
+        check_vs_stock(a, s, e, f"grad {k}", floor=floor)
+
+    # grad x_scale computed uncentred, sum(g * x) - mean * sum(g), in float32: the formula the centring replaced.
+    # It must break the bound above, or this test could not detect that regression.
+    xs, m, s, b = (t[k].detach() for k in ("x", "x_mean", "x_scale", "x_shift"))
+    pre = (xs - m.view(1, -1, 1, 1)) * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    g = torch.where(pre > 0, _grad_of_activation(exact_in, case, gy).float(), torch.zeros_like(pre))
+    uncentred = (g * xs).sum((0, 2, 3)) - m * g.sum((0, 2, 3))
+    assert max_err(uncentred, g_exact[1]) > stock_bound(g_stock[1], g_exact[1], floor=floor)
+
+
+def _grad_of_activation(exact_in: dict, case: Case, gy: torch.Tensor) -> torch.Tensor:
+    """d loss / d (the activated input a = relu(...)) in float64: the conv's input gradient."""
+    x, s, b, m = (exact_in[k].detach() for k in ("x", "x_scale", "x_shift", "x_mean"))
+    a = leaf(ref.bn_relu(x, s, b, m))
+    y = ref.conv_bn_relu(a, None, None, False, None, "none", exact_in["weight"].detach(),
+                         exact_in["bias"].detach(), False, False, False)[0]
+    return torch.autograd.grad((y * gy.double()).sum(), a)[0]
+
+
+# --------------------------------------------------------------------------------------------- fallback
+@pytest.mark.filterwarnings("ignore:unetx. no unetx kernels")
+@pytest.mark.parametrize("dtype,vec_dtype", [(torch.float64, None), (torch.bfloat16, torch.float32)],
+                         ids=["f64", "bf16-f32vec"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_fallback_matches_reference_and_kernel(case, layout, dtype, vec_dtype):
+    """ops.FALLBACKS (what CUDA/MPS/XPU run without unetx kernels), called directly on CPU tensors: the same values
+    as the reference, and the same shapes, dtypes and layouts as the CPU kernel (both must match one fake impl)."""
+    c = CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    t = make_inputs(c, dtype, "cpu", layout, gen, vec_dtype)
+    d = {k: None if v is None else v.detach() for k, v in t.items()}
+    args = (d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"], d["bias"], c.transposed,
+            c.stats, c.relu, d["x_mean"])
+    fb = ops.FALLBACKS["conv_bn_relu"](*args)
+    kernel = torch.ops.unetx.conv_bn_relu(*args)
+    for a, b in zip(fb, kernel):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+    exact_in = cast_inputs(t, torch.float64)
+    exact = run_ref(c, exact_in)
+    tol_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    for a, b, e in zip(fb, kernel, exact):
+        if e.numel():
+            if dtype == torch.bfloat16:  # the same bf16 convolution: fallback and kernel agree to rounding
+                assert max_err(a, e) <= 2 * max_err(b, e) + 1e-3 * scale_of(e)
+            else:
+                check_close(a, e, tol_dtype)
+
+    y, mean, _ = kernel
+    gy = randn(*y.shape, gen=gen).to(dtype).contiguous(memory_format=ops._layout(y))
+    gm = randn(c.cout, gen=gen).to(mean.dtype) if c.stats else None
+    gv = randn(c.cout, gen=gen).to(mean.dtype) if c.stats else None
+    bw_args = (gy, gm, gv, d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"], c.bias,
+               c.transposed, y, mean, c.relu, [True, True, True, True], d["x_mean"])
+    g_fb = ops.FALLBACKS["conv_bn_relu_backward"](*bw_args)
+    g_kernel = torch.ops.unetx.conv_bn_relu_backward(*bw_args)
+    names = ["x", "x_scale", "x_shift", "x2", "weight", "bias", "x_mean"]
+    cots = [gy, gm if c.stats else torch.zeros(0), gv if c.stats else torch.zeros(0)]
+    g_exact = grads_of(exact, cots, [exact_in[k] for k in names])
+    for k, a, b, e in zip(names, g_fb, g_kernel, g_exact):
+        assert (a is None) == (e is None), k
+        if e is None:
+            continue
+        assert (a.shape, a.dtype) == (b.shape, b.dtype) and a.stride() == b.stride(), k
+        if dtype == torch.bfloat16:
+            assert max_err(a, e) <= 2 * max_err(b, e) + 1e-2 * scale_of(e), k
+        else:
+            check_close(a, e, tol_dtype, f"grad {k}")
+
+
+# -------------------------------------------------------------------------------------- running statistics
+@device_param
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_layer_running_stats_match_batchnorm(momentum, layout, device):
+    """unetx.layers.ConvBNReLU over several training steps keeps BatchNorm2d's running_mean, running_var
+    (unbiased) and num_batches_tracked, and its outputs and gradients match Conv2d -> BatchNorm2d -> ReLU."""
+    torch.manual_seed(0)
+    stock = ref.ConvBNReLU(5, 7).to(device=device, dtype=torch.float64)
+    stock.bn.momentum = momentum
+    with torch.no_grad():
+        stock.bn.weight.uniform_(0.5, 1.5)
+        stock.bn.bias.uniform_(-0.5, 0.5)
+    ours = unetx.ConvBNReLU(5, 7).to(device=device, dtype=torch.float64)
+    ours.load_state_dict(stock.state_dict())
+    ours.bn.momentum = momentum
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for step in range(4):
+        # batches of different sizes and offsets: the cumulative average weighs each batch equally
+        x = randn(2 + step, 5, 7, 9 - step, mean=step, std=1 + step, dtype=torch.float64, device=device)
+        x = x.contiguous(memory_format=fmt)
+        xs, xo = leaf(x), leaf(x)
+        zs, zo = stock(xs), ours(xo)
+        check_close(zo, zs, torch.float64, f"step {step} output")
+        gz = randn(*zs.shape, dtype=torch.float64).to(device)
+        (zs * gz).sum().backward()
+        (zo * gz).sum().backward()
+        check_close(xo.grad, xs.grad, torch.float64, "grad x")
+        for (name, p1), p2 in zip(stock.named_parameters(), ours.parameters()):
+            check_close(p2.grad, p1.grad, torch.float64, f"grad {name}")
+        for (name, b1), b2 in zip(stock.named_buffers(), ours.buffers()):
+            if b1.is_floating_point():
+                check_close(b2, b1, torch.float64, f"step {step} {name}")
+            else:
+                assert torch.equal(b2, b1), name
+        assert int(ours.bn.num_batches_tracked) == step + 1
+    stock.eval()
+    ours.eval()
+    x = randn(2, 5, 7, 9, dtype=torch.float64, device=device)
+    check_close(ours(x), stock(x), torch.float64, "eval output")
+
+
+# ---------------------------------------------------------------------------------- opcheck / gradcheck
+OPCHECK_CASES = ["train-mean-pool", "train-x2-nearest", "train-x2-bilinear", "eval-scale", "transposed",
+                 "train-plain"]
+
+
+@device_param
+@pytest.mark.parametrize("layout,weight_layout,requires_grad", [
+    ("nchw", "nchw", True), ("nchw", "nchw", False), ("channels_last", "channels_last", True),
+    ("channels_last", "nchw", True), ("nchw", "channels_last", True)],
+    ids=["nchw-grad", "nchw-nograd", "channels_last-grad", "cl-x-nchw-weight-grad", "nchw-x-cl-weight-grad"])
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
+def test_opcheck(case, layout, weight_layout, requires_grad, device):
+    """Schema, autograd registration, fake impl (shapes, dtypes, strides) and AOT dispatch; mixed layouts too."""
+    c = CASES[case]
+    gen = torch.Generator().manual_seed(2)
+    t = make_inputs(c, torch.float32, device, layout, gen, weight_layout=weight_layout)
+    t = {k: leaf(v, requires_grad) for k, v in t.items()}
+    args = (t["x"], t["x_scale"], t["x_shift"], c.pool, t["x2"], c.mode, t["weight"], t["bias"], c.transposed,
+            c.stats, c.relu, t["x_mean"])
+    torch.library.opcheck(torch.ops.unetx.conv_bn_relu.default, args)
+    if not requires_grad:
+        return
+    d = {k: None if v is None else v.detach() for k, v in t.items()}
+    y, mean, _ = torch.ops.unetx.conv_bn_relu(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    gy = randn(*y.shape, gen=gen).to(device).contiguous(memory_format=ops._layout(y))
+    gstat = randn(c.cout, gen=gen).to(device) if c.stats else None
+    for mask in ([True, True, True, True], [True, False, False, False]):
+        bw_args = (gy, gstat, gstat, d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"],
+                   c.bias, c.transposed, y, mean, c.relu, mask, d["x_mean"])
+        torch.library.opcheck(torch.ops.unetx.conv_bn_relu_backward.default, bw_args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+GRADCHECK_CASES = {
+    "train-mean-pool": Case(n=2, cin=2, h=4, w=4, cout=3, act="mean", pool=True, bias=True, **TRAIN),
+    "train-x2-bilinear": Case(n=1, cin=2, h=4, w=6, cout=3, act="mean", c2=3, mode="bilinear", **TRAIN),
+    "train-x2-nearest": Case(n=2, cin=3, h=4, w=4, cout=2, act="scale", c2=2, mode="nearest", **TRAIN),
+    "eval-relu": Case(n=2, cin=3, h=3, w=5, cout=2, act="mean", **EVAL),
+    "transposed": Case(n=2, cin=3, h=2, w=3, cout=2, k=2, act="mean", transposed=True, stats=False, bias=True),
+}
+
+
+@device_param
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES), ids=str)
+def test_gradcheck_float64(case, layout, device):
+    """Finite differences of every output (y, and with stats also the batch mean and var) w.r.t. every input."""
+    c = GRADCHECK_CASES[case]
+    t = make_inputs(c, torch.float64, device, layout, torch.Generator().manual_seed(4))
+    names = [k for k, v in t.items() if v is not None]
+
+    def f(*tensors):
+        return run_op(c, {**dict.fromkeys(t), **dict(zip(names, tensors))})[: 3 if c.stats else 1]
+
+    # every Jacobian entry for NCHW; a random projection of it for channels_last (same math, other kernel loops)
+    assert torch.autograd.gradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=layout == "channels_last")
