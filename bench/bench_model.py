@@ -24,14 +24,15 @@ def _params():
     out = []
     for name, w in bench.WORKLOADS.items():
         for task in ("train", "eval"):
-            forms = bench.default_forms(task, compile=True, compile_unetx=True)
+            forms = bench.default_forms(task, compile=True, compile_unetx=True, device=w.device)
             floors = [bench.Form("unetx", lay) for lay in bench.LAYOUTS]
             for form in forms + [("convolutions", f.layout) for f in floors]:
                 marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")] \
                     if w.device == "cuda" else []
                 if isinstance(form, bench.Form) and form.compile:
                     marks.append(pytest.mark.compile)
-                fid = form.name if isinstance(form, bench.Form) else f"unetx convolutions only {form[1]}"
+                fid = form.name if isinstance(form, bench.Form) else \
+                    f"unetx convolutions only {bench._LAYOUT_LABEL[form[1]]}"
                 out.append(pytest.param(name, task, form, marks=marks, id=f"{name}-{task}-{fid.replace(' ', '-')}"))
     return out
 
