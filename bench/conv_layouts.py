@@ -39,7 +39,8 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def per_conv(rec: bench.ConvRecorder, reps: int) -> list[str]:
-    lines = ["| input | weight | layout | forward ms | backward-data ms | backward-weight ms |", "|---|---|---|---|---|---|"]
+    lines = ["| input | weight | layout | forward ms | backward-data ms | backward-weight ms |",
+             "|---|---|---|---|---|---|"]
     for r in rec.backward:
         st, pd = _geometry(r)
         tr = r["transposed"]
@@ -62,8 +63,8 @@ def plan(rec: bench.ConvRecorder, fwd: torch.memory_format, data: torch.memory_f
     fw, bw = [], []
     for r in rec.forward:
         st, pd = _geometry(r)
-        fw.append((torch.randn(r["shape"]).contiguous(memory_format=fwd), r["weight"].clone().contiguous(memory_format=fwd),
-                   r["bias"], st, pd, r["transposed"]))
+        fw.append((torch.randn(r["shape"]).contiguous(memory_format=fwd),
+                   r["weight"].clone().contiguous(memory_format=fwd), r["bias"], st, pd, r["transposed"]))
     for r in reversed(rec.backward):
         st, pd = _geometry(r)
         out_ch = r["weight"].shape[1] if r["transposed"] else r["weight"].shape[0]
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
              "forward + input grad channels_last, weight grad NCHW": (CL, CL, NCHW),
              "forward channels_last, backward NCHW": (CL, NCHW, NCHW)}
     samples, _ = bench.time_interleaved({k: plan(rec, *v) for k, v in plans.items()}, args.rounds)
-    print(f"The {len(rec.forward)} forward and {len(rec.backward)} backward convolutions of one {args.workload} training "
-          f"step, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds:\n")
+    print(f"The {len(rec.forward)} forward and {len(rec.backward)} backward convolutions of one {args.workload} "
+          f"training step, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds:\n")
     print("| layout plan | median s | min s |\n|---|---|---|")
     for k, v in samples.items():
         print(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f} |")

@@ -114,9 +114,11 @@ def profile_text(profiles: list[dict], command: str) -> str:
     p0 = profiles[0]
     out = [f"## Profile: where one {p0['workload']} training step spends its time",
            "",
-           "torch.profiler, one step after two warm-up steps (`bench.profile_step`); self CPU time per op. unetx's own "
-           "kernels run inside its ops, so their time is the self time of `unetx::*` (backward) and "
-           "`GeneratedBackwardFor_unetx_*_default` (forward) events. Command: `" + command + "`.", ""]
+           "torch.profiler, one step after two warm-up steps (`bench.profile_step`); self CPU time per op, each "
+           "attributed to the nearest categorised op around it (a copy inside a convolution counts as convolution, "
+           "inside a unetx op as that op's work). unetx's own kernels run inside its ops, so their time is the self "
+           "time of `unetx::*` (backward) and `GeneratedBackwardFor_unetx_*_default` (forward) events. "
+           "Command: `" + command + "`.", ""]
     for p in profiles:
         out += [bench.format_profile(p), ""]
     return "\n".join(out)
