@@ -169,3 +169,15 @@ def check_against_reference(op, reference, inputs: dict, dtype: torch.dtype, see
     for k, a, s, e in zip(names, g_ours, g_stock, g_exact):
         check_outputs([a], [s], [e], dtype, f"grad {k}")
     return ours, g_ours
+
+
+def randomise_batchnorm(module: torch.nn.Module, bias: float = 0.5, running_stats: bool = True) -> None:
+    """Non-trivial BatchNorm parameters (and running statistics), so tests cannot pass on gamma=1, beta=0."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-bias, bias)
+                if running_stats:
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 2.0)

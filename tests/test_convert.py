@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import unetx
+from conftest import randomise_batchnorm
 from unetx import reference as ref
 
 
@@ -80,14 +81,6 @@ class AvgPoolNet(nn.Module):
         return self.c3(x)
 
 
-def _randomise_bn(m):
-    with torch.no_grad():
-        for b in m.modules():
-            if isinstance(b, nn.BatchNorm2d):
-                b.weight.uniform_(0.5, 1.5)
-                b.bias.uniform_(-0.5, 0.5)
-
-
 def _uses_fused_ops(m: nn.Module) -> bool:
     code = "".join(sub.code for sub in m.modules() if isinstance(sub, torch.fx.GraphModule))
     return "conv_bn_relu_pending" in code
@@ -101,7 +94,7 @@ def _uses_fused_ops(m: nn.Module) -> bool:
 def test_convert_matches_original(make, in_ch, size):
     torch.manual_seed(0)
     m = make()
-    _randomise_bn(m)
+    randomise_batchnorm(m, running_stats=False)
     original = copy.deepcopy(m.state_dict())
     c = unetx.convert(m)
     assert list(c.state_dict().keys()) == list(m.state_dict().keys())

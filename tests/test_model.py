@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import unetx
+from conftest import randomise_batchnorm
 from unetx import reference as ref
 
 CONFIGS = [
@@ -21,13 +22,7 @@ CONFIGS = [
 def pair(in_ch=1, out_ch=3, base=6, depth=3, seed=0, **kw):
     torch.manual_seed(seed)
     r = ref.UNet(in_ch, out_ch, base_channels=base, depth=depth, **kw)
-    with torch.no_grad():  # non-trivial BatchNorm parameters and running stats
-        for m in r.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    randomise_batchnorm(r)
     return r, unetx.UNet.from_reference(r)
 
 

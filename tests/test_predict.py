@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import unetx
+from conftest import randomise_batchnorm
 from unetx.data import InputError
 from unetx.predict import plan_tiles, predict_classes, predict_strips, predict_tiled
 from unetx.reference import receptive_margin
@@ -15,13 +16,7 @@ from unetx.reference import receptive_margin
 def model(depth=2, base=4, out=3, in_ch=1, seed=0):
     torch.manual_seed(seed)
     m = unetx.UNet(in_ch, out, base_channels=base, depth=depth)
-    with torch.no_grad():  # non-trivial eval-mode BatchNorm
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
+    randomise_batchnorm(m, bias=0.3)  # non-trivial eval-mode BatchNorm
     return m.eval()
 
 
