@@ -1,12 +1,16 @@
 // Device-generic composition of the fused layer (see conv_bn_relu.h).
 #include "conv_bn_relu.h"
 
+#include <tuple>
+
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/neg.h>
+#include <ATen/ops/sum.h>
+#include <ATen/record_function.h>
 
 #include "common/checks.h"
 
@@ -66,6 +70,7 @@ at::Tensor input_stage(const LayerKernels& k, const Geometry& g, const at::Tenso
                        const OptTensor& scale, const OptTensor& shift, bool pool, const OptTensor& x2,
                        at::MemoryFormat mf) {
   if (!scale && !pool && !x2) return x;
+  RECORD_FUNCTION("unetx::input_stage", {});
   auto a = at::empty({g.N, g.C1 + g.C2, g.H, g.W}, x.options().memory_format(mf));
   auto a1 = a.narrow(1, 0, g.C1);
   if (!scale && !pool)
@@ -85,6 +90,12 @@ void check_mean(const OptTensor& x_mean, const OptTensor& x_scale, const at::Ten
   if (!x_mean) return;
   TORCH_CHECK(x_scale.has_value(), kOp, ": x_mean needs x_scale and x_shift");
   check_channel_vector(*x_mean, x.size(1), x, kOp, "x_mean");
+}
+
+// The layout of the forward's output: x's, or channels_last when the weight is (what the fake impl promises). The
+// backward works in it even where y itself was not saved (transposed convolutions, the head).
+at::MemoryFormat output_layout(const at::Tensor& x, const at::Tensor& weight) {
+  return layout_of(weight) == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast : layout_of(x);
 }
 
 struct ConvParams {
@@ -112,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
   // The backend picks y's layout from a's (and weight's) suggested format, which for degenerate shapes (a of shape
   // (N, 1, 1, 1)) or backends (cuDNN in float64) is not x's. Pin it to what the fake impl promises: x's layout, or
   // channels_last when the weight is; a no-op whenever the backend already chose it.
-  y = y.contiguous(layout_of(weight) == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast : mf);
+  y = y.contiguous(output_layout(x, weight));
   if (relu) y.relu_();
   if (!stats) return {y, at::empty({0}, y.options()), at::empty({0}, y.options())};
   TORCH_CHECK(y.numel() / y.size(1) > 1, kOp, ": Expected more than 1 value per channel when training, got input size ",
@@ -120,7 +131,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
   y = y.contiguous(layout_of(y));
   auto opts = y.options().dtype(acc_type(y.scalar_type()));
   auto mean = at::empty({y.size(1)}, opts), var = at::empty({y.size(1)}, opts);
-  k.batch_stats(y, mean, var);
+  {
+    RECORD_FUNCTION("unetx::batch_stats", {});
+    k.batch_stats(y, mean, var);
+  }
   return {y, mean, var};
 }
 
@@ -137,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
 
   // 1. the gradient reaching the conv output: through the fused ReLU and/or the batch statistics
-  const auto ymf = layout_of(y);
+  const auto ymf = output_layout(x, weight);
   at::Tensor gy = grad_y.contiguous(ymf);
   const bool through_stats = (grad_mean && grad_mean->defined()) || (grad_var && grad_var->defined());
   if (through_stats || relu) {
@@ -151,8 +165,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       m = mean.to(acc).contiguous();
     }
     auto out = at::empty(yc.sizes(), yc.options().memory_format(ymf));
-    k.fold_output_grad(gy, yc, b.defined() ? &m : nullptr, a.defined() ? &a : nullptr, b.defined() ? &b : nullptr,
-                       relu, out);
+    {
+      RECORD_FUNCTION("unetx::fold_output_grad", {});
+      k.fold_output_grad(gy, yc, b.defined() ? &m : nullptr, a.defined() ? &a : nullptr, b.defined() ? &b : nullptr,
+                         relu, out);
+    }
     gy = out;
   }
 
@@ -165,8 +182,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
   const std::vector<int64_t> bias_size{out_ch};
   const at::OptionalIntArrayRef bias_sizes = has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt;
-  auto [ga, gw, gb_] = at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1}, transposed,
-                                               {0, 0}, 1, {need_a, output_mask[2], has_bias && output_mask[3]});
+  const bool need_wb = output_mask[2] || (has_bias && output_mask[3]);
+  // See LayerKernels::to_planar. Not for 1x1 kernels or a single input channel (the head, the first
+  // layer), where channels-last is faster for the weight gradient too.
+  const bool split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1 &&
+                     g.C1 + g.C2 > 1;
+  at::Tensor ga, gw, gb_;
+  std::optional<at::Tensor> own_gw;
+  if (k.weight_grad && output_mask[2] && !transposed && mf == at::MemoryFormat::ChannelsLast &&
+      ymf == at::MemoryFormat::ChannelsLast) {
+    RECORD_FUNCTION("unetx::weight_grad", {});
+    own_gw = k.weight_grad(gy, a, g.k);
+  }
+  if (own_gw) {
+    gw = *own_gw;
+    if (has_bias && output_mask[3]) gb_ = gy.sum({0, 2, 3});
+    if (need_a)
+      ga = std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
+                                                transposed, {0, 0}, 1, {true, false, false}));
+  } else if (!split) {
+    std::tie(ga, gw, gb_) = at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1},
+                                                     transposed, {0, 0}, 1,
+                                                     {need_a, output_mask[2], has_bias && output_mask[3]});
+  } else {
+    constexpr auto planar = at::MemoryFormat::Contiguous;
+    if (need_a)
+      ga = std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
+                                                transposed, {0, 0}, 1, {true, false, false}));
+    // free each channels-last operand once its planar copy exists: peak memory stays one operand above the
+    // unsplit backward's
+    at::Tensor gy_p, a_p;
+    {
+      RECORD_FUNCTION("unetx::to_planar", {});
+      gy_p = k.to_planar(gy);
+      gy = at::Tensor();
+      a_p = output_mask[2] ? k.to_planar(a) : at::empty(a.sizes(), a.options().memory_format(planar));
+      a = at::Tensor();
+    }
+    std::tie(std::ignore, gw, gb_) =
+        at::convolution_backward(gy_p, a_p, weight.contiguous(planar), bias_sizes, cp.stride, cp.padding, {1, 1},
+                                 transposed, {0, 0}, 1, {false, output_mask[2], has_bias && output_mask[3]});
+  }
   // Some backends (oneDNN) compute the weight and bias gradients together and return both whatever the mask says;
   // the op returns exactly the masked-in ones, as its fake impl does.
   if (!output_mask[2]) gw = at::Tensor();
@@ -192,8 +248,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         gsp = &gs;
         gtp = &gt;
       }
-      k.activation_backward(x_pool ? nullptr : &ga1, x_pool ? &ga1 : nullptr, xc, x_mean, x_scale, x_shift, gx, gsp,
-                            gtp);
+      {
+        RECORD_FUNCTION("unetx::activation_backward", {});
+        k.activation_backward(x_pool ? nullptr : &ga1, x_pool ? &ga1 : nullptr, xc, x_mean, x_scale, x_shift, gx, gsp,
+                              gtp);
+      }
       if (x_mean) gm = at::neg(at::mul(gt, x_scale->to(gt.scalar_type()))).to(x_mean->scalar_type());
       if (x_scale) {
         gs = gs.to(x_scale->scalar_type());
@@ -203,7 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   if (need_x2) {
     gx2 = at::empty(x2c->sizes(), x2c->options().memory_format(mf));
-    k.upsample_backward(ga.narrow(1, g.C1, g.C2), g.mode, gx2);
+    {
+      RECORD_FUNCTION("unetx::upsample_backward", {});
+      k.upsample_backward(ga.narrow(1, g.C1, g.C2), g.mode, gx2);
+    }
   }
   return std::make_tuple(gx, gs, gt, gx2, gw, gb_, gm);
 }

@@ -53,6 +53,12 @@ CASES = {
     "train-1x1-batch1": Case(n=1, k=1, act="mean", cin=7, cout=3, **TRAIN),
     "train-1ch-x2-pool": Case(cin=1, c2=3, pool=True, h=8, w=12, mode="nearest", **TRAIN),  # a 1-channel slice
     "train-pool-to-1x1": Case(n=3, act="mean", pool=True, h=2, w=2, **TRAIN),  # 1x1 spatial: layouts coincide
+    # >= 8 input channels: in channels_last the weight gradient is unetx's own (csrc/cpu/conv_weight_grad.cpp);
+    # shifts reaching past the image edge in h (clipped rows), in w (subtracted wrap-around pixels), or entirely
+    "train-wide-k3": Case(cin=9, cout=6, act="mean", **TRAIN),
+    "train-wide-k5": Case(n=3, cin=8, cout=4, k=5, h=6, w=3, act="scale", **TRAIN),
+    "train-wide-w1": Case(cin=10, cout=3, h=5, w=1, **TRAIN),
+    "train-wide-k5-h1w2-bias": Case(n=4, cin=8, cout=5, k=5, h=1, w=2, bias=True, **TRAIN),
     "eval-plain": Case(**EVAL),
     "eval-scale": Case(act="scale", cin=5, cout=3, **EVAL),
     "eval-x2-bilinear-batch1": Case(n=1, h=6, w=8, c2=7, mode="bilinear", **EVAL),
@@ -358,3 +364,28 @@ def test_gradcheck_float64(case, layout, device):
     # every Jacobian entry for NCHW; a random projection of it for channels_last (same math, other kernel loops)
     assert torch.autograd.gradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-7, rtol=1e-5,
                                     fast_mode=layout == "channels_last")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_weight_gradient_in_row_blocks(threads):
+    """Large enough that conv_weight_grad.cpp splits each image into several row blocks (about 1 MiB each) and
+    the threads into separate accumulators: the weight gradient equals the float64 planar convolution's."""
+    gen = torch.Generator().manual_seed(3)
+    n, c, h, w, co = 2, 16, 203, 67, 16
+    x = randn(n, c, h, w, gen=gen).contiguous(memory_format=torch.channels_last)
+    weight = randn(co, c, 3, 3, std=(9 * c) ** -0.5, gen=gen).contiguous(memory_format=torch.channels_last)
+    g = randn(n, co, h, w, gen=gen).contiguous(memory_format=torch.channels_last)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gw = torch.ops.unetx.conv_bn_relu_backward(g, None, None, x, None, None, False, None, "none", weight, False,
+                                                   False, g.new_empty(0), g.new_empty(0), False,
+                                                   [False, False, True, False])[4]
+    finally:
+        torch.set_num_threads(prev)
+    exact = torch.ops.aten.convolution_backward(g.double().contiguous(), x.double().contiguous(), weight.double().contiguous(),
+                                                None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                [False, True, False])[1]
+    assert gw.shape == weight.shape and gw.is_contiguous(memory_format=torch.channels_last)
+    err = (gw.double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-5, f"weight gradient relative error {err:.2e}"

@@ -9,7 +9,8 @@ namespace unetx::cpu {
 namespace {
 
 const LayerKernels kKernels{activation_forward, activation_backward, upsample_forward,
-                            upsample_backward,  batch_stats,         fold_output_grad};
+                            upsample_backward,  batch_stats,         fold_output_grad,
+                            to_planar, weight_grad};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const OptTensor& x_scale,
                                                        const OptTensor& x_shift, bool x_pool, const OptTensor& x2,

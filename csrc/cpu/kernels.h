@@ -52,4 +52,14 @@ void batch_stats(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
 void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
                       const at::Tensor* b, bool relu, at::Tensor& out);
 
+// ---- to_planar.cpp: a dense channels-last tensor copied to planar (NCHW) layout (anything else: x.contiguous()).
+// Reads and writes each element once.
+at::Tensor to_planar(const at::Tensor& x);
+
+// ---- conv_weight_grad.cpp: the weight gradient [Co, C, k, k] (planar) of a stride-1 'same' k x k convolution
+// from dense channels-last grad_y [N, Co, H, W] and input a [N, C, H, W], as k*k GEMMs over shifted pixel rows.
+// std::nullopt where it does not apply (not float32/float64, not dense channels-last, even k, fewer than 8 input
+// channels); the caller then uses ATen's convolution_backward. Reads both operands once.
+std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, int64_t k);
+
 }  // namespace unetx::cpu

@@ -16,7 +16,8 @@ namespace unetx::cuda {
 namespace {
 
 const LayerKernels kKernels{activation_forward, activation_backward, upsample_forward,
-                            upsample_backward,  batch_stats,         fold_output_grad};
+                            upsample_backward,  batch_stats,         fold_output_grad,
+                            /*to_planar=*/nullptr, /*weight_grad=*/nullptr};
 
 }  // namespace
 

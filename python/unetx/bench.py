@@ -12,8 +12,9 @@ Measured per workload:
   saved      bytes autograd saves for backward during one training forward (distinct storages; activations
              only, and with the parameters counted too)
   peak       peak allocated device memory of one training step (CUDA only)
-  convs      the convolutions of unetx's training step alone: the same ATen convolution forward and backward
-             calls (shapes, layouts, output masks) replayed without anything else; the floor unetx can approach
+  convs      the convolutions of unetx's training step alone: the same convolution forward and backward calls
+             (shapes, layouts, output masks; ATen's forward and input gradient, and on the CPU unetx's own
+             weight gradient) replayed without anything else; the floor unetx can approach
 
     python -m unetx.bench --device cpu --size 128          # quick: eager forms, under a minute on 2 cores
     python -m unetx.bench --workload CPU-S --compile       # a named workload, with torch.compile forms
@@ -329,15 +330,20 @@ def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
         stride, pad = ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
         out_ch = r["weight"].shape[1] if r["transposed"] else r["weight"].shape[0]
         bwd.append((_randn(r["grad_shape"], r["grad_fmt"], r["dtype"], device),
-                    _randn(r["shape"], r["fmt"], r["dtype"], device), r["weight"].clone(),
-                    [out_ch] if r["has_bias"] else None, stride, pad, r["transposed"], r["mask"]))
+                    _randn(r["shape"], r["fmt"], r["dtype"], device), r["weight"].clone(), r["has_bias"],
+                    r["transposed"], r["mask"]))
+    none = torch.empty(0, device=device)
 
     def run() -> None:
         with torch.no_grad():
             for a, wt, b, stride, pad, tr in fwd:
                 aten.convolution(a, wt, b, stride, pad, [1, 1], tr, [0, 0], 1)
-            for g, a, wt, bias_sizes, stride, pad, tr, mask in bwd:
-                aten.convolution_backward(g, a, wt, bias_sizes, stride, pad, [1, 1], tr, [0, 0], 1, mask)
+            # the backward convolutions as the fused op computes them (ATen's input gradient; on the CPU
+            # unetx's own channels-last weight gradient, csrc/cpu/conv_weight_grad.cpp), on an input with no
+            # input stage and an output gradient with nothing to fold: the op's convolution work alone
+            for g, a, wt, has_bias, tr, mask in bwd:
+                torch.ops.unetx.conv_bn_relu_backward(g, None, None, a, None, None, False, None, "none", wt, has_bias,
+                                                      tr, none, none, False, [mask[0], False, mask[1], mask[2]])
         _sync(device)
 
     return run
@@ -535,7 +541,7 @@ def summary(result: dict) -> list[dict]:
                          met=(r <= 1.05) if task == "train" and on_cpu else None,
                          unetx=f"{_fmt_s(t)} ({n.removeprefix('unetx ')})",
                          stock=f"its convolutions alone {_fmt_s(floor)}",
-                         others="the ATen convolution calls of unetx's step replayed alone (same shapes, layouts)"))
+                         others="the convolution calls of unetx's step replayed alone (same shapes, layouts, kernels)"))
     if result.get("peak"):
         pu = min((b, n) for n, b in result["peak"].items() if n.startswith("unetx"))
         ps = min((b, n) for n, b in result["peak"].items() if n.startswith("stock"))

@@ -71,7 +71,13 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         reference.check_input(x, self.config["in_channels"], "unetx.UNet")
+        out_format = ops.suggest_memory_format(x)
         x, h, w = reference.pad_to_multiple(x, 2 ** self.config["depth"])
+        if x.device.type == "cpu" and ops.suggest_memory_format(x) != torch.channels_last:
+            # On the CPU the network runs channels-last whatever the input's layout: oneDNN's forward and input
+            # gradient are faster there, and the weight gradient is unetx's own channels-last kernel
+            # (csrc/cpu/conv_weight_grad.cpp). empty_like gives channels-last strides even to a 1-channel image.
+            x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
         dt = autocast_dtype(x)
         a = Act(x if dt is None else x.to(dt))
         avg = self.config["pool"] == "avg"
@@ -93,7 +99,7 @@ class UNet(nn.Module):
         head_b = self.head.bias if dt is None else self.head.bias.to(dt)
         logits, _, _ = ops.conv_bn_relu(a.y, head_w, head_b, x_scale=a.scale, x_shift=a.shift, x_mean=a.mean,
                                         stats=False)
-        return logits[..., :h, :w]
+        return logits[..., :h, :w].contiguous(memory_format=out_format)
 
     # ----------------------------------------------------------------------------- plain-PyTorch twin
     def to_reference(self) -> reference.UNet:
