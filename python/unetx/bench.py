@@ -638,7 +638,7 @@ def _plot_row(result: dict, axes) -> None:
 
 
 # -------------------------------------------------------------------------------------------- profile
-_CATEGORY_ORDER = ("convolution (ATen / oneDNN)", "unetx ops' own work (kernels, copies)",
+_CATEGORY_ORDER = ("convolution (oneDNN; unetx weight-gradient GEMMs)", "unetx ops' own work (kernels, copies)",
                    "stock BatchNorm / ReLU / pool / cat / upsample", "optimizer (Adam step)", "loss",
                    "everything else (autograd, Python, zero_grad)")
 _ELSE = _CATEGORY_ORDER[-1]
@@ -649,10 +649,12 @@ def _own_category(name: str) -> str | None:
         return "optimizer (Adam step)"
     if name.startswith("autograd::") or (name.startswith("GeneratedBackwardFor") and name.endswith("Backward")):
         return _ELSE  # autograd's bookkeeping around each node
+    if name == "unetx::weight_grad":  # the convolution's weight gradient, computed by unetx (GEMMs inside)
+        return _CATEGORY_ORDER[0]
     if name.startswith("unetx::") or name.startswith("GeneratedBackwardFor_unetx"):
         return "unetx ops' own work (kernels, copies)"
     if name.startswith("aten::") and ("conv" in name or name.startswith("aten::mkldnn")):
-        return "convolution (ATen / oneDNN)"
+        return _CATEGORY_ORDER[0]
     if any(k in name for k in ("batch_norm", "threshold", "relu", "clamp", "pool", "aten::cat", "upsample")):
         return "stock BatchNorm / ReLU / pool / cat / upsample"
     if any(k in name for k in ("nll_loss", "log_softmax", "cross_entropy")):
