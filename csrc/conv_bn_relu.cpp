@@ -176,8 +176,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // 2. the convolution's backward (ATen), on the recomputed input stage
   const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
   const bool need_a = need_x || need_x2;
-  at::Tensor a = output_mask[2] ? input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf)
-                                : at::empty({g.N, g.C1 + g.C2, g.H, g.W}, xc.options().memory_format(mf));
+  const bool try_own_gw = k.weight_grad && output_mask[2] && !transposed && mf == at::MemoryFormat::ChannelsLast &&
+                          ymf == at::MemoryFormat::ChannelsLast;
+  // The device's weight gradient builds the recomputed input stage itself, a few rows at a time (see StageRows),
+  // where there is a stage to build; not under bilinear upsampling, whose edge rows clamp to the image's edge.
+  const bool stage_by_rows = try_own_gw && (x_scale || x_pool || x2) && g.mode != Upsample::Bilinear;
+  auto placeholder = [&] { return at::empty({g.N, g.C1 + g.C2, g.H, g.W}, xc.options().memory_format(mf)); };
+  at::Tensor a = output_mask[2] && !stage_by_rows ? input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf)
+                                                  : placeholder();
   const ConvParams cp(g.k, transposed);
   const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
   const std::vector<int64_t> bias_size{out_ch};
@@ -189,10 +195,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      g.C1 + g.C2 > 1;
   at::Tensor ga, gw, gb_;
   std::optional<at::Tensor> own_gw;
-  if (k.weight_grad && output_mask[2] && !transposed && mf == at::MemoryFormat::ChannelsLast &&
-      ymf == at::MemoryFormat::ChannelsLast) {
+  if (try_own_gw) {
     RECORD_FUNCTION("unetx::weight_grad", {});
-    own_gw = k.weight_grad(gy, a, g.k);
+    if (stage_by_rows) {
+      const int64_t f = x_pool ? 2 : 1, u = g.mode == Upsample::None ? 1 : 2;
+      const StageRows rows{[&](int64_t n, int64_t lo, int64_t hi, at::Tensor& out) {
+                             auto a1 = out.narrow(1, 0, g.C1);
+                             const auto xs = xc.narrow(0, n, 1).narrow(2, f * lo, f * (hi - lo));
+                             if (!x_scale && !x_pool)
+                               a1.copy_(xs);
+                             else
+                               k.activation_forward(xs, x_mean, x_scale, x_shift, x_pool ? nullptr : &a1,
+                                                    x_pool ? &a1 : nullptr);
+                             if (x2c) {
+                               auto a2 = out.narrow(1, g.C1, g.C2);
+                               k.upsample_forward(x2c->narrow(0, n, 1).narrow(2, lo / u, (hi - lo) / u), g.mode, a2);
+                             }
+                           },
+                           u};
+      own_gw = k.weight_grad(gy, a, &rows, g.k);
+      // not applicable after all (dtype, channels): the whole stage for ATen's weight gradient
+      if (!own_gw) a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
+    } else {
+      own_gw = k.weight_grad(gy, a, nullptr, g.k);
+    }
   }
   if (own_gw) {
     gw = *own_gw;

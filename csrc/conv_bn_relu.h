@@ -11,6 +11,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <array>
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -19,6 +20,15 @@
 namespace unetx {
 
 using OptTensor = std::optional<at::Tensor>;
+
+// A layer's input stage a [N, C, H, W] produced a few rows at a time, for a consumer that only needs it in
+// cache-sized pieces (the CPU weight gradient), so the backward never writes the whole recomputed stage to memory.
+// fill(n, lo, hi, rows) writes rows [lo, hi) of image n into `rows` ([1, C, hi - lo, W], dense channels-last);
+// lo and hi must be multiples of `align` (or H), which keeps a nearest-upsampled part on whole source rows.
+struct StageRows {
+  std::function<void(int64_t n, int64_t lo, int64_t hi, at::Tensor& rows)> fill;
+  int64_t align = 1;
+};
 
 // One device's kernels (see cpu/kernels.h for what each one does and its memory traffic).
 struct LayerKernels {
@@ -39,8 +49,10 @@ struct LayerKernels {
   // difference. nullptr on CUDA (cuDNN prefers NHWC throughout).
   at::Tensor (*to_planar)(const at::Tensor& x);
   // Where not null, tried first for a channels-last stride-1 layer's weight gradient (returns std::nullopt where it
-  // does not apply): the device's own weight gradient, computed from the channels-last operands as they are.
-  std::optional<at::Tensor> (*weight_grad)(const at::Tensor& grad_y, const at::Tensor& a, int64_t k);
+  // does not apply): the device's own weight gradient, computed from the channels-last operands as they are. With
+  // `rows`, a is only a placeholder for its shape and layout, and its values come from rows->fill block by block.
+  std::optional<at::Tensor> (*weight_grad)(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows,
+                                           int64_t k);
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(

@@ -59,6 +59,11 @@ CASES = {
     "train-wide-k5": Case(n=3, cin=8, cout=4, k=5, h=6, w=3, act="scale", **TRAIN),
     "train-wide-w1": Case(cin=10, cout=3, h=5, w=1, **TRAIN),
     "train-wide-k5-h1w2-bias": Case(n=4, cin=8, cout=5, k=5, h=1, w=2, bias=True, **TRAIN),
+    # ... with an input stage, which that kernel builds row block by row block itself (not for bilinear x2)
+    "train-wide-pool": Case(act="mean", pool=True, cin=9, cout=4, h=10, w=6, **TRAIN),
+    "train-wide-x2-nearest": Case(act="scale", cin=5, c2=4, mode="nearest", h=6, w=10, **TRAIN),
+    "train-wide-x2-none-k5": Case(cin=4, c2=6, mode="none", k=5, h=7, w=5, **TRAIN),
+    "train-wide-x2-bilinear": Case(act="mean", cin=6, c2=3, mode="bilinear", h=6, w=10, **TRAIN),
     "eval-plain": Case(**EVAL),
     "eval-scale": Case(act="scale", cin=5, cout=3, **EVAL),
     "eval-x2-bilinear-batch1": Case(n=1, h=6, w=8, c2=7, mode="bilinear", **EVAL),
@@ -387,5 +392,54 @@ def test_channels_last_weight_gradient_in_row_blocks(threads):
                                                 None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                 [False, True, False])[1]
     assert gw.shape == weight.shape and gw.is_contiguous(memory_format=torch.channels_last)
+    err = (gw.double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-5, f"weight gradient relative error {err:.2e}"
+
+
+STAGES = {  # (x channels, x2 channels, x2 mode, normalised, pooled): input stages built inside the weight gradient
+    "scale-pool": (16, 0, "none", True, True),
+    "scale-x2-nearest": (9, 7, "nearest", True, False),
+    "x2-none": (8, 8, "none", False, False),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stage", STAGES)
+def test_staged_weight_gradient_in_row_blocks(stage, threads):
+    """Several row blocks per image whose halo rows (rounded to even rows under nearest upsampling) come from the
+    input stage rebuilt inside the weight-gradient kernel: equal to the float64 weight gradient of the stage
+    computed in stock ops."""
+    c1, c2, mode, normalised, pooled = STAGES[stage]
+    gen = torch.Generator().manual_seed(5)
+    n, h, w, co = 2, 202, 68, 16
+    cl = torch.channels_last
+    xh, xw = (2 * h, 2 * w) if pooled else (h, w)
+    x = randn(n, c1, xh, xw, gen=gen).contiguous(memory_format=cl)
+    scale, shift, mean = (rand(c1, gen=gen), randn(c1, gen=gen), randn(c1, gen=gen)) if normalised else (None,) * 3
+    x2 = None
+    if c2:
+        f = 1 if mode == "none" else 2
+        x2 = randn(n, c2, h // f, w // f, gen=gen).contiguous(memory_format=cl)
+    weight = randn(co, c1 + c2, 3, 3, std=(9 * (c1 + c2)) ** -0.5, gen=gen).contiguous(memory_format=cl)
+    g = randn(n, co, h, w, gen=gen).contiguous(memory_format=cl)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gw = torch.ops.unetx.conv_bn_relu_backward(g, None, None, x, scale, shift, pooled, x2, mode, weight, False,
+                                                   False, g.new_empty(0), g.new_empty(0), False,
+                                                   [False, False, True, False], mean)[4]
+    finally:
+        torch.set_num_threads(prev)
+    a = x.double()
+    if normalised:
+        a = torch.relu((a - mean.double()[:, None, None]) * scale.double()[:, None, None] + shift.double()[:, None, None])
+    if pooled:
+        a = torch.nn.functional.avg_pool2d(a, 2)
+    if x2 is not None:
+        up = x2.double() if mode == "none" else torch.nn.functional.interpolate(x2.double(), scale_factor=2, mode=mode)
+        a = torch.cat([a, up], 1)
+    exact = torch.ops.aten.convolution_backward(g.double().contiguous(), a.contiguous(), weight.double().contiguous(),
+                                                None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                [False, True, False])[1]
     err = (gw.double() - exact).abs().max() / exact.abs().max()
     assert err < 1e-5, f"weight gradient relative error {err:.2e}"

@@ -11,7 +11,9 @@
 // accumulating its own gradient; the GEMMs are ATen's (MKL / oneDNN sgemm).
 //
 // Memory traffic: reads g and a once from memory (the k*k GEMMs of one block reuse them from cache), writes the
-// gradient (Co * C * k * k) once. On a 2-core EPYC (bench/weight_grad.py, the 3x3 convolutions of CPU-S) it takes
+// gradient (Co * C * k * k) once. Where a is a recomputed input stage (StageRows), it is never in memory at all:
+// each block's rows plus a k/2-row halo (about 2k/R extra stage work, R ~ 10-60 rows) are built into a per-thread
+// buffer from x and x2, which saved ~0.2 s of CPU-S's 2.4 s training step (A/B by process, 2026-11-24). On a 2-core EPYC (bench/weight_grad.py, the 3x3 convolutions of CPU-S) it takes
 // 525 ms in all where oneDNN takes 1250 ms with channels-last operands and 619 ms with planar ones that are already
 // planar (converting them costs more than the difference); the forward convolutions of the same shapes take 420 ms.
 #include <ATen/Parallel.h>
@@ -35,22 +37,37 @@ int64_t block_rows(int64_t W, int64_t C, int64_t Co, int64_t elem) {
 }
 
 template <typename T>
-void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, int64_t k, at::Tensor& gw) {
+void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, const StageRows* rows, int64_t k, at::Tensor& gw) {
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), Co = g.size(1), HW = H * W;
   const int64_t r = k / 2, KK = k * k;
   const int64_t R = block_rows(W, C, Co, sizeof(T));
   const int64_t blocks_per_image = (H + R - 1) / R, blocks = N * blocks_per_image;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
   T* G = const_cast<T*>(g.const_data_ptr<T>());
-  T* A = const_cast<T*>(a.const_data_ptr<T>());
   const auto opts = a.options().memory_format(at::MemoryFormat::Contiguous);
   // one accumulator per thread: [threads, k*k, Co, C]
   auto acc = at::zeros({threads, KK, Co, C}, opts);
   T* ACC = acc.data_ptr<T>();
+  // with `rows`: one buffer per thread for a block's rows of a and their halo, rounded out to rows->align
+  const int64_t align = rows ? std::max<int64_t>(1, rows->align) : 1;
+  const int64_t buf_rows = std::min(H, R + 2 * r + 2 * (align - 1));
+  at::Tensor buf = rows ? at::empty({threads, buf_rows * W * C}, opts) : at::Tensor();
 
   auto run_block = [&](int64_t blk, int64_t tid) {
     const int64_t n = blk / blocks_per_image, h0 = (blk % blocks_per_image) * R, h1 = std::min(H, h0 + R);
     T* acc_t = ACC + tid * KK * Co * C;
+    // A + (p - p0) * C is pixel p of a (p counted over the whole batch)
+    const T* A = a.const_data_ptr<T>();
+    int64_t p0 = 0;
+    if (rows) {
+      const int64_t lo = std::max<int64_t>(0, h0 - r) / align * align;
+      const int64_t hi = std::min(H, (std::min(H, h1 + r) + align - 1) / align * align);
+      T* b = buf.data_ptr<T>() + tid * buf_rows * W * C;
+      auto view = at::from_blob(b, {1, C, hi - lo, W}, {(hi - lo) * W * C, 1, W * C, C}, opts);
+      rows->fill(n, lo, hi, view);
+      A = b;
+      p0 = n * HW + lo * W;
+    }
     for (int64_t kh = 0; kh < k; ++kh) {
       const int64_t dh = kh - r;
       const int64_t hs = std::max(h0, -dh), he = std::min(h1, H - dh);
@@ -63,7 +80,7 @@ void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, int64_t k, at::T
         T* out = acc_t + (kh * k + kw) * Co * C;
         auto out_t = at::from_blob(out, {Co, C}, opts);
         auto g_t = at::from_blob(G + pb * Co, {pe - pb, Co}, {Co, 1}, opts).t();
-        auto a_t = at::from_blob(A + (pb + s) * C, {pe - pb, C}, {C, 1}, opts);
+        auto a_t = at::from_blob(const_cast<T*>(A) + (pb + s - p0) * C, {pe - pb, C}, {C, 1}, opts);
         at::addmm_out(out_t, out_t, g_t, a_t);
         // the pixels in [pb, pe) whose shifted column leaves the image read the next or previous row instead
         // of the padding: take their products out again
@@ -73,7 +90,7 @@ void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, int64_t k, at::T
             const int64_t w = dw < 0 ? j : W - 1 - j;
             const int64_t p = n * HW + h * W + w;
             const T* __restrict__ gp = G + p * Co;
-            const T* __restrict__ ap = A + (p + s) * C;
+            const T* __restrict__ ap = A + (p + s - p0) * C;
             for (int64_t co = 0; co < Co; ++co) {
               T* __restrict__ o = out + co * C;
               const T gv = gp[co];
@@ -116,7 +133,7 @@ bool dense_channels_last(const at::Tensor& t) {
 
 }  // namespace
 
-std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, int64_t k) {
+std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows, int64_t k) {
   // float32 and float64 only: a reduced-precision input keeps oneDNN's path (which accumulates in float32)
   const auto dt = a.scalar_type();
   if ((dt != at::kFloat && dt != at::kDouble) || grad_y.scalar_type() != dt || k % 2 == 0 || a.size(1) < 8 ||
@@ -125,9 +142,9 @@ std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor
     return std::nullopt;
   auto gw = at::empty({grad_y.size(1), a.size(1), k, k}, a.options().memory_format(at::MemoryFormat::Contiguous));
   if (dt == at::kFloat)
-    weight_grad_impl<float>(grad_y, a, k, gw);
+    weight_grad_impl<float>(grad_y, a, rows, k, gw);
   else
-    weight_grad_impl<double>(grad_y, a, k, gw);
+    weight_grad_impl<double>(grad_y, a, rows, k, gw);
   return gw;
 }
 
