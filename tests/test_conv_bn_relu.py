@@ -53,17 +53,19 @@ CASES = {
     "train-1x1-batch1": Case(n=1, k=1, act="mean", cin=7, cout=3, **TRAIN),
     "train-1ch-x2-pool": Case(cin=1, c2=3, pool=True, h=8, w=12, mode="nearest", **TRAIN),  # a 1-channel slice
     "train-pool-to-1x1": Case(n=3, act="mean", pool=True, h=2, w=2, **TRAIN),  # 1x1 spatial: layouts coincide
-    # >= 8 input channels: in channels_last the weight gradient is unetx's own (csrc/cpu/conv_weight_grad.cpp);
+    # >= 16 input channels: in channels_last the weight gradient is unetx's own (csrc/cpu/conv_weight_grad.cpp);
     # shifts reaching past the image edge in h (clipped rows), in w (subtracted wrap-around pixels), or entirely
-    "train-wide-k3": Case(cin=9, cout=6, act="mean", **TRAIN),
-    "train-wide-k5": Case(n=3, cin=8, cout=4, k=5, h=6, w=3, act="scale", **TRAIN),
-    "train-wide-w1": Case(cin=10, cout=3, h=5, w=1, **TRAIN),
-    "train-wide-k5-h1w2-bias": Case(n=4, cin=8, cout=5, k=5, h=1, w=2, bias=True, **TRAIN),
+    "train-wide-k3": Case(cin=17, cout=6, act="mean", **TRAIN),
+    "train-wide-k5": Case(n=3, cin=16, cout=4, k=5, h=6, w=3, act="scale", **TRAIN),
+    "train-wide-w1": Case(cin=18, cout=3, h=5, w=1, **TRAIN),
+    "train-wide-k5-h1w2-bias": Case(n=4, cin=16, cout=5, k=5, h=1, w=2, bias=True, **TRAIN),
     # ... with an input stage, which that kernel builds row block by row block itself (not for bilinear x2)
-    "train-wide-pool": Case(act="mean", pool=True, cin=9, cout=4, h=10, w=6, **TRAIN),
-    "train-wide-x2-nearest": Case(act="scale", cin=5, c2=4, mode="nearest", h=6, w=10, **TRAIN),
-    "train-wide-x2-none-k5": Case(cin=4, c2=6, mode="none", k=5, h=7, w=5, **TRAIN),
-    "train-wide-x2-bilinear": Case(act="mean", cin=6, c2=3, mode="bilinear", h=6, w=10, **TRAIN),
+    "train-wide-pool": Case(act="mean", pool=True, cin=17, cout=4, h=10, w=6, **TRAIN),
+    "train-wide-x2-nearest": Case(act="scale", cin=9, c2=7, mode="nearest", h=6, w=10, **TRAIN),
+    "train-wide-x2-none-k5": Case(cin=8, c2=8, mode="none", k=5, h=7, w=5, **TRAIN),
+    "train-wide-x2-bilinear": Case(act="mean", cin=10, c2=6, mode="bilinear", h=6, w=10, **TRAIN),
+    # 8 channels: oneDNN's channels-last weight gradient (no planar split)
+    "train-8ch-x2": Case(act="mean", cin=5, c2=3, mode="nearest", h=6, w=10, **TRAIN),
     "eval-plain": Case(**EVAL),
     "eval-scale": Case(act="scale", cin=5, cout=3, **EVAL),
     "eval-x2-bilinear-batch1": Case(n=1, h=6, w=8, c2=7, mode="bilinear", **EVAL),
