@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from unetx import checkpoint, synthetic
 from unetx.cli import encode_mask
 from unetx.data import read_image
 from unetx.predict import predict_classes
-from unetx.train import Trainer, TrainConfig, TrainingError, train
+from unetx.train import Trainer, TrainConfig, TrainingError, train, warn_if_bf16_emulated
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 TINY = dict(base_channels=4, depth=2, crop=32, batch_size=4, progress=False)
@@ -133,6 +134,16 @@ def test_colour_classes_weight_map_amp_channels_last(tmp_path):
     written = encode_mask(classes, table, "original")
     assert written.shape == (40, 40, 3)
     assert {tuple(c) for c in written.reshape(-1, 3)} <= {tuple(c) for c in colours.tolist()}
+
+
+def test_bfloat16_autocast_warning_follows_the_cpu():
+    """--amp on the CPU warns exactly where bfloat16 is emulated (no AVX512-BF16 / AMX), naming the fix."""
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_bf16_emulated(torch.device("cpu"))
+    assert len(caught) == (0 if native else 1)
+    assert all("--amp off" in str(w.message) for w in caught)
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):

@@ -150,6 +150,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = _check_output_dir(Path(args.output))
     model, ckpt, overlap = _load(args)
+    if args.amp:
+        from .train import warn_if_bf16_emulated
+
+        warn_if_bf16_emulated(next(model.parameters()).device)
     table = checkpoint.class_table(ckpt)
     pairs = read_images(args.input)
     in_ch = model.config["in_channels"]
