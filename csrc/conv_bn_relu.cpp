@@ -266,7 +266,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (!x_scale && !x_pool) {
       gx = ga1.contiguous(mf);
     } else {
-      gx = at::empty(xc.sizes(), xc.options().memory_format(mf));
+      // Without pooling or a concatenation, ga is a temporary of exactly x's shape and each element of gx depends
+      // on the same element of ga only: overwrite it rather than fault in a fresh activation-sized tensor. CPU only:
+      // the CPU kernel is written for gx == gz (see cpu/bn_relu.cpp); the CUDA one is not verified for it.
+      const bool in_place = xc.is_cpu() && !x_pool && !x2 && ga.sizes() == xc.sizes() && ga.scalar_type() == xc.scalar_type() &&
+                            ga.is_contiguous(mf);
+      gx = in_place ? ga : at::empty(xc.sizes(), xc.options().memory_format(mf));
       at::Tensor* gsp = nullptr;
       at::Tensor* gtp = nullptr;
       if (x_scale) {

@@ -192,7 +192,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s,
     forward_loops<T, false>(x, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, z, p);
 }
 
-// Backward, one (n, c) row of W elements (planar) or one pixel's C channels (channels-last) at a time.
+// Backward, one (n, c) row of W elements (planar) or one pixel's C channels (channels-last) at a time. gx may be
+// gz itself (conv_bn_relu overwrites its input gradient): each row / pixel of gz is read into g before gx's is
+// written, and neither pointer is __restrict__.
 // g = grad_z + grad_p / 4 (grad_p indexed by the pooled position), masked by the recomputed pre-activation.
 template <typename T>
 void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& x, const at::Tensor* m,
@@ -225,7 +227,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
           for (int64_t h = 0; h < H; ++h) {
             acc_t* __restrict__ gr = g.data();
             if (GZ) {
-              const T* __restrict__ gzr = GZ + n * gzs.n + c * gzs.c + h * gzs.h;
+              const T* gzr = GZ + n * gzs.n + c * gzs.c + h * gzs.h;
 #pragma omp simd
               for (int64_t w = 0; w < W; ++w) gr[w] = acc_t(gzr[w]);
             } else {
@@ -235,7 +237,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
               const T* __restrict__ gpr = GP + n * gps.n + c * gps.c + (h / 2) * gps.h;
               for (int64_t w = 0; w < W; ++w) gr[w] += acc_t(0.25) * acc_t(gpr[w / 2]);
             }
-            T* __restrict__ gxr = GX + n * gxs.n + c * gxs.c + h * gxs.h;
+            T* gxr = GX + n * gxs.n + c * gxs.c + h * gxs.h;
             if (!act_on) {
 #pragma omp simd
               for (int64_t w = 0; w < W; ++w) gxr[w] = T(gr[w]);
@@ -274,7 +276,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
           for (int64_t w = 0; w < W; ++w) {
             acc_t* __restrict__ g = gv.data();
             if (GZ) {
-              const T* __restrict__ gzp = GZ + n * gzs.n + h * gzs.h + w * gzs.w;
+              const T* gzp = GZ + n * gzs.n + h * gzs.h + w * gzs.w;
 #pragma omp simd
               for (int64_t c = 0; c < C; ++c) g[c] = acc_t(gzp[c]);
             } else {
@@ -285,7 +287,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
 #pragma omp simd
               for (int64_t c = 0; c < C; ++c) g[c] += acc_t(0.25) * acc_t(gpp[c]);
             }
-            T* __restrict__ gxp = GX + n * gxs.n + h * gxs.h + w * gxs.w;
+            T* gxp = GX + n * gxs.n + h * gxs.h + w * gxs.w;
             if (!act_on) {
 #pragma omp simd
               for (int64_t c = 0; c < C; ++c) gxp[c] = T(g[c]);
