@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
@@ -28,15 +27,6 @@ def _geometry(r: dict) -> tuple[list[int], list[int]]:
     return ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
 
 def per_conv(rec: bench.ConvRecorder, reps: int) -> list[str]:
     lines = ["| input | weight | layout | forward ms | backward-data ms | backward-weight ms |",
@@ -48,11 +38,11 @@ def per_conv(rec: bench.ConvRecorder, reps: int) -> list[str]:
             a = torch.randn(r["shape"]).contiguous(memory_format=fmt)
             g = torch.randn(r["grad_shape"]).contiguous(memory_format=fmt)
             w = r["weight"].clone().contiguous(memory_format=fmt)
-            f = _median_ms(lambda: aten.convolution(a, w, None, st, pd, [1, 1], tr, [0, 0], 1), reps)
-            d = _median_ms(lambda: aten.convolution_backward(g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1,
-                                                             [True, False, False]), reps) if r["mask"][0] else None
-            wg = _median_ms(lambda: aten.convolution_backward(g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1,
-                                                              [False, True, False]), reps)
+            f = bench.median_ms(lambda: aten.convolution(a, w, None, st, pd, [1, 1], tr, [0, 0], 1), reps)
+            d = bench.median_ms(lambda: aten.convolution_backward(g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1,
+                                                                  [True, False, False]), reps) if r["mask"][0] else None
+            wg = bench.median_ms(lambda: aten.convolution_backward(g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1,
+                                                                   [False, True, False]), reps)
             lines.append(f"| {list(r['shape'])} | {list(r['weight'].shape)} | {name} | {f:.1f} | "
                          f"{'-' if d is None else f'{d:.1f}'} | {wg:.1f} |")
     return lines

@@ -10,13 +10,11 @@ oneDNN's channels-last result.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-import unetx  # noqa: F401  (registers torch.ops.unetx)
+from unetx import bench  # also registers torch.ops.unetx
 
 aten = torch.ops.aten
 CL = torch.channels_last
@@ -26,15 +24,6 @@ SHAPES = [(4, 32, 256, 256, 32), (4, 64, 256, 256, 32), (4, 32, 128, 128, 64), (
           (4, 128, 32, 32, 256), (4, 256, 32, 32, 256), (4, 512, 32, 32, 256), (4, 256, 16, 16, 512),
           (4, 512, 16, 16, 512)]
 
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         fw = lambda: aten.convolution(a, wt, None, *conv)
         ref = cl()
         err = ((ours() - ref).abs().max() / ref.abs().max()).item()
-        t = [median_ms(f, args.reps) for f in (ours, cl, pl, fw)]
+        t = [bench.median_ms(f, args.reps) for f in (ours, cl, pl, fw)]
         print(f"| {[n, c, h, w]} | {co} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} | {err:.1e} |",
               flush=True)
     return 0

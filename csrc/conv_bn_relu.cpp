@@ -196,6 +196,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1 &&
                      g.C1 + g.C2 >= 16;
   at::Tensor ga, gw, gb_;
+  // the input gradient alone, where the weight gradient is computed another way
+  auto input_grad = [&] {
+    return std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
+                                                transposed, {0, 0}, 1, {true, false, false}));
+  };
   std::optional<at::Tensor> own_gw;
   if (try_own_gw) {
     RECORD_FUNCTION("unetx::weight_grad", {});
@@ -225,18 +230,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (own_gw) {
     gw = *own_gw;
     if (has_bias && output_mask[3]) gb_ = gy.sum({0, 2, 3});
-    if (need_a)
-      ga = std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
-                                                transposed, {0, 0}, 1, {true, false, false}));
+    if (need_a) ga = input_grad();
   } else if (!split) {
     std::tie(ga, gw, gb_) = at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1},
                                                      transposed, {0, 0}, 1,
                                                      {need_a, output_mask[2], has_bias && output_mask[3]});
   } else {
     constexpr auto planar = at::MemoryFormat::Contiguous;
-    if (need_a)
-      ga = std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
-                                                transposed, {0, 0}, 1, {true, false, false}));
+    if (need_a) ga = input_grad();
     // free each channels-last operand once its planar copy exists: peak memory stays one operand above the
     // unsplit backward's
     at::Tensor gy_p, a_p;
@@ -269,8 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // Without pooling or a concatenation, ga is a temporary of exactly x's shape and each element of gx depends
       // on the same element of ga only: overwrite it rather than fault in a fresh activation-sized tensor. CPU only:
       // the CPU kernel is written for gx == gz (see cpu/bn_relu.cpp); the CUDA one is not verified for it.
-      const bool in_place = xc.is_cpu() && !x_pool && !x2 && ga.sizes() == xc.sizes() && ga.scalar_type() == xc.scalar_type() &&
-                            ga.is_contiguous(mf);
+      const bool in_place = xc.is_cpu() && !x_pool && !x2 && ga.sizes() == xc.sizes() &&
+                            ga.scalar_type() == xc.scalar_type() && ga.is_contiguous(mf);
       gx = in_place ? ga : at::empty(xc.sizes(), xc.options().memory_format(mf));
       at::Tensor* gsp = nullptr;
       at::Tensor* gtp = nullptr;

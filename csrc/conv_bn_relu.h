@@ -43,10 +43,10 @@ struct LayerKernels {
   void (*fold_output_grad)(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
                            const at::Tensor* b, bool relu, at::Tensor& out);
   // Where not null, a channels-last layer's weight gradient is computed in planar (NCHW) layout, its two operands
-  // converted by this function. oneDNN's channels-last weight gradient of a k x k convolution with more than one
-  // input channel is 1.5-3x slower than its planar one on the CPU, while channels-last wins for the forward and the
-  // input gradient (bench/conv_layouts.py --per-conv); the two transposing copies cost far less than the
-  // difference. nullptr on CUDA (cuDNN prefers NHWC throughout).
+  // converted by this function. oneDNN's channels-last weight gradient of a k x k convolution with 16 or more input
+  // channels is 1.5-3x slower than its planar one on the CPU (below that it is as fast or faster), while
+  // channels-last wins for the forward and the input gradient (bench/conv_layouts.py --per-conv); the two
+  // transposing copies cost far less than the difference. nullptr on CUDA (cuDNN prefers NHWC throughout).
   at::Tensor (*to_planar)(const at::Tensor& x);
   // Where not null, tried first for a channels-last stride-1 layer's weight gradient (returns std::nullopt where it
   // does not apply): the device's own weight gradient, computed from the channels-last operands as they are. With

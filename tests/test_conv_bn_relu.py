@@ -390,7 +390,8 @@ def test_channels_last_weight_gradient_in_row_blocks(threads):
                                                    [False, False, True, False])[4]
     finally:
         torch.set_num_threads(prev)
-    exact = torch.ops.aten.convolution_backward(g.double().contiguous(), x.double().contiguous(), weight.double().contiguous(),
+    exact = torch.ops.aten.convolution_backward(g.double().contiguous(), x.double().contiguous(),
+                                                weight.double().contiguous(),
                                                 None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                 [False, True, False])[1]
     assert gw.shape == weight.shape and gw.is_contiguous(memory_format=torch.channels_last)
@@ -434,7 +435,8 @@ def test_staged_weight_gradient_in_row_blocks(stage, threads):
         torch.set_num_threads(prev)
     a = x.double()
     if normalised:
-        a = torch.relu((a - mean.double()[:, None, None]) * scale.double()[:, None, None] + shift.double()[:, None, None])
+        m, sc, sh = (v.double()[:, None, None] for v in (mean, scale, shift))
+        a = torch.relu((a - m) * sc + sh)
     if pooled:
         a = torch.nn.functional.avg_pool2d(a, 2)
     if x2 is not None:

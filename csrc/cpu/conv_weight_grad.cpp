@@ -13,9 +13,10 @@
 // Memory traffic: reads g and a once from memory (the k*k GEMMs of one block reuse them from cache), writes the
 // gradient (Co * C * k * k) once. Where a is a recomputed input stage (StageRows), it is never in memory at all:
 // each block's rows plus a k/2-row halo (about 2k/R extra stage work, R ~ 10-60 rows) are built into a per-thread
-// buffer from x and x2, which saved ~0.2 s of CPU-S's 2.4 s training step (A/B by process, 2026-11-24). On a 2-core EPYC (bench/weight_grad.py, the 3x3 convolutions of CPU-S) it takes
-// 525 ms in all where oneDNN takes 1250 ms with channels-last operands and 619 ms with planar ones that are already
-// planar (converting them costs more than the difference); the forward convolutions of the same shapes take 420 ms.
+// buffer from x and x2, which saved ~0.2 s of CPU-S's 2.4 s training step (A/B by process, 2026-11-24).
+// On a 2-core EPYC (bench/weight_grad.py, the 3x3 convolutions of CPU-S) it takes 525 ms in all where oneDNN takes
+// 1250 ms with channels-last operands and 619 ms with planar ones that are already planar (converting them costs
+// more than the difference); the forward convolutions of the same shapes take 420 ms.
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -137,8 +138,8 @@ std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor
   // float32 and float64 only: a reduced-precision input keeps oneDNN's path (which accumulates in float32)
   const auto dt = a.scalar_type();
   if ((dt != at::kFloat && dt != at::kDouble) || grad_y.scalar_type() != dt || k % 2 == 0 ||
-      a.size(1) < kGemmWeightGradMinChannels || !dense_channels_last(a) || !dense_channels_last(grad_y) || a.size(0) != grad_y.size(0) ||
-      a.size(2) != grad_y.size(2) || a.size(3) != grad_y.size(3))
+      a.size(1) < kGemmWeightGradMinChannels || !dense_channels_last(a) || !dense_channels_last(grad_y) ||
+      a.size(0) != grad_y.size(0) || a.size(2) != grad_y.size(2) || a.size(3) != grad_y.size(3))
     return std::nullopt;
   auto gw = at::empty({grad_y.size(1), a.size(1), k, k}, a.options().memory_format(at::MemoryFormat::Contiguous));
   if (dt == at::kFloat)

@@ -230,6 +230,17 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of `reps` calls of fn after one warm-up call, in ms (bench/ scripts timing one kernel)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
 # -------------------------------------------------------------------------------------------- memory
 def saved_bytes(forward: Callable[[], torch.Tensor], parameters) -> tuple[int, int]:
     """(activation bytes, bytes including parameters) autograd saves for backward during one forward: the

@@ -237,7 +237,7 @@ def warn_if_bf16_emulated(device: torch.device) -> None:
     if device.type == "cpu" and supported is not None and not supported():
         warnings.warn("--amp on the CPU: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bfloat16 "
                       "convolutions are emulated and much slower than float32 (about 17x measured on an AVX2 EPYC); "
-                      "use --amp off here", stacklevel=3)
+                      "use float32 here (train --amp off; predict without --amp)", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
