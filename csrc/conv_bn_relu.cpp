@@ -7,6 +7,7 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/neg.h>
 #include <ATen/ops/sum.h>
@@ -256,8 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // the op returns exactly the masked-in ones, as its fake impl does.
   if (!output_mask[2]) gw = at::Tensor();
   if (!(has_bias && output_mask[3])) gb_ = at::Tensor();
-  // The backend picks the weight gradient's layout from the input's; the fake impl (and autograd) expect weight's.
-  if (gw.defined()) gw = gw.contiguous(layout_of(weight));
+  // The backend picks the weight gradient's layout from the input's (oneDNN's bf16 one differs from its float32
+  // one in the strides of size-1 dimensions); the gradient takes its parameter's exact strides, as the fake impl
+  // and the fallback return it, so that autograd accumulates it without another copy.
+  if (gw.defined() && gw.strides() != weight.strides()) gw = at::empty_like(weight, gw.options()).copy_(gw);
 
   // 3. the input stage's backward: one pass for the skip/previous-layer part, one for the upsampled part
   at::Tensor gx, gs, gt, gx2, gm;

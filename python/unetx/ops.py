@@ -195,7 +195,7 @@ def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, wei
     if output_mask[1] and x2 is not None:
         gx2 = _empty(x2.shape, x2, fmt)
     if output_mask[2]:
-        gw = _empty(weight.shape, weight, _layout(weight))
+        gw = torch.empty_like(weight)  # the parameter's own strides (see the kernel)
     if has_bias and output_mask[3]:
         gb = weight.new_empty((weight.shape[1] if transposed else weight.shape[0],))
     return gx, gs, gt, gx2, gw, gb, gm
@@ -330,7 +330,7 @@ def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, 
         up(grad_y), grad_mean, grad_var, up(x), x_scale, x_shift, x_pool, up(x2), x2_mode, up(weight), has_bias,
         transposed, up(y) if y.numel() else y, mean, relu, x_mean,
     )
-    gw = gw.to(weight.dtype).contiguous(memory_format=_layout(weight)) if output_mask[2] else None
+    gw = torch.empty_like(weight).copy_(gw) if output_mask[2] else None
     gb = gb.to(weight.dtype).contiguous() if (output_mask[3] and gb is not None) else None
     fmt = _layout(x)
     gx = gx.to(x.dtype).contiguous(memory_format=fmt) if output_mask[0] else None
