@@ -43,6 +43,7 @@ PYBIND11_MODULE(_C, m) {
     py::dict d;
     d["torch_version"] = UNETX_TORCH_VERSION;
     d["compiler"] = UNETX_CXX_COMPILER;
+    d["cuda_note"] = UNETX_CUDA_NOTE;  // why there are no CUDA kernels; empty when there are
 #ifdef UNETX_WITH_CUDA
     d["cuda"] = true;
     d["nvcc_version"] = UNETX_NVCC_VERSION;
