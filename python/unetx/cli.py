@@ -51,8 +51,10 @@ TRAIN_HELP = {
     "device": "auto | cpu | cuda | cuda:N", "val_every": "validate every N epochs",
     "val_tile": "validation images larger than this run by overlap-tile",
     "overlays": "validation overlay PNGs to write", "progress": "progress bars",
+    "time": "time budget, e.g. 10m, 90s, 1h: the run (validation and checkpoints included) ends within it, the "
+            "plan picks every option not given for it; with neither --time nor --epochs: 10m on a CPU, 30m on a GPU",
 }
-RESUME_OVERRIDES = ("epochs", "device", "workers", "progress")
+RESUME_OVERRIDES = ("epochs", "time", "device", "workers", "progress")
 TRAIN_CHOICES = {"mask_mode": ("auto", "binary", "labels", "colour"), "foreground": ("bright", "dark"),
                  "normalize": ("dtype", "percentile", "standardize"), "pool": ("avg", "max"),
                  "upsample": ("transpose", "nearest", "bilinear"), "schedule": ("cosine", "step", "plateau", "none"),
@@ -83,7 +85,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .plan import process_age
     from .train import TrainConfig, Trainer
+
+    # the --time budget counts from the command's start: Python's start-up, reading the data and planning included
+    started = time.perf_counter() - process_age()
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume") and v is not None}
     if args.resume:
@@ -92,9 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise InputError(f"with --resume the run's own options are used; only "
                              f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may be given "
                              f"(got {', '.join('--' + k.replace('_', '-') for k in extra)})")
-        Trainer.from_run_dir(args.resume, **given).run()
+        Trainer.from_run_dir(args.resume, started=started, **given).run()
         return 0
-    Trainer(TrainConfig(**given)).run()
+    Trainer(TrainConfig(**given), plan_given=set(given), started=started).run()
     return 0
 
 
@@ -307,7 +313,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not (out / DEMO_MARKER).exists():
             raise InputError(f"{out} exists and was not made by `unetx demo`; choose another --out")
     quick = args.quick
-    t0 = time.perf_counter()
+    t0 = started = time.perf_counter()
+    from .plan import parse_duration
+
+    parse_duration(args.time, "--time")  # checked before anything is written
     if args.data is None:
         if out.exists():
             shutil.rmtree(out)  # a previous demo's own output (marked), replaced by this run
@@ -320,10 +329,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"({'8' if quick else '24'} training, {'2' if quick else '6'} held-out, 1 large)")
         cfg = TrainConfig(images=str(paths["train_images"]), masks=str(paths["train_masks"]),
                           val_images=str(paths["val_images"]), val_masks=str(paths["val_masks"]),
-                          out=str(out / "run"), base_channels=8 if quick else 16, depth=3,
-                          epochs=args.epochs or (2 if quick else 8), batch_size=8, crop=64 if quick else 96,
-                          patches_per_image=2 if quick else 4, lr=3e-3, seed=args.seed, device=args.device,
+                          out=str(out / "run"), lr=3e-3, seed=args.seed, device=args.device,
                           progress=not args.no_progress, elastic=0.3)
+        if quick:  # a wiring check: every size fixed and tiny, nothing to plan
+            fixed = dict(base_channels=8, depth=3, epochs=args.epochs or 2, batch_size=8, crop=64,
+                         patches_per_image=2)
+        else:  # the same planner as `unetx train`, for the demo's time budget (or its --epochs)
+            fixed = {"epochs": args.epochs} if args.epochs else {}
+            cfg.time = None if args.epochs else args.time
+        cfg = dataclasses.replace(cfg, **fixed)
         large = [(paths["large_images"], paths["large_masks"])]
     else:
         data = Path(args.data)
@@ -333,13 +347,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out.mkdir(parents=True)
         (out / DEMO_MARKER).write_text("made by unetx demo; deleted by the next demo run into this folder\n")
         cfg = TrainConfig(images=str(images), masks=str(masks), val_fraction=args.val_fraction, out=str(out / "run"),
-                          foreground=args.foreground, base_channels=8 if quick else 16, depth=3 if quick else 4,
-                          epochs=args.epochs or (1 if quick else 30), batch_size=4, crop=128 if quick else 256,
-                          patches_per_image=1 if quick else None, lr=1e-3, seed=args.seed, device=args.device,
+                          foreground=args.foreground, lr=1e-3, seed=args.seed, device=args.device,
                           progress=not args.no_progress)
+        if quick:
+            fixed = dict(base_channels=8, depth=3, epochs=args.epochs or 1, batch_size=4, crop=128,
+                         patches_per_image=1)
+        else:
+            fixed = {"epochs": args.epochs} if args.epochs else {}
+            cfg.time = None if args.epochs else args.time
+        cfg = dataclasses.replace(cfg, **fixed)
         test_dir = data / "test" / "images"
         large = [(test_dir, None)] if test_dir.is_dir() else []
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, plan_given=set(fixed), started=started)
     summary = trainer.run()
     model, ckpt = checkpoint.load_model(summary["best_checkpoint"], trainer.device)
     table = checkpoint.class_table(ckpt)
@@ -437,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train on synthetic cells (or --data DIR) and show the result")
     p.add_argument("--data", default=None, help="a dataset folder (train/images + train/masks) instead of synthetic data")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--time", default="90s",
+                   help="training time budget, planned as by `unetx train --time` (default 90s)")
+    p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of a time budget")
     p.add_argument("--val-fraction", type=float, default=1 / 6, help="with --data: held-out fraction (default 1/6)")
     p.add_argument("--foreground", choices=("bright", "dark"), default="bright",
                    help="with --data: binary mask polarity (ISBI membranes: dark)")

@@ -35,6 +35,7 @@ from .data import (Augment, ClassTable, InputError, PatchDataset, Sample, balanc
                    default_patches_per_image, image_channels, infer_class_table, load_samples, pair_files)
 from .losses import LOSSES, make_loss, num_output_channels, probabilities
 from .metrics import confusion_counts, dice_from_counts, foreground_mean, iou_from_counts
+from .plan import DEFAULT_BUDGET, PLANNED, format_duration, make_plan, parse_duration
 
 SCHEDULES = ("cosine", "step", "plateau", "none")
 RUN_FILES = ("last.pt", "best.pt", "history.csv", "history.npy", "curves.png")
@@ -85,6 +86,9 @@ class TrainConfig:
     elastic_sigma: float = 10.0
     brightness: float = 0.1
     contrast: float = 0.1
+    # the time budget ("10m", "90s", "1h"): the run, its validations and its last checkpoint end within it, and the
+    # learning rate follows a cosine over it (see unetx.plan); None: cfg.epochs epochs
+    time: str | None = None
     # execution
     amp: str = "auto"  # auto (on for CUDA) | on | off  (CPU: bfloat16)
     channels_last: bool = False
@@ -120,6 +124,8 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if not self.images or not self.masks:
             raise InputError("--images and --masks are required (folders of training images and masks)")
+        if self.time is not None:
+            parse_duration(self.time)
 
 
 @dataclass
@@ -244,7 +250,12 @@ def warn_if_bf16_emulated(device: torch.device) -> None:
 class Trainer:
     """One training run. `Trainer(cfg).run()`; `Trainer.from_run_dir(dir)` to resume."""
 
-    def __init__(self, cfg: TrainConfig, resume_ckpt: dict | None = None):
+    def __init__(self, cfg: TrainConfig, resume_ckpt: dict | None = None, plan_given: set[str] | None = None,
+                 started: float | None = None):
+        """plan_given: plan the run (unetx.plan) for the fields not named in it; None plans only with cfg.time
+        (then every planned field left at its default is planned). started: when the time budget began
+        (time.perf_counter(); default now)."""
+        self.started = time.perf_counter() if started is None else started
         cfg.check()
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -254,6 +265,15 @@ class Trainer:
         table = checkpoint.class_table(resume_ckpt) if resume_ckpt else None
         channels = resume_ckpt["config"]["in_channels"] if resume_ckpt else None
         self.data = prepare_data(cfg, table, channels)
+        self.plan = None
+        if resume_ckpt is None and (plan_given is not None or cfg.time is not None):
+            self._make_plan(plan_given)
+        self.budget = parse_duration(cfg.time) if cfg.time is not None else None
+        # seconds of the budget spent by earlier sessions of this run (a resumed run continues the same budget)
+        self.spent_before = float((resume_ckpt or {}).get("time_spent", 0.0))
+        self.out_of_time = False
+        self.est = {"val": (self.plan.val_s if self.plan and self.plan.val_s else 0.0), "save": 3.0,
+                    "step": (self.plan.step_s if self.plan and self.plan.step_s else 0.0)}
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data)
         if resume_ckpt is not None:
@@ -283,6 +303,8 @@ class Trainer:
             self.history = {k: list(v) for k, v in resume_ckpt.get("history", {}).items()}
             self.best = dict(resume_ckpt.get("best", self.best))
             self.start_epoch = int(resume_ckpt["epoch"])
+        if self.budget is not None and cfg.schedule == "cosine":
+            self.sched = None  # the learning rate follows the budget's time instead (_time_lr)
         ppi = cfg.patches_per_image or default_patches_per_image(self.data.train, cfg.crop)
         aug = (Augment(elastic=cfg.elastic, elastic_sigma=cfg.elastic_sigma, brightness=cfg.brightness,
                        contrast=cfg.contrast) if cfg.augment else None)
@@ -292,14 +314,65 @@ class Trainer:
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
                                                   num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
         self.ddp = None
+        if self.budget is not None and self.time_left() <= self._reserve():
+            raise InputError(
+                f"--time {cfg.time}: no time is left to train ({format_duration(max(self.time_left(), 0))} left of "
+                f"the budget, {format_duration(self._reserve())} needed for the final validation and checkpoint); "
+                + ("continue with --resume and a longer --time" if resume_ckpt else "give a longer --time"))
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in RUN_FILES:  # temporary files of a run killed while writing them
                 for stale in self.out.glob(f".{name}.*.tmp"):
                     stale.unlink(missing_ok=True)
+            if self.plan is not None:
+                self.plan.write(self.out / "plan.json")
+
+    def _make_plan(self, given: set[str] | None) -> None:
+        cfg = self.cfg
+        if given is None:  # the Python API with time=...: plan what was left at its default
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+            given = {k for k in PLANNED if getattr(cfg, k) != defaults[k]}
+        if cfg.time is None and "epochs" not in given:
+            cfg.time = f"{DEFAULT_BUDGET.get(self.device.type, DEFAULT_BUDGET['cuda']) / 60:g}m"
+        budget = parse_duration(cfg.time) if cfg.time is not None else None
+        # under torchrun every process must reach the same plan: no probe there, the fingerprint's rules alone
+        self.plan = make_plan(cfg, given, self.data, self.device, budget,
+                              amp_dtype=_amp_dtype(cfg, self.device), log=self.log,
+                              probe=self.world == 1)
+        cfg.check()
+        self.log("unetx train: the plan (" + (f"budget {cfg.time}" if budget else f"{cfg.epochs} epochs")
+                 + "; any value can be set by its flag):")
+        for line in self.plan.lines():
+            self.log("  " + line)
+
+    # -------------------------------------------------------------------------------- the time budget
+    def time_left(self) -> float:
+        return self.budget - self.spent_before - (time.perf_counter() - self.started)
+
+    def _reserve(self) -> float:
+        """Seconds the run needs after its last step: a validation, the overlays, the checkpoints, one more step."""
+        n_val = len(self.data.val)
+        overlays = self.est["val"] * min(self.cfg.overlays, n_val) / n_val if n_val else 0.0
+        return 1.2 * (self.est["val"] + overlays + self.est["save"]) + self.est["step"] + 2.0
+
+    def _time_lr(self) -> None:
+        """Cosine from cfg.lr to cfg.lr / 100 over the part of the budget left for training."""
+        window = max(self.budget - self._reserve(), 1e-9)
+        progress = min(1.0, (self.budget - self.time_left()) / window)
+        lr = self.cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def _should_stop(self) -> bool:
+        if self.budget is None:
+            return False
+        stop = self.time_left() <= self._reserve()
+        if self.world > 1:  # every process stops at the same step
+            stop = bool(self._all_reduce(np.array([float(stop)]))[0] > 0)
+        return stop
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, **overrides) -> "Trainer":
+    def from_run_dir(cls, run_dir: str | Path, started: float | None = None, **overrides) -> "Trainer":
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise InputError(f"--resume {run_dir}: no such run folder")
@@ -314,7 +387,7 @@ class Trainer:
             if v is not None:
                 setattr(cfg, k, v)
         cfg.out = str(run_dir)
-        return cls(cfg, resume_ckpt=ckpt)
+        return cls(cfg, resume_ckpt=ckpt, started=started)
 
     # -------------------------------------------------------------------------------- helpers
     @property
@@ -348,9 +421,16 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 100003 + epoch)
         total_loss, seen, steps = 0.0, 0, 0
         t0 = time.perf_counter()
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", leave=False,
+        desc = f"epoch {epoch + 1}" + (f"/{self.cfg.epochs}" if self.budget is None else "")
+        bar = tqdm(self.loader, desc=desc, unit="batch", leave=False,
                    disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True, file=sys.stderr)
         for image, target, weight in bar:
+            if self._should_stop():
+                self.out_of_time = True
+                break
+            t_step = time.perf_counter()
+            if self.budget is not None and self.sched is None:
+                self._time_lr()
             image = image.to(self.device, non_blocking=True)
             if self.cfg.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
@@ -378,7 +458,13 @@ class Trainer:
             seen += n
             steps += 1
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen * self.world / max(elapsed, 1e-9):.1f}")
+            self.est["step"] = max(self.est["step"] * 0.8, time.perf_counter() - t_step)
+            left = {} if self.budget is None else {"left": format_duration(self.time_left())}
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen * self.world / max(elapsed, 1e-9):.1f}",
+                            **left)
+        else:
+            if self.budget is not None and self._should_stop():
+                self.out_of_time = True
         bar.close()
         sums = self._all_reduce(np.array([total_loss, seen], dtype=np.float64))
         elapsed = time.perf_counter() - t0
@@ -428,7 +514,8 @@ class Trainer:
         kw = dict(classes=self.data.table, normalize=self.cfg.normalize, loss=self.cfg.loss, epoch=epoch,
                   optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
                   scaler=self.scaler.state_dict() if self.scaler else None, history=self.history, best=self.best,
-                  train_args=dataclasses.asdict(self.cfg), world_size=self.world)
+                  train_args=dataclasses.asdict(self.cfg), world_size=self.world,
+                  time_spent=self.spent_before + time.perf_counter() - self.started)
         ckpt = checkpoint.to_dict(self.model, **kw)
         try:
             # best before last: whenever last.pt exists, the best.pt it records exists too (a kill between the two
@@ -496,8 +583,13 @@ class Trainer:
                      f"{', resuming after epoch ' + str(self.start_epoch) if self.start_epoch else ''}")
         for epoch in range(self.start_epoch, cfg.epochs):
             stats = self.train_epoch(epoch)
-            if self.data.val and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            if stats["steps"] == 0:  # the time ran out before this epoch's first step
+                break
+            final = self.out_of_time or epoch + 1 == cfg.epochs
+            if self.data.val and ((epoch + 1) % cfg.val_every == 0 or final):
+                t_val = time.perf_counter()
                 stats.update(self.validate())
+                self.est["val"] = time.perf_counter() - t_val
             score = stats.get("val_dice", -stats["train_loss"])
             if self.sched is not None:
                 if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -513,21 +605,30 @@ class Trainer:
             improved = score > self.best["score"]
             if improved:
                 self.best = {"epoch": epoch + 1, "score": float(score)}
+            t_save = time.perf_counter()
             self.save(epoch + 1, improved)
+            self.est["save"] = time.perf_counter() - t_save
             val_txt = (f", val loss {stats['val_loss']:.4f}, val Dice {stats['val_dice']:.4f}" if "val_dice" in stats
                        else "")
-            self.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f}{val_txt}, "
-                     f"{stats['images_per_s']:.1f} img/s, {stats['seconds']:.1f}s{' *' if improved else ''}")
+            left = "" if self.budget is None else f", {format_duration(self.time_left())} left"
+            self.log(f"epoch {epoch + 1}{'' if self.budget is not None else f'/{cfg.epochs}'}: train loss "
+                     f"{stats['train_loss']:.4f}{val_txt}, {stats['images_per_s']:.1f} img/s, "
+                     f"{stats['seconds']:.1f}s{left}{' *' if improved else ''}")
             if self.world > 1:
                 dist.barrier()
+            if self.out_of_time:
+                break
         overlays = self.write_overlays()
         elapsed = time.perf_counter() - t_start
         best_txt = (f"best val Dice {self.best['score']:.4f} at epoch {self.best['epoch']}" if self.data.val
                     else f"best train loss {-self.best['score']:.4f} at epoch {self.best['epoch']}")
-        self.log(f"unetx train: done, {cfg.epochs} epochs ({elapsed:.0f}s this session), {best_txt}; "
+        epochs_done = int(self.history["epoch"][-1]) if self.history.get("epoch") else 0
+        self.log(f"unetx train: done, {epochs_done} epochs ({elapsed:.0f}s this session"
+                 + (f", budget {cfg.time}, {format_duration(self.spent_before + time.perf_counter() - self.started)}"
+                    " used" if self.budget is not None else "") + f"), {best_txt}; "
                  f"checkpoints {self.out / 'best.pt'}, {self.out / 'last.pt'}; history {self.out / 'history.csv'}, "
                  f"curves {self.out / 'curves.png'}" + (f", overlays {self.out / 'overlays'}" if overlays else ""))
-        return {"out": str(self.out), "epochs": cfg.epochs, "best_epoch": self.best["epoch"],
+        return {"out": str(self.out), "epochs": epochs_done, "best_epoch": self.best["epoch"],
                 "best_score": self.best["score"], "history": self.history, "seconds": elapsed,
                 "best_checkpoint": str(self.out / "best.pt"), "last_checkpoint": str(self.out / "last.pt")}
 
