@@ -58,11 +58,12 @@ def test_fingerprint_measures_object_size_and_balance(radius):
 def test_crop_and_depth_follow_object_size_and_image_size():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fp = lambda d, side=1024: Fingerprint(4, 1, (side, side), side, [0.5, 0.5], d)  # noqa: E731
-    small, large = choose_crop_depth(fp(10), cpu, None, None), choose_crop_depth(fp(60), cpu, None, None)
-    assert small[0] == 96 and large[0] == 256  # ~4 diameters of context, 96..256 px on a CPU
-    assert small[1] < large[1]  # bigger objects need a deeper network (receptive field)
-    assert choose_crop_depth(fp(200), cuda, None, None)[0] == 512
-    assert choose_crop_depth(fp(60, side=150), cpu, None, None)[0] == 128  # never larger than the images
+    assert choose_crop_depth(fp(10), cpu, None, None) == (128, 4)  # at least 128 px
+    assert choose_crop_depth(fp(30), cpu, None, None) == (192, 4)  # ~6 diameters of context
+    assert choose_crop_depth(fp(60), cpu, None, None) == (256, 4)  # at most 256 px on a CPU
+    assert choose_crop_depth(fp(200), cuda, None, None) == (512, 5)  # 512 px, 5 levels on a GPU
+    assert choose_crop_depth(fp(60, side=150), cpu, None, None) == (128, 4)  # never larger than the images
+    assert choose_crop_depth(fp(60, side=64), cpu, None, None) == (64, 3)  # the bottleneck keeps >= 8 px
     assert choose_crop_depth(fp(60), cpu, 64, 2) == (64, 2)  # given values are kept
 
 

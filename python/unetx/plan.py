@@ -8,8 +8,9 @@ the plan picks what the user did not give: crop size, depth, width, batch size, 
 validate, so that the run, its validations and its final checkpoint fit the budget.
 
 The rules, in order (nnU-Net plans from a fingerprint too, for a GPU's memory; here the budget is time):
-1. crop: about 4 object diameters of context (>= 96 px, <= 256 on a CPU / 512 on a GPU, <= the smallest image);
-2. depth: the shallowest of 3..5 whose receptive margin (each side) covers an object diameter and whose bottleneck is >= 8 px;
+1. crop: about 6 object diameters (the larger objects: the upper quartile) of context, 128..256 px on a CPU
+   (..512 on a GPU), never more than the smallest image;
+2. depth: the deepest (at most 4 on a CPU, 5 on a GPU) whose bottleneck keeps >= 8 px;
 3. batch: ~128k pixels per step on a CPU (8 x 128^2); on a GPU as many as half its free memory holds, at most 32;
 4. width: the widest candidate (CPU 16/32, GPU 32/64) that still gets MIN_STEPS optimiser steps in the budget;
    on a CPU, a budget too short for MIN_STEPS takes smaller batches (down to 4) for more steps;
@@ -86,7 +87,9 @@ class Fingerprint:
     median_size: tuple[int, int]
     min_side: int
     class_fractions: list[float]
-    object_diameter: float  # px: median equivalent diameter of the masks' connected regions, all classes
+    # px: the upper quartile of the equivalent diameters of the masks' connected regions, every class (the larger
+    # objects set the context a patch must hold; the median would follow the many small fragments)
+    object_diameter: float
 
     def summary(self) -> str:
         fr = ", ".join(f"{100 * f:.0f}%" for f in self.class_fractions)
@@ -114,7 +117,7 @@ def fingerprint(samples: Sequence[Sample], num_classes: int, max_masks: int = 32
     h, w = np.median(sizes, axis=0)
     return Fingerprint(images=len(samples), channels=int(samples[0].image.shape[0]), median_size=(int(h), int(w)),
                        min_side=int(sizes.min()), class_fractions=(counts / max(counts.sum(), 1)).round(4).tolist(),
-                       object_diameter=float(np.median(d)) if d.size else float(sizes.min()) / 4)
+                       object_diameter=float(np.percentile(d, 75)) if d.size else float(sizes.min()) / 4)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -167,19 +170,15 @@ def _round_to(x: float, multiple: int) -> int:
 
 
 def choose_crop_depth(fp: Fingerprint, device: torch.device, crop: int | None, depth: int | None) -> tuple[int, int]:
-    from .reference import receptive_margin
-
     limit = 512 if device.type == "cuda" else 256
     if crop is None:
-        want = min(max(4 * fp.object_diameter, 96), limit)
+        want = min(max(6 * fp.object_diameter, 128), limit)
         side = (fp.min_side // 32) * 32 or fp.min_side
         crop = min(_round_to(want, 32), side)
-    if depth is None:
-        depth = 3
-        while depth < 5 and receptive_margin(depth) < fp.object_diameter and crop // 2 ** (depth + 1) >= 8:
+    if depth is None:  # the deepest whose bottleneck keeps >= 8 px (4 levels on a CPU, 5 on a GPU)
+        depth = 1
+        while depth < (5 if device.type == "cuda" else 4) and crop // 2 ** (depth + 1) >= 8:
             depth += 1
-        while depth > 1 and crop < 2**depth * 4:
-            depth -= 1
     return crop, depth
 
 
