@@ -602,7 +602,9 @@ class Trainer:
                 self.history.setdefault(key, [math.nan] * done)  # a column first seen now (e.g. validation)
             for key, col in self.history.items():
                 col.append(float(row.get(key, math.nan)))
-            improved = score > self.best["score"]
+            # with no validation images, a time-budget run's best weights are its last: its learning rate has
+            # decayed to its end there, and the training loss of random augmented patches is too noisy to pick by
+            improved = score > self.best["score"] or (self.budget is not None and not self.data.val)
             if improved:
                 self.best = {"epoch": epoch + 1, "score": float(score)}
             t_save = time.perf_counter()
