@@ -623,7 +623,8 @@ class Trainer:
         overlays = self.write_overlays()
         elapsed = time.perf_counter() - t_start
         best_txt = (f"best val Dice {self.best['score']:.4f} at epoch {self.best['epoch']}" if self.data.val
-                    else f"best train loss {-self.best['score']:.4f} at epoch {self.best['epoch']}")
+                    else f"best.pt = epoch {self.best['epoch']} (train loss {-self.best['score']:.4f}; no validation "
+                    "images" + (", so the last epoch" if self.budget is not None else ", lowest train loss") + ")")
         epochs_done = int(self.history["epoch"][-1]) if self.history.get("epoch") else 0
         self.log(f"unetx train: done, {epochs_done} epochs ({elapsed:.0f}s this session"
                  + (f", budget {cfg.time}, {format_duration(self.spent_before + time.perf_counter() - self.started)}"
