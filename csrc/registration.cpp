@@ -1,9 +1,12 @@
-// The unetx operator library: every op's schema (TORCH_LIBRARY), and the small pybind11 module that reports how the
-// extension was built and switches on the CUDA kernels. Kernels register per dispatch key in cpu/*.cpp, cuda/*.cu.
+// The unetx operator library: every op's schema (TORCH_LIBRARY, from ops.cpp), and the small pybind11 module that
+// reports how the extension was built and switches on the CUDA kernels. Each device registers every op over its
+// kernel table: cpu/registration.cpp (always), cuda/registration.cu (on request).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include <memory>
+
+#include "ops.h"
 
 namespace py = pybind11;
 
@@ -13,27 +16,7 @@ void register_kernels(torch::Library& lib);
 }
 #endif
 
-TORCH_LIBRARY(unetx, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  // bn_relu: relu((y - mean) * scale + shift); mean defaults to 0. Backward returns (y, scale, shift, mean) grads.
-  m.def("bn_relu(Tensor y, Tensor scale, Tensor shift, Tensor? mean=None) -> Tensor", tags);
-  m.def("bn_relu_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, Tensor? mean=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor)", tags);
-  m.def("bn_relu_pool(Tensor y, Tensor scale, Tensor shift, Tensor? mean=None) -> (Tensor, Tensor)", tags);
-  m.def("bn_relu_pool_backward(Tensor grad_z, Tensor grad_p, Tensor y, Tensor scale, Tensor shift, Tensor? mean=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor)", tags);
-  m.def("avg_pool2x2(Tensor x) -> Tensor", tags);
-  m.def("avg_pool2x2_backward(Tensor grad) -> Tensor", tags);
-  m.def("upsample_concat(Tensor skip, Tensor x, str mode) -> Tensor", tags);
-  m.def("upsample_concat_backward(Tensor grad, int skip_channels, str mode) -> (Tensor, Tensor)", tags);
-  m.def("conv_bn_relu(Tensor x, Tensor? x_scale, Tensor? x_shift, bool x_pool, Tensor? x2, str x2_mode,"
-        " Tensor weight, Tensor? bias, bool transposed, bool stats, bool relu, Tensor? x_mean=None)"
-        " -> (Tensor, Tensor, Tensor)", tags);
-  m.def("conv_bn_relu_backward(Tensor grad_y, Tensor? grad_mean, Tensor? grad_var, Tensor x, Tensor? x_scale,"
-        " Tensor? x_shift, bool x_pool, Tensor? x2, str x2_mode, Tensor weight, bool has_bias, bool transposed,"
-        " Tensor y, Tensor mean, bool relu, bool[4] output_mask, Tensor? x_mean=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
-}
+TORCH_LIBRARY(unetx, m) { unetx::define_ops(m); }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "unetx compiled kernels (ops are in torch.ops.unetx)";

@@ -35,34 +35,4 @@ void batch_stats(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
 void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
                       const at::Tensor* b, bool relu, at::Tensor& out);
 
-// ------------------------------------------------------------------------------------------------ the ops
-// Registered for the CUDA dispatch key by register_kernels (registration.cu), only when the user opts in.
-using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-at::Tensor bn_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean);
-Grads4 bn_relu_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                        const OptTensor& mean);
-std::tuple<at::Tensor, at::Tensor> bn_relu_pool(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                                                const OptTensor& mean);
-Grads4 bn_relu_pool_backward(const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& y,
-                             const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean);
-
-at::Tensor avg_pool2x2(const at::Tensor& x);
-at::Tensor avg_pool2x2_backward(const at::Tensor& grad);
-
-at::Tensor upsample_concat(const at::Tensor& skip, const at::Tensor& x, c10::string_view mode);
-std::tuple<at::Tensor, at::Tensor> upsample_concat_backward(const at::Tensor& grad, int64_t skip_channels,
-                                                            c10::string_view mode);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu(const at::Tensor& x, const OptTensor& x_scale,
-                                                            const OptTensor& x_shift, bool x_pool, const OptTensor& x2,
-                                                            c10::string_view x2_mode, const at::Tensor& weight,
-                                                            const OptTensor& bias, bool transposed, bool stats,
-                                                            bool relu, const OptTensor& x_mean);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
-    const at::Tensor& grad_y, const OptTensor& grad_mean, const OptTensor& grad_var, const at::Tensor& x,
-    const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool, const OptTensor& x2, c10::string_view x2_mode,
-    const at::Tensor& weight, bool has_bias, bool transposed, const at::Tensor& y, const at::Tensor& mean, bool relu,
-    std::array<bool, 4> output_mask, const OptTensor& x_mean);
-
 }  // namespace unetx::cuda
