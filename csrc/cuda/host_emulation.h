@@ -30,9 +30,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <source_location>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -139,6 +141,18 @@ inline Block g_block;
 inline dim3 g_grid_dim, g_block_dim;
 inline thread_local dim3 t_thread_idx, t_block_idx;
 inline thread_local int t_linear = -1;
+inline thread_local const char* t_kernel = nullptr;  // the kernel this thread runs (its first index read names it)
+
+// threadIdx / blockIdx: the first read in a thread names the kernel (every kernel reads one before calling a helper),
+// which is how the host run counts the launches of each kernel.
+inline const dim3& thread_idx(const char* fn) {
+  if (!t_kernel) t_kernel = fn;
+  return t_thread_idx;
+}
+inline const dim3& block_idx(const char* fn) {
+  if (!t_kernel) t_kernel = fn;
+  return t_block_idx;
+}
 
 inline void syncthreads(const std::source_location at = std::source_location::current()) {
   if (t_linear < 0) fail("__syncthreads outside a kernel", at);
@@ -212,6 +226,17 @@ class Pool {
           done_.wait(lock, [&] { return running_ == 0; });
         }
     body_ = nullptr;
+    ++launches_[kernel_ ? kernel_ : "(unnamed)"];
+  }
+
+  // Launches per kernel name since the last reset (kernel names are unqualified, without template arguments).
+  std::map<std::string, int64_t> launches() {
+    const std::lock_guard<std::mutex> launch(launch_);
+    return launches_;
+  }
+  void reset_launches() {
+    const std::lock_guard<std::mutex> launch(launch_);
+    launches_.clear();
   }
 
  private:
@@ -227,6 +252,7 @@ class Pool {
         t_block_idx = block_idx_;
       }
       const dim3 b = g_block_dim;
+      t_kernel = nullptr;
       t_linear = id;
       t_thread_idx = dim3(id % b.x, id / b.x % b.y, id / (b.x * b.y));
       (*body)();
@@ -235,6 +261,7 @@ class Pool {
       g_block.bar.leave();
       t_linear = -1;
       std::lock_guard<std::mutex> lock(m_);
+      if (id == 0) kernel_ = t_kernel;
       if (--running_ == 0) done_.notify_one();
     }
   }
@@ -243,6 +270,8 @@ class Pool {
   std::condition_variable start_, done_;
   std::vector<std::thread> workers_;
   const std::function<void()>* body_ = nullptr;
+  const char* kernel_ = nullptr;
+  std::map<std::string, int64_t> launches_;
   dim3 block_idx_;
   int threads_ = 0, running_ = 0;
   uint64_t generation_ = 0;
@@ -266,8 +295,8 @@ inline void check_aligned(const void* p, std::size_t bytes,
 
 }  // namespace unetx::emu
 
-#define threadIdx (::unetx::emu::t_thread_idx)
-#define blockIdx (::unetx::emu::t_block_idx)
+#define threadIdx (::unetx::emu::thread_idx(__func__))
+#define blockIdx (::unetx::emu::block_idx(__func__))
 #define blockDim (::unetx::emu::g_block_dim)
 #define gridDim (::unetx::emu::g_grid_dim)
 #define __syncthreads() ::unetx::emu::syncthreads()
