@@ -229,7 +229,7 @@ class Pool {
     ++launches_[kernel_ ? kernel_ : "(unnamed)"];
   }
 
-  // Launches per kernel name since the last reset (kernel names are unqualified, without template arguments).
+  // Launches per kernel since the last reset, by its signature with template arguments (__PRETTY_FUNCTION__).
   std::map<std::string, int64_t> launches() {
     const std::lock_guard<std::mutex> launch(launch_);
     return launches_;
@@ -295,8 +295,8 @@ inline void check_aligned(const void* p, std::size_t bytes,
 
 }  // namespace unetx::emu
 
-#define threadIdx (::unetx::emu::thread_idx(__func__))
-#define blockIdx (::unetx::emu::block_idx(__func__))
+#define threadIdx (::unetx::emu::thread_idx(__PRETTY_FUNCTION__))
+#define blockIdx (::unetx::emu::block_idx(__PRETTY_FUNCTION__))
 #define blockDim (::unetx::emu::g_block_dim)
 #define gridDim (::unetx::emu::g_grid_dim)
 #define __syncthreads() ::unetx::emu::syncthreads()
