@@ -129,20 +129,22 @@ __global__ void __launch_bounds__(kThreads)
       const Adj cols(l, w, W);
 #pragma unroll
       for (int p = 0; p < Adj::kTaps; ++p) {
-        if (rows.wt[p] == 0.f) continue;
-        A row[V];
+        if (rows.wt[p] != 0.f) {
+          A row[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) row[i] = A(0);
+          for (int i = 0; i < V; ++i) row[i] = A(0);
 #pragma unroll
-        for (int q = 0; q < Adj::kTaps; ++q) {
-          if (cols.wt[q] == 0.f) continue;
-          A v[V];
-          load<V>(g + gs.at(n, c, rows.o0 + p, cols.o0 + q), v);
+          for (int q = 0; q < Adj::kTaps; ++q) {
+            if (cols.wt[q] != 0.f) {
+              A v[V];
+              load<V>(g + gs.at(n, c, rows.o0 + p, cols.o0 + q), v);
 #pragma unroll
-          for (int i = 0; i < V; ++i) row[i] += A(cols.wt[q]) * v[i];
+              for (int i = 0; i < V; ++i) row[i] += A(cols.wt[q]) * v[i];
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < V; ++i) s[i] += A(rows.wt[p]) * row[i];
         }
-#pragma unroll
-        for (int i = 0; i < V; ++i) s[i] += A(rows.wt[p]) * row[i];
       }
     } else if constexpr (!BILINEAR) {
       // V inputs l.. read the 2V columns 2l.. of rows 2k and 2k + 1, as two V-wide halves each
