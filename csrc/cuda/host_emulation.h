@@ -10,7 +10,8 @@
 //   - warp shuffles are a 32-lane exchange: every lane named in the mask must arrive, from the same call, with the
 //     same mask; a lane that exited or diverged is an error, not a silent stale value;
 //   - the 16-byte packed loads and stores assert their alignment (UNETX_EMU_CHECK_ALIGNED in common.cuh).
-// A barrier that is never completed (a deadlock on a GPU) aborts after UNETX_EMU_TIMEOUT_S seconds (default 60).
+// A block whose live threads all wait at barriers that cannot complete (a hang on a GPU) is an error at once; any
+// other barrier not completed within UNETX_EMU_TIMEOUT_S seconds (default 120) too.
 // The emulated GPU has UNETX_EMU_SMS multiprocessors (default 1), which sets the grids the host code picks.
 //
 // What this proves: indexing, bounds, the use of barriers and shuffles, races in shared and global memory under
@@ -64,6 +65,15 @@ inline int env_int(const char* name, int fallback) {
   return v && *v ? std::atoi(v) : fallback;
 }
 
+// The barriers of the running block share one lock and two counts: the block's live threads (not exited) and how
+// many of them wait at some barrier. When every live thread waits and none of their barriers can complete, the
+// block is deadlocked (on a GPU it would hang): that is an error at once, not a timeout.
+struct BlockSync {
+  std::mutex m;
+  int live = 0, waiting = 0;
+};
+inline BlockSync g_sync;
+
 // A barrier over a changing set of threads: a thread that leaves (exits the kernel) no longer counts. Every arrival
 // names its call site; all arrivals of one phase must name the same one. arrive() returns the OR of the arrivals'
 // `bits` in that phase.
@@ -77,7 +87,7 @@ class Barrier {
   }
 
   uint32_t arrive(const char* what, const std::source_location& at, uint32_t bit = 0) {
-    std::unique_lock<std::mutex> lock(m_);
+    std::unique_lock<std::mutex> lock(g_sync.m);
     if (arrived_ == 0) {
       line_ = at.line();
     } else if (line_ != at.line()) {
@@ -87,23 +97,31 @@ class Barrier {
     bits_ |= bit;
     const uint64_t phase = phase_;
     if (arrived_ == expected_) {
+      g_sync.waiting -= arrived_ - 1;
       complete();
     } else {
-      const auto limit = std::chrono::seconds(env_int("UNETX_EMU_TIMEOUT_S", 60));
+      if (++g_sync.waiting == g_sync.live) {
+        std::fprintf(stderr, "unetx host emulation: %s: %d of %d threads arrived; every live thread of the block "
+                     "waits at a barrier that cannot complete\n", what, arrived_, expected_);
+        fail("deadlock (a divergent __syncthreads or shuffle)", at);
+      }
+      const auto limit = std::chrono::seconds(env_int("UNETX_EMU_TIMEOUT_S", 120));
       if (!cv_.wait_for(lock, limit, [&] { return phase_ != phase; })) {
-        std::fprintf(stderr, "unetx host emulation: %s: %d of %d threads arrived, the others never will\n", what,
+        std::fprintf(stderr, "unetx host emulation: %s: %d of %d threads arrived, the others never did\n", what,
                      arrived_, expected_);
-        fail("deadlock", at);
+        fail("deadlock (timeout)", at);
       }
     }
     return done_bits_;
   }
 
-  // A thread that exits the kernel.
+  // A thread that exits the kernel (the caller holds g_sync.m).
   void leave() {
-    std::lock_guard<std::mutex> lock(m_);
     --expected_;
-    if (arrived_ > 0 && arrived_ == expected_) complete();
+    if (arrived_ > 0 && arrived_ == expected_) {
+      g_sync.waiting -= arrived_;
+      complete();
+    }
   }
 
  private:
@@ -115,7 +133,6 @@ class Barrier {
     cv_.notify_all();
   }
 
-  std::mutex m_;
   std::condition_variable cv_;
   int expected_ = 0, arrived_ = 0;
   uint64_t phase_ = 0;
@@ -215,6 +232,8 @@ class Pool {
       for (unsigned int by = 0; by < grid.y; ++by)
         for (unsigned int bx = 0; bx < grid.x; ++bx) {
           g_block.bar.reset(n);
+          g_sync.live = n;
+          g_sync.waiting = 0;
           for (int w = 0; w < nwarps; ++w) g_block.warps[w]->bar.reset(std::min(kWarpSize, n - w * kWarpSize));
           std::unique_lock<std::mutex> lock(m_);
           body_ = &body;
@@ -256,9 +275,16 @@ class Pool {
       t_linear = id;
       t_thread_idx = dim3(id % b.x, id / b.x % b.y, id / (b.x * b.y));
       (*body)();
-      // the thread has exited: barriers no longer wait for it
-      g_block.warps[id / kWarpSize]->bar.leave();
-      g_block.bar.leave();
+      {  // the thread has exited: barriers no longer wait for it
+        const std::lock_guard<std::mutex> sync(g_sync.m);
+        g_block.warps[id / kWarpSize]->bar.leave();
+        g_block.bar.leave();
+        if (--g_sync.live > 0 && g_sync.waiting == g_sync.live) {
+          std::fprintf(stderr, "unetx host emulation: a thread exited while every other live thread of the block "
+                       "waits at a barrier that cannot complete\n");
+          fail("deadlock (a barrier or shuffle not reached by every thread)", std::source_location::current());
+        }
+      }
       t_linear = -1;
       std::lock_guard<std::mutex> lock(m_);
       if (id == 0) kernel_ = t_kernel;
