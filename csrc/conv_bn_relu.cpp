@@ -217,9 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::OptionalIntArrayRef bias_sizes = has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt;
   const bool need_wb = output_mask[2] || (has_bias && output_mask[3]);
   // See LayerKernels::to_planar. Not for 1x1 kernels or fewer than k.to_planar_min_channels input channels (16 on
-  // the CPU: the head, the first layer, a narrow network's top level), where oneDNN's channels-last weight gradient is as fast as the planar one or
-  // faster (2-core EPYC, 4 x 256 x 256, 3x3, 8 -> 8 channels: 4.5 ms channels-last, 10.2 ms planar before the
-  // conversions); to_planar exists on the CPU only.
+  // the CPU: the head, the first layer, a narrow network's top level), where oneDNN's channels-last weight gradient
+  // is as fast as the planar one or faster (cpu/kernels.h); to_planar exists on the CPU only.
   const bool split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1 &&
                      g.C1 + g.C2 >= k.to_planar_min_channels;
   at::Tensor ga, gw, gb_;

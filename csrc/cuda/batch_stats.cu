@@ -10,6 +10,10 @@
 //   No difference of large sums anywhere, so a large mean (e.g. 1e4 with std 1) costs no precision.
 // fold_output_grad: reads grad_y and y once, writes out once (3T per element); per-channel vectors from cache.
 // Saved for backward: nothing here (conv_bn_relu keeps y and the batch mean).
+//
+// Host-verified, not yet on a GPU: tests/cuda_host/test_kernels.py runs batch_stats_{planar,cl}_kernel,
+// batch_stats_finish_kernel, fold_output_grad_{planar,cl}_kernel on the host under host_emulation.h through their
+// launch code (indexing, bounds, barriers, races, arithmetic; kernels.cuh says what only a GPU can prove).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -165,7 +169,8 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
     G = reduction_blocks(items, kThreads, C);
     part = at::empty({3, C, int64_t(G)}, y.options().dtype(mean.scalar_type()));
     const dim3 grid(G, static_cast<unsigned int>(std::min<int64_t>(C, 65535)));
-    launch(grid, kThreads, stream, &batch_stats_planar_kernel<T, V>, y.const_data_ptr<T>(), C, HW, Div(static_cast<unsigned int>(HW / V)), static_cast<unsigned int>(items),
+    launch(grid, kThreads, stream, &batch_stats_planar_kernel<T, V>,
+        y.const_data_ptr<T>(), C, HW, Div(static_cast<unsigned int>(HW / V)), static_cast<unsigned int>(items),
         part.data_ptr<A>());
   } else {
     const int64_t pixels = N * HW, Cq = C / V;
@@ -176,12 +181,11 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
     part = at::empty({3, C, int64_t(G)}, y.options().dtype(mean.scalar_type()));
     const dim3 grid(G, static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
     launch(grid, block, stream, &batch_stats_cl_kernel<T, V>, y.const_data_ptr<T>(), C, Cq,
-                                                             static_cast<unsigned int>(pixels), part.data_ptr<A>());
+           static_cast<unsigned int>(pixels), part.data_ptr<A>());
   }
   const auto blocks = static_cast<unsigned int>((C * kWarp + kThreads - 1) / kThreads);
   launch(blocks, kThreads, stream, &batch_stats_finish_kernel<T>, y.const_data_ptr<T>(), cl ? 1 : HW,
-                                                                 part.const_data_ptr<A>(), C, G, mean.data_ptr<A>(),
-                                                                 var.data_ptr<A>());
+         part.const_data_ptr<A>(), C, G, mean.data_ptr<A>(), var.data_ptr<A>());
 }
 
 // out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = (y > 0) with relu, on V values of channels c[i].
@@ -268,10 +272,10 @@ void launch_fold(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* me
     const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((pixels + block.y - 1) / block.y, 1, most)),
                     static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
     launch(grid, block, stream, &fold_output_grad_cl_kernel<T, V>, gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                                                 out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu,
-                                                                 C, Cq, static_cast<unsigned int>(pixels));
+           out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu, C, Cq, static_cast<unsigned int>(pixels));
   } else {
-    launch(elementwise_grid(items), kThreads, stream, &fold_output_grad_planar_kernel<T, V>, gy.const_data_ptr<T>(), y.const_data_ptr<T>(), out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu,
+    launch(elementwise_grid(items), kThreads, stream, &fold_output_grad_planar_kernel<T, V>,
+        gy.const_data_ptr<T>(), y.const_data_ptr<T>(), out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu,
         Div(static_cast<unsigned int>(HW / V)), Div(static_cast<unsigned int>(C)), static_cast<unsigned int>(items));
   }
 }

@@ -10,6 +10,10 @@
 //             grad_scale[c] = sum(g * (x - mean)) (centred: no cancellation when |mean| >> std) and
 //             grad_shift[c] = sum(g) are reduced in the same pass: per-thread and per-block sums in float32 (float64
 //             for float64 data), one partial per (channel, block), combined by a second, tiny kernel.
+//
+// Host-verified, not yet on a GPU: tests/cuda_host/test_kernels.py runs activation_forward_{planar,cl}_kernel,
+// activation_backward_{planar,cl}_kernel, sum_partials_kernel on the host under host_emulation.h through their launch
+// code (indexing, bounds, barriers, races, arithmetic; kernels.cuh says what only a GPU can prove).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -321,10 +325,12 @@ void launch_forward(const at::Tensor& x, Affine<acc_t<T>> f, at::Tensor* z, at::
     const int64_t most = std::max<int64_t>(4 * resident_blocks() / groups, 1);
     const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((pixels + block.y - 1) / block.y, 1, most)),
                     static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
-    launch(grid, block, stream, &activation_forward_cl_kernel<T, V, ACT, POOL>, x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Cq, Div(static_cast<unsigned int>(H)),
+    launch(grid, block, stream, &activation_forward_cl_kernel<T, V, ACT, POOL>,
+        x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Cq, Div(static_cast<unsigned int>(H)),
         Div(static_cast<unsigned int>(W)), static_cast<unsigned int>(pixels));
   } else {
-    launch(elementwise_grid(items), kThreads, stream, &activation_forward_planar_kernel<T, V, ACT, POOL>, x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Walk4(C, H, W / V), static_cast<unsigned int>(items));
+    launch(elementwise_grid(items), kThreads, stream, &activation_forward_planar_kernel<T, V, ACT, POOL>,
+        x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Walk4(C, H, W / V), static_cast<unsigned int>(items));
   }
 }
 
@@ -379,10 +385,12 @@ void launch_backward(const at::Tensor* gz, const at::Tensor* gp, const at::Tenso
   A* P = reduce ? part.data_ptr<A>() : nullptr;
   const T* X = ACT ? x.const_data_ptr<T>() : nullptr;
   if (!cl) {
-    launch(grid, block, stream, &activation_backward_planar_kernel<T, V, ACT>, GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, Div(static_cast<unsigned int>(H)),
+    launch(grid, block, stream, &activation_backward_planar_kernel<T, V, ACT>,
+        GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, Div(static_cast<unsigned int>(H)),
         Div(static_cast<unsigned int>(W / V)), static_cast<unsigned int>(N * H * (W / V)), P);
   } else {
-    launch(grid, block, stream, &activation_backward_cl_kernel<T, V, ACT>, GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, C / V,
+    launch(grid, block, stream, &activation_backward_cl_kernel<T, V, ACT>,
+        GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, C / V,
         Div(static_cast<unsigned int>(H)), Div(static_cast<unsigned int>(W)), static_cast<unsigned int>(N * H * W), P);
   }
   if (reduce) {

@@ -14,6 +14,10 @@
 // other barrier not completed within UNETX_EMU_TIMEOUT_S seconds (default 120) too.
 // The emulated GPU has UNETX_EMU_SMS multiprocessors (default 1), which sets the grids the host code picks.
 //
+// The emulation is stricter than a GPU in one way and weaker in one: lanes of a warp are independent threads (a GPU
+// may run them in lock-step, hiding nothing that matters here), and a shuffle orders memory among its lanes, as
+// __syncwarp would (a GPU's __shfl_sync does not): the kernels never rely on that.
+//
 // What this proves: indexing, bounds, the use of barriers and shuffles, races in shared and global memory under
 // ThreadSanitizer, the arithmetic and its accumulation order. What it cannot: the real warp scheduler (lanes here
 // are independent threads, not lock-step), the memory model's weaker orderings, the IntDivider's __umulhi path,
@@ -24,6 +28,7 @@
 #error "cuda/host_emulation.h is for host builds of the CUDA kernels only (define UNETX_HOST_EMULATION)"
 #endif
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -65,18 +70,19 @@ inline int env_int(const char* name, int fallback) {
   return v && *v ? std::atoi(v) : fallback;
 }
 
-// The barriers of the running block share one lock and two counts: the block's live threads (not exited) and how
-// many of them wait at some barrier. When every live thread waits and none of their barriers can complete, the
-// block is deadlocked (on a GPU it would hang): that is an error at once, not a timeout.
+// Two counts of the running block: its live threads (not exited) and how many of them wait at some barrier. When
+// every live thread waits and none of their barriers can complete, the block is deadlocked (on a GPU it would hang):
+// an error at once, not a timeout. Relaxed atomics on purpose: a shared lock or an acquire/release count would order
+// every thread's barrier arrivals after every other's and hide from ThreadSanitizer exactly the races it must see
+// (e.g. warp 1 writing shared memory that thread 0 still reads, with no __syncthreads between).
 struct BlockSync {
-  std::mutex m;
-  int live = 0, waiting = 0;
+  std::atomic<int> live{0}, waiting{0};
 };
 inline BlockSync g_sync;
 
 // A barrier over a changing set of threads: a thread that leaves (exits the kernel) no longer counts. Every arrival
 // names its call site; all arrivals of one phase must name the same one. arrive() returns the OR of the arrivals'
-// `bits` in that phase.
+// `bits` in that phase. Each barrier has its own lock: it orders exactly what the barrier orders.
 class Barrier {
  public:
   void reset(int n) {
@@ -87,7 +93,7 @@ class Barrier {
   }
 
   uint32_t arrive(const char* what, const std::source_location& at, uint32_t bit = 0) {
-    std::unique_lock<std::mutex> lock(g_sync.m);
+    std::unique_lock<std::mutex> lock(m_);
     if (arrived_ == 0) {
       line_ = at.line();
     } else if (line_ != at.line()) {
@@ -97,10 +103,11 @@ class Barrier {
     bits_ |= bit;
     const uint64_t phase = phase_;
     if (arrived_ == expected_) {
-      g_sync.waiting -= arrived_ - 1;
+      g_sync.waiting.fetch_sub(arrived_ - 1, std::memory_order_relaxed);
       complete();
     } else {
-      if (++g_sync.waiting == g_sync.live) {
+      const int waiting = g_sync.waiting.fetch_add(1, std::memory_order_relaxed) + 1;
+      if (waiting == g_sync.live.load(std::memory_order_relaxed)) {
         std::fprintf(stderr, "unetx host emulation: %s: %d of %d threads arrived; every live thread of the block "
                      "waits at a barrier that cannot complete\n", what, arrived_, expected_);
         fail("deadlock (a divergent __syncthreads or shuffle)", at);
@@ -115,11 +122,12 @@ class Barrier {
     return done_bits_;
   }
 
-  // A thread that exits the kernel (the caller holds g_sync.m).
+  // A thread that exits the kernel.
   void leave() {
+    const std::lock_guard<std::mutex> lock(m_);
     --expected_;
     if (arrived_ > 0 && arrived_ == expected_) {
-      g_sync.waiting -= arrived_;
+      g_sync.waiting.fetch_sub(arrived_, std::memory_order_relaxed);
       complete();
     }
   }
@@ -133,6 +141,7 @@ class Barrier {
     cv_.notify_all();
   }
 
+  std::mutex m_;
   std::condition_variable cv_;
   int expected_ = 0, arrived_ = 0;
   uint64_t phase_ = 0;
@@ -189,7 +198,8 @@ T shfl_down_sync(unsigned int mask, T v, unsigned int delta, int width = kWarpSi
   w.mask[lane] = mask;
   w.line[lane] = at.line();
   const uint32_t arrived = w.bar.arrive("__shfl_down_sync", at, 1u << lane);
-  if ((arrived & mask) != mask) fail("__shfl_down_sync: a lane named in the mask did not take part (exited or diverged)", at);
+  if ((arrived & mask) != mask)
+    fail("__shfl_down_sync: a lane named in the mask did not take part (exited or diverged)", at);
   for (int l = 0; l < kWarpSize; ++l)
     if (mask >> l & 1u && (w.mask[l] != mask || w.line[l] != at.line()))
       fail("__shfl_down_sync: lanes of one exchange passed different masks or call sites", at);
@@ -232,8 +242,8 @@ class Pool {
       for (unsigned int by = 0; by < grid.y; ++by)
         for (unsigned int bx = 0; bx < grid.x; ++bx) {
           g_block.bar.reset(n);
-          g_sync.live = n;
-          g_sync.waiting = 0;
+          g_sync.live.store(n, std::memory_order_relaxed);
+          g_sync.waiting.store(0, std::memory_order_relaxed);
           for (int w = 0; w < nwarps; ++w) g_block.warps[w]->bar.reset(std::min(kWarpSize, n - w * kWarpSize));
           std::unique_lock<std::mutex> lock(m_);
           body_ = &body;
@@ -276,10 +286,10 @@ class Pool {
       t_thread_idx = dim3(id % b.x, id / b.x % b.y, id / (b.x * b.y));
       (*body)();
       {  // the thread has exited: barriers no longer wait for it
-        const std::lock_guard<std::mutex> sync(g_sync.m);
         g_block.warps[id / kWarpSize]->bar.leave();
         g_block.bar.leave();
-        if (--g_sync.live > 0 && g_sync.waiting == g_sync.live) {
+        const int live = g_sync.live.fetch_sub(1, std::memory_order_relaxed) - 1;
+        if (live > 0 && g_sync.waiting.load(std::memory_order_relaxed) == live) {
           std::fprintf(stderr, "unetx host emulation: a thread exited while every other live thread of the block "
                        "waits at a barrier that cannot complete\n");
           fail("deadlock (a barrier or shuffle not reached by every thread)", std::source_location::current());

@@ -1,7 +1,15 @@
 // The CUDA kernels behind the unetx ops: the same functions, signatures and semantics as the CPU kernels
-// (csrc/cpu/kernels.h documents each one), so the device-generic conv_bn_relu composition (csrc/conv_bn_relu.cpp)
-// runs on either device. Each op's .cu file implements the kernels named after it; its header comment states the
-// memory traffic and what is saved for backward. common.cuh has the layouts and thread mappings.
+// (csrc/cpu/kernels.h documents each one), so the device-generic op layer (csrc/ops.cpp, csrc/conv_bn_relu.cpp)
+// runs on either device over its kernel table (registration.cu). Each op's .cu file implements the kernels named
+// after it; its header comment states the memory traffic and what is saved for backward. common.cuh has the layouts
+// and thread mappings.
+//
+// Verified so far on the host, not on a GPU: every .cu file also compiles with the host C++ compiler under
+// host_emulation.h, and tests/cuda_host runs each kernel through its real launch code against unetx.reference and
+// the CPU kernels, plain and under ASan+UBSan and TSan (scripts/cuda-host-check). That proves the indexing, bounds,
+// barriers and shuffles (races in shared memory, divergent or missing barriers) and the arithmetic. Only a GPU can
+// prove the real warp scheduler and memory model, the device path of IntDivider (__umulhi), cuDNN, streams and graph
+// capture, and speed (scripts/gpu-check).
 //
 // Every launch goes to the current stream of the tensors' device, with no host synchronisation; temporaries come
 // from the caching allocator (at::empty), so the ops can be captured in CUDA graphs and traced by torch.compile.

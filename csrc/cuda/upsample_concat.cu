@@ -8,6 +8,10 @@
 //   backward: read T of grad (each grad element feeds up to 4 input positions, repeats from cache), write T/4
 //             (grad_x); the skip part is one ATen copy of its slice.
 // Saved for backward: nothing (shapes only).
+//
+// Host-verified, not yet on a GPU: tests/cuda_host/test_kernels.py runs upsample_forward_kernel,
+// upsample_backward_kernel on the host under host_emulation.h through their launch code (indexing, bounds, barriers,
+// races, arithmetic; kernels.cuh says what only a GPU can prove).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -190,7 +194,8 @@ void launch_forward(const at::Tensor& x, at::Tensor& out) {
   if (items == 0) return;
   const Walk4 walk = CL ? Walk4(H, W, C / V) : Walk4(C, H, W / V);
   const auto stream = current_stream();
-  launch(elementwise_grid(items), kThreads, stream, &upsample_forward_kernel<T, V, CL, BILINEAR>, x.const_data_ptr<T>(), Strides4(x), out.data_ptr<T>(), Strides4(out), x.size(2), x.size(3), walk,
+  launch(elementwise_grid(items), kThreads, stream, &upsample_forward_kernel<T, V, CL, BILINEAR>,
+      x.const_data_ptr<T>(), Strides4(x), out.data_ptr<T>(), Strides4(out), x.size(2), x.size(3), walk,
       static_cast<unsigned int>(items));
 }
 
@@ -202,7 +207,8 @@ void launch_backward(const at::Tensor& grad, at::Tensor& gx) {
   if (items == 0) return;
   const Walk4 walk = CL ? Walk4(h, w, C / V) : Walk4(C, h, w / V);
   const auto stream = current_stream();
-  launch(elementwise_grid(items), kThreads, stream, &upsample_backward_kernel<T, V, CL, BILINEAR>, grad.const_data_ptr<T>(), Strides4(grad), gx.data_ptr<T>(), Strides4(gx), h, w, walk,
+  launch(elementwise_grid(items), kThreads, stream, &upsample_backward_kernel<T, V, CL, BILINEAR>,
+      grad.const_data_ptr<T>(), Strides4(grad), gx.data_ptr<T>(), Strides4(gx), h, w, walk,
       static_cast<unsigned int>(items));
 }
 

@@ -124,7 +124,7 @@ def main() -> int:
         if m.sanitize:
             env["LD_PRELOAD"] = run(["g++", f"-print-file-name={runtimes[m.sanitize]}"]).stdout.strip()
         env.setdefault("UNETX_EMU_TIMEOUT_S", "60")
-        r = run([py, "-m", "pytest", str(ROOT / "tests/cuda_host/test_kernels.py"), "-q", "-x", "-p",
+        r = run([py, "-m", "pytest", str(ROOT / "tests/cuda_host/test_kernels.py"), "-q", "-s", "-x", "-p",
                  "no:cacheprovider", "-k", m.select], env=env, cwd=ROOT)
         log = r.stdout + r.stderr
         caught = r.returncode != 0 and re.search(m.expect, log) is not None
