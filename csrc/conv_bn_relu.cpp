@@ -14,13 +14,12 @@
 #include <ATen/record_function.h>
 
 #include "common/checks.h"
+#include "common/layout.h"
 
 namespace unetx {
 namespace {
 
 constexpr const char* kOp = "unetx.conv_bn_relu";
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 struct Geometry {
   int64_t N, C1, C2, H, W;  // H, W: the spatial size the convolution sees
@@ -93,6 +92,33 @@ void check_mean(const OptTensor& x_mean, const OptTensor& x_scale, const at::Ten
   check_channel_vector(*x_mean, x.size(1), x, kOp, "x_mean");
 }
 
+// The backward's own arguments: grad_y (and y, where it is read) of the forward output's shape, x's device and dtype;
+// mean, grad_mean, grad_var one value per output channel on x's device. Without these a wrong shape reaches the
+// convolution backend's or the kernels' indexing, and a tensor on another device comes back as a mixed result.
+void check_backward_args(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, bool transposed,
+                         const at::Tensor& grad_y, const OptTensor& grad_mean, const OptTensor& grad_var,
+                         const at::Tensor& y, const at::Tensor& mean, bool relu) {
+  const char* op = "unetx.conv_bn_relu_backward";
+  const int64_t out_ch = transposed ? weight.size(1) : weight.size(0), f = transposed ? g.k : 1;
+  const std::vector<int64_t> out{g.N, out_ch, f * g.H, f * g.W};
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(out), op, ": expected grad_y of shape ", at::IntArrayRef(out),
+              " (the forward's output), got ", grad_y.sizes());
+  check_same(x, grad_y, op, "x", "grad_y");
+  const bool through_stats = (grad_mean && grad_mean->defined()) || (grad_var && grad_var->defined());
+  TORCH_CHECK(y.device() == x.device(), op, ": x is on ", x.device(), " but y is on ", y.device(),
+              "; move both to the same device");
+  if (through_stats || relu) {
+    TORCH_CHECK(y.sizes() == at::IntArrayRef(out), op, ": expected y of shape ", at::IntArrayRef(out),
+                " (the forward's output), got ", y.sizes());
+    check_same(x, y, op, "x", "y");
+  }
+  for (const auto& [v, name] : {std::pair{&grad_mean, "grad_mean"}, std::pair{&grad_var, "grad_var"}})
+    if (*v && (*v)->defined()) check_channel_vector(**v, out_ch, x, op, name);
+  TORCH_CHECK(mean.device() == x.device(), op, ": x is on ", x.device(), " but mean is on ", mean.device(),
+              "; move both to the same device");
+  if (grad_var && grad_var->defined()) check_channel_vector(mean, out_ch, x, op, "mean");
+}
+
 // The layout of the forward's output: x's, or channels_last when the weight is (what the fake impl promises). The
 // backward works in it even where y itself was not saved (transposed convolutions, the head).
 at::MemoryFormat output_layout(const at::Tensor& x, const at::Tensor& weight) {
@@ -147,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const OptTensor no_bias;
   const Geometry g = check_args(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, no_bias, transposed);
   check_mean(x_mean, x_scale, x);
+  check_backward_args(g, x, weight, transposed, grad_y, grad_mean, grad_var, y, mean, relu);
   const auto mf = layout_of(x);
   const auto xc = x.contiguous(mf);
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
@@ -190,12 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::vector<int64_t> bias_size{out_ch};
   const at::OptionalIntArrayRef bias_sizes = has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt;
   const bool need_wb = output_mask[2] || (has_bias && output_mask[3]);
-  // See LayerKernels::to_planar. Not for 1x1 kernels or fewer than 16 input channels (the head, the first layer,
-  // a narrow network's top level), where oneDNN's channels-last weight gradient is as fast as the planar one or
-  // faster (2-core EPYC, 4 x 256 x 256, 3x3, 8 -> 8 channels: 4.5 ms channels-last, 10.2 ms planar before the
-  // conversions); to_planar exists on the CPU only.
+  // See LayerKernels::to_planar. Not for 1x1 kernels or fewer than k.to_planar_min_channels input channels (16 on
+  // the CPU: the head, the first layer, a narrow network's top level), where oneDNN's channels-last weight gradient
+  // is as fast as the planar one or faster (cpu/kernels.h); to_planar exists on the CPU only.
   const bool split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1 &&
-                     g.C1 + g.C2 >= 16;
+                     g.C1 + g.C2 >= k.to_planar_min_channels;
   at::Tensor ga, gw, gb_;
   // the input gradient alone, where the weight gradient is computed another way
   auto input_grad = [&] {
@@ -271,9 +297,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       gx = ga1.contiguous(mf);
     } else {
       // Without pooling or a concatenation, ga is a temporary of exactly x's shape and each element of gx depends
-      // on the same element of ga only: overwrite it rather than fault in a fresh activation-sized tensor. CPU only:
-      // the CPU kernel is written for gx == gz (see cpu/bn_relu.cpp); the CUDA one is not verified for it.
-      const bool in_place = xc.is_cpu() && !x_pool && !x2 && ga.sizes() == xc.sizes() &&
+      // on the same element of ga only: overwrite it rather than fault in a fresh activation-sized tensor, where the
+      // device's kernel allows it (LayerKernels::activation_backward_in_place).
+      const bool in_place = k.activation_backward_in_place && !x_pool && !x2 && ga.sizes() == xc.sizes() &&
                             ga.scalar_type() == xc.scalar_type() && ga.is_contiguous(mf);
       gx = in_place ? ga : at::empty(xc.sizes(), xc.options().memory_format(mf));
       at::Tensor* gsp = nullptr;

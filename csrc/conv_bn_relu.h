@@ -30,7 +30,8 @@ struct StageRows {
   int64_t align = 1;
 };
 
-// One device's kernels (see cpu/kernels.h for what each one does and its memory traffic).
+// One device's kernels (see cpu/kernels.h for what each one does and its memory traffic). Every op (csrc/ops.cpp:
+// checks, outputs, composition) is written once over this table; a device supplies only the table.
 struct LayerKernels {
   void (*activation_forward)(const at::Tensor& x, const OptTensor& mean, const OptTensor& scale,
                              const OptTensor& shift, at::Tensor* z, at::Tensor* p);
@@ -53,6 +54,14 @@ struct LayerKernels {
   // `rows`, a is only a placeholder for its shape and layout, and its values come from rows->fill block by block.
   std::optional<at::Tensor> (*weight_grad)(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows,
                                            int64_t k);
+
+  // ---- capabilities: device-specific choices of the shared compositions, named here instead of tested there.
+  // activation_backward may be given grad_x and grad_z as the same tensor (it reads each element of grad_z before
+  // writing that element of grad_x): the layer's backward then overwrites the convolution's input gradient instead
+  // of faulting in a fresh activation-sized tensor.
+  bool activation_backward_in_place = false;
+  // With to_planar: the fewest input channels from which a k x k (k > 1) weight gradient is computed planar.
+  int64_t to_planar_min_channels = 0;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(

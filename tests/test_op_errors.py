@@ -183,3 +183,156 @@ def test_fallback_names_the_mismatched_device(op_name):
     call, name = FALLBACK_DEVICE_CASES[op_name]
     with pytest.raises(RuntimeError, match=rf"{op_name}: .* but {name} is on meta; move both to the same device"):
         call("meta")
+
+
+# ---------------------------------------------------------------------------------------------- backward ops
+# Every backward op checks every argument (device, dtype, shape) with a message naming the op and the argument: in
+# its CPU kernel's entry (csrc/ops.cpp, csrc/conv_bn_relu.cpp) and in its fake impl (unetx.ops), which is where a
+# call mixing meta and CPU tensors, or an all-meta call, lands.
+def _g(*shape, dtype=torch.float32, device="cpu"):
+    return x(*shape, dtype=dtype, device=device)
+
+
+def _conv_bw(d, grad_y=None, y=None, mean=None, grad_var="v", relu=False, x_dtype=torch.float32):
+    """conv_bn_relu_backward of a 3 -> 4 channel 3x3 layer on (2, 3, 8, 8) with batch statistics."""
+    gv = _g(4, device=d) if grad_var == "v" else grad_var
+    return torch.ops.unetx.conv_bn_relu_backward(
+        _g(2, 4, 8, 8, device=d) if grad_y is None else grad_y, _g(4, device=d), gv,
+        _g(2, 3, 8, 8, dtype=x_dtype, device=d), None, None, False, None, "none",
+        _g(4, 3, 3, 3, dtype=x_dtype, device=d), False, False, _g(2, 4, 8, 8, device=d) if y is None else y,
+        _g(4, device=d) if mean is None else mean, relu, [True, True, True, True])
+
+
+BACKWARD_CASES = {
+    # (call(device), message): device is "cpu" (the kernels' checks) or "meta" (the fake impls')
+    "bn_relu_backward grad shape": (
+        lambda d: torch.ops.unetx.bn_relu_backward(_g(2, 3, 4, 5, device=d), _g(2, 3, 4, 4, device=d),
+                                                   vec(3, d), vec(3, d)),
+        r"unetx.bn_relu_backward: expected grad of shape \[2, 3, 4, 4\], got \[2, 3, 4, 5\]"),
+    "bn_relu_backward float64 y, float32 grad": (
+        lambda d: torch.ops.unetx.bn_relu_backward(_g(2, 3, 4, 4, device=d),
+                                                   _g(2, 3, 4, 4, dtype=torch.float64, device=d), vec(3, d),
+                                                   vec(3, d)),
+        r"unetx.bn_relu_backward: y is Double but grad is Float"),
+    "bn_relu_backward scale shape": (
+        lambda d: torch.ops.unetx.bn_relu_backward(_g(2, 3, 4, 4, device=d), _g(2, 3, 4, 4, device=d),
+                                                   vec(4, d), vec(3, d)),
+        r"unetx.bn_relu_backward: expected scale of shape \[3\] \(one value per channel\), got \[4\]"),
+    "bn_relu_backward y 3-D": (
+        lambda d: torch.ops.unetx.bn_relu_backward(_g(3, 4, 4, device=d), _g(3, 4, 4, device=d), vec(3, d),
+                                                   vec(3, d)),
+        r"unetx.bn_relu_backward: expected y to be a 4-D .*\[3, 4, 4\]"),
+    "bn_relu_pool_backward grad_p shape": (
+        lambda d: torch.ops.unetx.bn_relu_pool_backward(_g(2, 3, 4, 4, device=d), _g(2, 3, 2, 3, device=d),
+                                                        _g(2, 3, 4, 4, device=d), vec(3, d), vec(3, d)),
+        r"unetx.bn_relu_pool_backward: expected grad_p of shape \[2, 3, 2, 2\], got \[2, 3, 2, 3\]"),
+    "bn_relu_pool_backward grad_z dtype": (
+        lambda d: torch.ops.unetx.bn_relu_pool_backward(_g(2, 3, 4, 4, dtype=torch.bfloat16, device=d),
+                                                        _g(2, 3, 2, 2, device=d), _g(2, 3, 4, 4, device=d),
+                                                        vec(3, d), vec(3, d)),
+        r"unetx.bn_relu_pool_backward: y is Float but grad_z is BFloat16"),
+    "bn_relu_pool_backward odd y": (
+        lambda d: torch.ops.unetx.bn_relu_pool_backward(_g(2, 3, 5, 4, device=d), _g(2, 3, 2, 2, device=d),
+                                                        _g(2, 3, 5, 4, device=d), vec(3, d), vec(3, d)),
+        r"unetx.bn_relu_pool_backward: 2x2 pooling needs an even height and width"),
+    "avg_pool2x2_backward grad 3-D": (
+        lambda d: torch.ops.unetx.avg_pool2x2_backward(_g(3, 4, 4, device=d)),
+        r"unetx.avg_pool2x2_backward: expected grad to be a 4-D .*\[3, 4, 4\]"),
+    "avg_pool2x2_backward integer grad": (
+        lambda d: torch.ops.unetx.avg_pool2x2_backward(torch.ones(2, 3, 4, 4, dtype=torch.int64, device=d)),
+        r"unetx.avg_pool2x2_backward: expected grad to be a floating-point tensor, got Long"),
+    "upsample_concat_backward odd grad": (
+        lambda d: torch.ops.unetx.upsample_concat_backward(_g(2, 6, 7, 8, device=d), 3, "bilinear"),
+        r"grad \[2, 6, 7, 8\] must have an even height and width for 2x upsampling"),
+    "upsample_concat_backward mode": (
+        lambda d: torch.ops.unetx.upsample_concat_backward(_g(2, 6, 8, 8, device=d), 3, "area"),
+        r"upsample_concat_backward: upsampling mode must be .*got 'area'"),
+    "conv_bn_relu_backward grad_y shape": (
+        lambda d: _conv_bw(d, grad_y=_g(2, 4, 8, 7, device=d)),
+        r"unetx.conv_bn_relu_backward: expected grad_y of shape \[2, 4, 8, 8\] \(the forward's output\), "
+        r"got \[2, 4, 8, 7\]"),
+    "conv_bn_relu_backward y shape": (
+        lambda d: _conv_bw(d, y=_g(2, 4, 7, 8, device=d)),
+        r"unetx.conv_bn_relu_backward: expected y of shape \[2, 4, 8, 8\] \(the forward's output\), "
+        r"got \[2, 4, 7, 8\]"),
+    "conv_bn_relu_backward relu y shape": (
+        lambda d: _conv_bw(d, y=_g(2, 4, 8, 9, device=d), grad_var=None, relu=True),
+        r"expected y of shape \[2, 4, 8, 8\] .*got \[2, 4, 8, 9\]"),
+    "conv_bn_relu_backward float64 y": (
+        lambda d: _conv_bw(d, y=_g(2, 4, 8, 8, dtype=torch.float64, device=d)),
+        r"unetx.conv_bn_relu_backward: x is Float but y is Double"),
+    "conv_bn_relu_backward float64 grad_y": (
+        lambda d: _conv_bw(d, grad_y=_g(2, 4, 8, 8, dtype=torch.float64, device=d)),
+        r"unetx.conv_bn_relu_backward: x is Float but grad_y is Double"),
+    "conv_bn_relu_backward mean shape": (
+        lambda d: _conv_bw(d, mean=_g(3, device=d)),
+        r"unetx.conv_bn_relu_backward: expected mean of shape \[4\] \(one value per channel\), got \[3\]"),
+    "conv_bn_relu_backward grad_var shape": (
+        lambda d: _conv_bw(d, grad_var=_g(5, device=d)),
+        r"unetx.conv_bn_relu_backward: expected grad_var of shape \[4\] .*got \[5\]"),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", list(BACKWARD_CASES), ids=str)
+def test_backward_op_rejects_a_bad_argument(case, device):
+    call, message = BACKWARD_CASES[case]
+    with pytest.raises(RuntimeError, match=message):
+        call(device)
+
+
+MIXED_DEVICE_CASES = {
+    # one argument on meta, the rest on the CPU: the Meta key wins, so the fake impl must refuse the mix
+    "bn_relu_backward grad": (lambda: torch.ops.unetx.bn_relu_backward(_g(2, 3, 4, 4, device="meta"),
+                                                                       _g(2, 3, 4, 4), vec(3), vec(3)),
+                              r"unetx.bn_relu_backward: y is on cpu but grad is on meta"),
+    "bn_relu_backward mean": (lambda: torch.ops.unetx.bn_relu_backward(_g(2, 3, 4, 4), _g(2, 3, 4, 4), vec(3),
+                                                                       vec(3), vec(3, "meta")),
+                              r"unetx.bn_relu_backward: y is on cpu but mean is on meta"),
+    "bn_relu_pool_backward grad_p": (
+        lambda: torch.ops.unetx.bn_relu_pool_backward(_g(2, 3, 4, 4), _g(2, 3, 2, 2, device="meta"),
+                                                      _g(2, 3, 4, 4), vec(3), vec(3)),
+        r"unetx.bn_relu_pool_backward: y is on cpu but grad_p is on meta"),
+    "bn_relu_pool_backward scale": (
+        lambda: torch.ops.unetx.bn_relu_pool_backward(_g(2, 3, 4, 4), _g(2, 3, 2, 2), _g(2, 3, 4, 4),
+                                                      vec(3, "meta"), vec(3)),
+        r"unetx.bn_relu_pool_backward: y is on cpu but scale is on meta"),
+    "conv_bn_relu_backward grad_y": (lambda: _conv_bw("cpu", grad_y=_g(2, 4, 8, 8, device="meta")),
+                                     r"unetx.conv_bn_relu_backward: x is on cpu but grad_y is on meta"),
+    "conv_bn_relu_backward y": (lambda: _conv_bw("cpu", y=_g(2, 4, 8, 8, device="meta")),
+                                r"unetx.conv_bn_relu_backward: x is on cpu but y is on meta"),
+    "conv_bn_relu_backward mean": (lambda: _conv_bw("cpu", mean=_g(4, device="meta")),
+                                   r"unetx.conv_bn_relu_backward: x is on cpu but mean is on meta"),
+    "conv_bn_relu_backward grad_var": (lambda: _conv_bw("cpu", grad_var=_g(4, device="meta")),
+                                       r"grad_var is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXED_DEVICE_CASES), ids=str)
+def test_backward_op_rejects_mixed_devices(case):
+    call, message = MIXED_DEVICE_CASES[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.filterwarnings("ignore:unetx. no unetx kernels")
+@pytest.mark.parametrize("case", ["bn_relu_backward grad shape", "bn_relu_backward float64 y, float32 grad",
+                                  "bn_relu_pool_backward grad_p shape", "upsample_concat_backward odd grad",
+                                  "conv_bn_relu_backward y shape", "conv_bn_relu_backward float64 grad_y"])
+def test_fallback_backward_rejects_a_bad_argument(case, monkeypatch):
+    """The stock fallback (CUDA without unetx kernels) checks the backward ops' arguments as the kernels do."""
+    call, message = BACKWARD_CASES[case]
+    for name, fn in ops.FALLBACKS.items():
+        monkeypatch.setattr(torch.ops.unetx, name, _Direct(fn), raising=False)
+    with pytest.raises(RuntimeError, match=message):
+        call("cpu")
+
+
+class _Direct:
+    """Calls a fallback function where the test calls torch.ops.unetx.<op>."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)

@@ -12,12 +12,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/layout.h"
 #include "cpu/kernels.h"
 
 namespace unetx::cpu {
 namespace {
 
-inline bool channels_last(const at::Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1 && !x.is_contiguous(); }
 
 // Both kernels take dense tensors (the caller's contiguous(layout)): planar = (n, c) planes of H*W contiguous
 // elements, channels-last = N*H*W pixels of C contiguous channels.
@@ -26,7 +26,7 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   using acc_t = at::opmath_type<T>;
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   const T* Y = y.const_data_ptr<T>();
-  const bool cl = channels_last(y);
+  const bool cl = is_channels_last(y);
   const double M = double(N * HW);
   std::vector<double> s1(C, 0.0), s2(C, 0.0), pivot(C);
   for (int64_t c = 0; c < C; ++c) pivot[c] = double(Y[cl ? c : c * HW]);
@@ -141,7 +141,7 @@ void fold_impl(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* mean
                const at::Tensor* b, bool relu, at::Tensor& out) {
   using acc_t = at::opmath_type<T>;
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
-  const bool cl = channels_last(y);
+  const bool cl = is_channels_last(y);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_INTERNAL_ASSERT(y.is_contiguous(fmt) && gy.is_contiguous(fmt) && out.is_contiguous(fmt),
                         "unetx.fold_output_grad: expects dense tensors of one layout");

@@ -1,6 +1,6 @@
 // CPU kernels: the activation relu((x - mean[c]) * scale[c] + shift[c]) (BatchNorm + ReLU with the batch statistics
-// and affine parameters folded into mean/scale/shift) with optional fused 2x2 average pooling, and the
-// ops bn_relu / bn_relu_pool built on it.
+// and affine parameters folded into mean/scale/shift) with optional fused 2x2 average pooling, the kernels
+// of the ops bn_relu / bn_relu_pool / avg_pool2x2 (csrc/ops.cpp).
 //
 // Memory traffic per element of x (T = element size):
 //   forward:  read T (x), write T (z) and/or T/4 (p).       Saved for backward: nothing new (x is the caller's).
@@ -11,16 +11,14 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/neg.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "cpu/kernels.h"
 
 namespace unetx::cpu {
@@ -34,9 +32,6 @@ struct Strides {
 
 // Channels-last tensors iterate (n, h) rows with channels innermost; planar ones iterate (n, c) planes with the
 // width innermost. Either way the innermost stride is 1 (the callers make it so), which lets the loops vectorise.
-inline bool channels_last(const at::Tensor& x) {
-  return x.size(1) > 1 && x.stride(1) == 1 && !x.is_contiguous();
-}
 
 inline void check_inner_unit(const at::Tensor& t, bool cl) {
   TORCH_INTERNAL_ASSERT(t.size(cl ? 1 : 3) == 1 || t.stride(cl ? 1 : 3) == 1, "unetx: kernel needs a unit inner stride");
@@ -59,7 +54,7 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
   using acc_t = at::opmath_type<T>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool pool = p != nullptr;
-  const bool cl = channels_last(x);
+  const bool cl = is_channels_last(x);
   const Strides xs(x), zs = z ? Strides(*z) : Strides(), ps = p ? Strides(*p) : Strides();
   const T* X = x.const_data_ptr<T>();
   T* Z = z ? z->data_ptr<T>() : nullptr;
@@ -177,7 +172,7 @@ template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s, const at::Tensor* t, at::Tensor* z,
                   at::Tensor* p) {
   using acc_t = at::opmath_type<T>;
-  const bool cl = channels_last(x);
+  const bool cl = is_channels_last(x);
   check_inner_unit(x, cl);
   if (z) check_inner_unit(*z, cl);
   if (p) check_inner_unit(*p, cl);
@@ -201,7 +196,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
                    const at::Tensor* s, const at::Tensor* t, at::Tensor& gx, at::Tensor* gs, at::Tensor* gt) {
   using acc_t = at::opmath_type<T>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const bool cl = channels_last(x);
+  const bool cl = is_channels_last(x);
   check_inner_unit(gx, cl);
   if (s) check_inner_unit(x, cl);
   if (gz) check_inner_unit(*gz, cl);
@@ -328,8 +323,6 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
   }
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& v, at::ScalarType t) {
   if (!v) return std::nullopt;
   return v->to(acc_type(t)).contiguous();
@@ -357,7 +350,7 @@ at::Tensor unit_input(const at::Tensor& t, bool cl) { return inner_unit(t, cl) ?
 void activation_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& mean,
                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, at::Tensor* z,
                         at::Tensor* p) {
-  const bool cl = channels_last(x_in);
+  const bool cl = is_channels_last(x_in);
   const at::Tensor x = unit_input(x_in, cl);
   auto m = centre(mean, scale, x), s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
   at::Tensor zt, pt;
@@ -376,7 +369,7 @@ void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, con
                          const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& shift, at::Tensor& grad_x, at::Tensor* grad_scale,
                          at::Tensor* grad_shift) {
-  const bool cl = channels_last(x_in);
+  const bool cl = is_channels_last(x_in);
   const at::Tensor x = scale ? unit_input(x_in, cl) : x_in;  // without scale x is only a shape
   at::Tensor gz, gp;
   if (grad_z) gz = unit_input(*grad_z, cl);
@@ -392,88 +385,4 @@ void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, con
   if (gxt.defined()) grad_x.copy_(gxt);
 }
 
-// ------------------------------------------------------------------------------------------------ ops
-namespace {
-
-void check_bn_relu_args(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                        const std::optional<at::Tensor>& mean, const char* op) {
-  check_4d(y, op, "y");
-  check_channel_vector(scale, y.size(1), y, op, "scale");
-  check_channel_vector(shift, y.size(1), y, op, "shift");
-  if (mean) check_channel_vector(*mean, y.size(1), y, op, "mean");
-}
-
-at::Tensor empty_in(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
-  return at::empty(sizes, like.options().dtype(dtype).memory_format(layout_of(like)));
-}
-
-using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// Runs the activation backward and returns (grad_y, grad_scale, grad_shift, grad_mean); grad_mean = -scale * grad_shift
-// (undefined when no mean was given).
-Grads4 activation_grads(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& yc, const at::Tensor& scale,
-                        const at::Tensor& shift, const std::optional<at::Tensor>& mean) {
-  auto gx = empty_in(yc, yc.sizes(), yc.scalar_type());
-  auto opts = yc.options().dtype(acc_type(yc.scalar_type()));
-  auto gs = at::empty({yc.size(1)}, opts), gt = at::empty({yc.size(1)}, opts);
-  activation_backward(gz, gp, yc, mean, scale, shift, gx, &gs, &gt);
-  at::Tensor gm;
-  if (mean) gm = at::neg(at::mul(gt, scale.to(gt.scalar_type()))).to(mean->scalar_type());
-  return std::make_tuple(gx, gs.to(scale.scalar_type()), gt.to(shift.scalar_type()), gm);
-}
-
-}  // namespace
-
-at::Tensor bn_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                   const std::optional<at::Tensor>& mean) {
-  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu");
-  const auto yc = y.contiguous(layout_of(y));
-  auto z = empty_in(yc, yc.sizes(), yc.scalar_type());
-  activation_forward(yc, mean, scale, shift, &z, nullptr);
-  return z;
-}
-
-Grads4 bn_relu_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                        const std::optional<at::Tensor>& mean) {
-  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_backward");
-  TORCH_CHECK(grad.sizes() == y.sizes(), "unetx.bn_relu_backward: grad of shape ", grad.sizes(), " does not match y ",
-              y.sizes());
-  const auto yc = y.contiguous(layout_of(y));
-  const auto gc = grad.contiguous(layout_of(yc));
-  return activation_grads(&gc, nullptr, yc, scale, shift, mean);
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_relu_pool(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                                                const std::optional<at::Tensor>& mean) {
-  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_pool");
-  check_even(y, "unetx.bn_relu_pool");
-  const auto yc = y.contiguous(layout_of(y));
-  auto z = empty_in(yc, yc.sizes(), yc.scalar_type());
-  auto p = empty_in(yc, {yc.size(0), yc.size(1), yc.size(2) / 2, yc.size(3) / 2}, yc.scalar_type());
-  activation_forward(yc, mean, scale, shift, &z, &p);
-  return {z, p};
-}
-
-Grads4 bn_relu_pool_backward(const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& y,
-                             const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& mean) {
-  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_pool_backward");
-  check_even(y, "unetx.bn_relu_pool_backward");
-  TORCH_CHECK(grad_z.sizes() == y.sizes(), "unetx.bn_relu_pool_backward: grad_z of shape ", grad_z.sizes(),
-              " does not match y ", y.sizes());
-  TORCH_CHECK(grad_p.dim() == 4 && grad_p.size(0) == y.size(0) && grad_p.size(1) == y.size(1) &&
-                  grad_p.size(2) == y.size(2) / 2 && grad_p.size(3) == y.size(3) / 2,
-              "unetx.bn_relu_pool_backward: grad_p of shape ", grad_p.sizes(), " is not y ", y.sizes(), " pooled 2x2");
-  const auto yc = y.contiguous(layout_of(y));
-  const auto gz = grad_z.contiguous(layout_of(yc));
-  const auto gp = grad_p.contiguous(layout_of(yc));
-  return activation_grads(&gz, &gp, yc, scale, shift, mean);
-}
-
 }  // namespace unetx::cpu
-
-TORCH_LIBRARY_IMPL(unetx, CPU, m) {
-  m.impl("bn_relu", &unetx::cpu::bn_relu);
-  m.impl("bn_relu_backward", &unetx::cpu::bn_relu_backward);
-  m.impl("bn_relu_pool", &unetx::cpu::bn_relu_pool);
-  m.impl("bn_relu_pool_backward", &unetx::cpu::bn_relu_pool_backward);
-}

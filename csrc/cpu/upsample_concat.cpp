@@ -1,5 +1,6 @@
 // CPU kernels: 2x upsampling (nearest, bilinear align_corners=False) written straight into its channel slice of a
-// concatenation buffer, and the op upsample_concat = cat([skip, upsample2x(x)], dim=1) built on it.
+// concatenation buffer, and its adjoint: the kernels of the op upsample_concat = cat([skip, upsample2x(x)], dim=1)
+// (csrc/ops.cpp).
 //
 // Memory traffic: forward reads skip once and x once (each x element is read by 4 outputs, from cache), writes the
 // buffer once: no intermediate upsampled tensor. Backward reads grad once, writes grad_skip and grad_x.
@@ -8,11 +9,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "cpu/kernels.h"
 
 namespace unetx::cpu {
@@ -58,7 +59,6 @@ Adjoint adjoint(int64_t out, int64_t in, Upsample mode) {
   return a;
 }
 
-inline bool channels_last(const at::Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1 && !x.is_contiguous(); }
 
 template <typename T>
 void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
@@ -78,7 +78,7 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
     const acc_t bot = acc_t(b.w0) * acc_t(xb[a.i1 * xh + b.i0 * xw]) + acc_t(b.w1) * acc_t(xb[a.i1 * xh + b.i1 * xw]);
     return T(acc_t(a.w0) * top + acc_t(a.w1) * bot);
   };
-  if (!channels_last(x)) {
+  if (!is_channels_last(x)) {
     at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C, c = nc % C;
@@ -120,7 +120,7 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
     }
     return T(s);
   };
-  if (!channels_last(gx)) {
+  if (!is_channels_last(gx)) {
     at::parallel_for(0, N * C, grain_for(h * w * 4), [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C, c = nc % C;
@@ -161,46 +161,4 @@ void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x
                                   [&] { backward_impl<scalar_t>(grad, mode, grad_x); });
 }
 
-// ------------------------------------------------------------------------------------------------ ops
-at::Tensor upsample_concat(const at::Tensor& skip, const at::Tensor& x, c10::string_view mode_str) {
-  const char* op = "unetx.upsample_concat";
-  const Upsample mode = parse_upsample(mode_str, op);
-  check_4d(skip, op, "skip");
-  check_4d(x, op, "x");
-  check_same(skip, x, op, "skip", "x");
-  const int64_t f = mode == Upsample::None ? 1 : 2;
-  TORCH_CHECK(skip.size(0) == x.size(0) && skip.size(2) == f * x.size(2) && skip.size(3) == f * x.size(3), op,
-              ": skip ", skip.sizes(), " does not match x ", x.sizes(), " upsampled ", f,
-              "x (expected skip of shape [", x.size(0), ", *, ", f * x.size(2), ", ", f * x.size(3), "])");
-  const auto mf = layout_of(skip);
-  auto out = at::empty({skip.size(0), skip.size(1) + x.size(1), skip.size(2), skip.size(3)}, skip.options().memory_format(mf));
-  out.narrow(1, 0, skip.size(1)).copy_(skip);
-  auto up = out.narrow(1, skip.size(1), x.size(1));
-  upsample_forward(x.contiguous(mf), mode, up);
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> upsample_concat_backward(const at::Tensor& grad, int64_t skip_channels,
-                                                            c10::string_view mode_str) {
-  const char* op = "unetx.upsample_concat_backward";
-  const Upsample mode = parse_upsample(mode_str, op);
-  check_4d(grad, op, "grad");
-  TORCH_CHECK(0 <= skip_channels && skip_channels <= grad.size(1), op, ": skip_channels=", skip_channels,
-              " out of range for grad ", grad.sizes());
-  const auto mf = layout_of(grad);
-  const int64_t f = mode == Upsample::None ? 1 : 2;
-  // clone, not contiguous(): with batch 1 the NCHW channel slice is already contiguous, and an output may not alias
-  // an input (the schema declares none).
-  auto gskip = grad.narrow(1, 0, skip_channels).clone(mf);
-  auto gx = at::empty({grad.size(0), grad.size(1) - skip_channels, grad.size(2) / f, grad.size(3) / f},
-                      grad.options().memory_format(mf));
-  upsample_backward(grad.narrow(1, skip_channels, grad.size(1) - skip_channels), mode, gx);
-  return {gskip, gx};
-}
-
 }  // namespace unetx::cpu
-
-TORCH_LIBRARY_IMPL(unetx, CPU, m) {
-  m.impl("upsample_concat", &unetx::cpu::upsample_concat);
-  m.impl("upsample_concat_backward", &unetx::cpu::upsample_concat_backward);
-}

@@ -10,6 +10,10 @@
 //   No difference of large sums anywhere, so a large mean (e.g. 1e4 with std 1) costs no precision.
 // fold_output_grad: reads grad_y and y once, writes out once (3T per element); per-channel vectors from cache.
 // Saved for backward: nothing here (conv_bn_relu keeps y and the batch mean).
+//
+// Host-verified, not yet on a GPU: tests/cuda_host/test_kernels.py runs batch_stats_{planar,cl}_kernel,
+// batch_stats_finish_kernel, fold_output_grad_{planar,cl}_kernel on the host under host_emulation.h through their
+// launch code (indexing, bounds, barriers, races, arithmetic; kernels.cuh says what only a GPU can prove).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -156,7 +160,7 @@ template <typename T, int V>
 void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& var) {
   using A = acc_t<T>;
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   at::Tensor part;
   unsigned int G;
   if (!cl) {
@@ -165,7 +169,7 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
     G = reduction_blocks(items, kThreads, C);
     part = at::empty({3, C, int64_t(G)}, y.options().dtype(mean.scalar_type()));
     const dim3 grid(G, static_cast<unsigned int>(std::min<int64_t>(C, 65535)));
-    batch_stats_planar_kernel<T, V><<<grid, kThreads, 0, stream>>>(
+    launch(grid, kThreads, stream, &batch_stats_planar_kernel<T, V>,
         y.const_data_ptr<T>(), C, HW, Div(static_cast<unsigned int>(HW / V)), static_cast<unsigned int>(items),
         part.data_ptr<A>());
   } else {
@@ -176,15 +180,12 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
     G = reduction_blocks(pixels, block.y * kMinPixelsPerThread, groups);
     part = at::empty({3, C, int64_t(G)}, y.options().dtype(mean.scalar_type()));
     const dim3 grid(G, static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
-    batch_stats_cl_kernel<T, V><<<grid, block, 0, stream>>>(y.const_data_ptr<T>(), C, Cq,
-                                                             static_cast<unsigned int>(pixels), part.data_ptr<A>());
+    launch(grid, block, stream, &batch_stats_cl_kernel<T, V>, y.const_data_ptr<T>(), C, Cq,
+           static_cast<unsigned int>(pixels), part.data_ptr<A>());
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto blocks = static_cast<unsigned int>((C * kWarp + kThreads - 1) / kThreads);
-  batch_stats_finish_kernel<T><<<blocks, kThreads, 0, stream>>>(y.const_data_ptr<T>(), cl ? 1 : HW,
-                                                                 part.const_data_ptr<A>(), C, G, mean.data_ptr<A>(),
-                                                                 var.data_ptr<A>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(blocks, kThreads, stream, &batch_stats_finish_kernel<T>, y.const_data_ptr<T>(), cl ? 1 : HW,
+         part.const_data_ptr<A>(), C, G, mean.data_ptr<A>(), var.data_ptr<A>());
 }
 
 // out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = (y > 0) with relu, on V values of channels c[i].
@@ -262,7 +263,7 @@ void launch_fold(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* me
   check_items(items, "unetx.fold_output_grad", y);
   if (items == 0) return;
   const auto ptr = [](const at::Tensor* t) { return t ? t->const_data_ptr<A>() : nullptr; };
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   if constexpr (CL) {
     const int64_t Cq = C / V, pixels = N * HW;
     const dim3 block = channels_last_block(Cq);
@@ -270,15 +271,13 @@ void launch_fold(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* me
     const int64_t most = std::max<int64_t>(4 * resident_blocks() / groups, 1);
     const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((pixels + block.y - 1) / block.y, 1, most)),
                     static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
-    fold_output_grad_cl_kernel<T, V><<<grid, block, 0, stream>>>(gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                                                 out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu,
-                                                                 C, Cq, static_cast<unsigned int>(pixels));
+    launch(grid, block, stream, &fold_output_grad_cl_kernel<T, V>, gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
+           out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu, C, Cq, static_cast<unsigned int>(pixels));
   } else {
-    fold_output_grad_planar_kernel<T, V><<<elementwise_grid(items), kThreads, 0, stream>>>(
+    launch(elementwise_grid(items), kThreads, stream, &fold_output_grad_planar_kernel<T, V>,
         gy.const_data_ptr<T>(), y.const_data_ptr<T>(), out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu,
         Div(static_cast<unsigned int>(HW / V)), Div(static_cast<unsigned int>(C)), static_cast<unsigned int>(items));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 bool aligned(const at::Tensor& t, int64_t bytes) {
@@ -288,7 +287,7 @@ bool aligned(const at::Tensor& t, int64_t bytes) {
 }  // namespace
 
 void batch_stats(const at::Tensor& y_in, at::Tensor& mean, at::Tensor& var) {
-  const c10::cuda::CUDAGuard guard(y_in.device());
+  const DeviceGuard guard(y_in.device());
   const auto fmt = y_in.suggest_memory_format();
   const at::Tensor y = y_in.contiguous(fmt);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
@@ -305,7 +304,7 @@ void batch_stats(const at::Tensor& y_in, at::Tensor& mean, at::Tensor& var) {
 
 void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y_in, const at::Tensor* mean, const at::Tensor* a,
                       const at::Tensor* b, bool relu, at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(y_in.device());
+  const DeviceGuard guard(y_in.device());
   // the kernel walks dense tensors of one layout; the composition passes exactly that, anything else is copied
   const auto fmt = y_in.suggest_memory_format();
   const at::Tensor y = y_in.contiguous(fmt), gy = grad_y.contiguous(fmt);

@@ -1,6 +1,7 @@
 // CUDA kernels: the activation z = relu((x - mean[c]) * scale[c] + shift[c]) (BatchNorm + ReLU with the batch
 // statistics and affine parameters folded into mean/scale/shift; identity without scale) with optional fused 2x2
-// average pooling p, its backward, and the ops bn_relu / bn_relu_pool (+ backward) built on them.
+// average pooling p, and its backward: the kernels of the ops bn_relu, bn_relu_pool and avg_pool2x2 (csrc/ops.cpp)
+// and of the fused layer's input stage.
 //
 // Memory traffic per element of x (T = element size; per-channel vectors stay in L1/L2):
 //   forward:  read T (x), write T (z) and/or T/4 (p).
@@ -9,12 +10,13 @@
 //             grad_scale[c] = sum(g * (x - mean)) (centred: no cancellation when |mean| >> std) and
 //             grad_shift[c] = sum(g) are reduced in the same pass: per-thread and per-block sums in float32 (float64
 //             for float64 data), one partial per (channel, block), combined by a second, tiny kernel.
+//
+// Host-verified, not yet on a GPU: tests/cuda_host/test_kernels.py runs activation_forward_{planar,cl}_kernel,
+// activation_backward_{planar,cl}_kernel, sum_partials_kernel on the host under host_emulation.h through their launch
+// code (indexing, bounds, barriers, races, arithmetic; kernels.cuh says what only a GPU can prove).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/neg.h>
 
-#include "common/checks.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.cuh"
 
@@ -290,8 +292,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------------------------ host side
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 at::Tensor as_acc(const OptTensor& v, at::ScalarType data) {
   return v ? v->to(acc_type(data)).contiguous() : at::Tensor();
 }
@@ -314,7 +314,7 @@ void launch_forward(const at::Tensor& x, Affine<acc_t<T>> f, at::Tensor* z, at::
   const int64_t items = N * C * H * W / V;
   check_items(items, "unetx.activation_forward", x);
   if (items == 0) return;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   T* Z = z ? z->data_ptr<T>() : nullptr;
   T* P = p ? p->data_ptr<T>() : nullptr;
   const Strides4 zs = z ? Strides4(*z) : Strides4(), ps = p ? Strides4(*p) : Strides4();
@@ -325,14 +325,13 @@ void launch_forward(const at::Tensor& x, Affine<acc_t<T>> f, at::Tensor* z, at::
     const int64_t most = std::max<int64_t>(4 * resident_blocks() / groups, 1);
     const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((pixels + block.y - 1) / block.y, 1, most)),
                     static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
-    activation_forward_cl_kernel<T, V, ACT, POOL><<<grid, block, 0, stream>>>(
+    launch(grid, block, stream, &activation_forward_cl_kernel<T, V, ACT, POOL>,
         x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Cq, Div(static_cast<unsigned int>(H)),
         Div(static_cast<unsigned int>(W)), static_cast<unsigned int>(pixels));
   } else {
-    activation_forward_planar_kernel<T, V, ACT, POOL><<<elementwise_grid(items), kThreads, 0, stream>>>(
+    launch(elementwise_grid(items), kThreads, stream, &activation_forward_planar_kernel<T, V, ACT, POOL>,
         x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Walk4(C, H, W / V), static_cast<unsigned int>(items));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int V, bool CL>
@@ -362,7 +361,7 @@ void launch_backward(const at::Tensor* gz, const at::Tensor* gp, const at::Tenso
                      at::Tensor& gx, at::Tensor* gs, at::Tensor* gt) {
   using A = acc_t<T>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const T* GZ = gz ? gz->const_data_ptr<T>() : nullptr;
   const T* GP = gp ? gp->const_data_ptr<T>() : nullptr;
   const Strides4 gzs = gz ? Strides4(*gz) : Strides4(), gps = gp ? Strides4(*gp) : Strides4();
@@ -386,20 +385,18 @@ void launch_backward(const at::Tensor* gz, const at::Tensor* gp, const at::Tenso
   A* P = reduce ? part.data_ptr<A>() : nullptr;
   const T* X = ACT ? x.const_data_ptr<T>() : nullptr;
   if (!cl) {
-    activation_backward_planar_kernel<T, V, ACT><<<grid, block, 0, stream>>>(
+    launch(grid, block, stream, &activation_backward_planar_kernel<T, V, ACT>,
         GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, Div(static_cast<unsigned int>(H)),
         Div(static_cast<unsigned int>(W / V)), static_cast<unsigned int>(N * H * (W / V)), P);
   } else {
-    activation_backward_cl_kernel<T, V, ACT><<<grid, block, 0, stream>>>(
+    launch(grid, block, stream, &activation_backward_cl_kernel<T, V, ACT>,
         GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, C / V,
         Div(static_cast<unsigned int>(H)), Div(static_cast<unsigned int>(W)), static_cast<unsigned int>(N * H * W), P);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (reduce) {
     TORCH_INTERNAL_ASSERT(gs->is_contiguous() && gt->is_contiguous() && gs->scalar_type() == part.scalar_type());
     const auto blocks = static_cast<unsigned int>((2 * C * kWarp + kThreads - 1) / kThreads);
-    sum_partials_kernel<A><<<blocks, kThreads, 0, stream>>>(P, C, grid.x, gs->data_ptr<A>(), gt->data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(blocks, kThreads, stream, &sum_partials_kernel<A>, P, C, grid.x, gs->data_ptr<A>(), gt->data_ptr<A>());
   }
 }
 
@@ -423,7 +420,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
 
 void activation_forward(const at::Tensor& x, const OptTensor& mean, const OptTensor& scale, const OptTensor& shift,
                         at::Tensor* z, at::Tensor* p) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   if (!scale && !p) {
     z->copy_(x);
     return;
@@ -439,7 +436,7 @@ void activation_forward(const at::Tensor& x, const OptTensor& mean, const OptTen
 void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
                          const OptTensor& mean, const OptTensor& scale, const OptTensor& shift, at::Tensor& grad_x,
                          at::Tensor* grad_scale, at::Tensor* grad_shift) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   if (grad_scale && !scale) {  // no activation: nothing to reduce (as the CPU kernel: zeros)
     grad_scale->zero_();
     grad_shift->zero_();
@@ -457,88 +454,6 @@ void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "unetx.activation_backward", [&] {
     backward_impl<scalar_t>(grad_z, grad_p, x, affine_of<acc_t<scalar_t>>(m, s, sh), grad_x, grad_scale, grad_shift);
   });
-}
-
-// ------------------------------------------------------------------------------------------------ ops
-namespace {
-
-void check_bn_relu_args(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean,
-                        const char* op) {
-  check_4d(y, op, "y");
-  check_channel_vector(scale, y.size(1), y, op, "scale");
-  check_channel_vector(shift, y.size(1), y, op, "shift");
-  if (mean) check_channel_vector(*mean, y.size(1), y, op, "mean");
-}
-
-// A gradient of the wrong shape would make the kernels read out of bounds: refuse it here.
-void check_grad(const at::Tensor& grad, const at::Tensor& y, at::IntArrayRef expected, const char* op,
-                const char* name) {
-  TORCH_CHECK(grad.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ", grad.sizes());
-  check_same(y, grad, op, "y", name);
-}
-
-at::Tensor empty_in(const at::Tensor& like, at::IntArrayRef sizes) {
-  return at::empty(sizes, like.options().memory_format(layout_of(like)));
-}
-
-// Runs the activation backward; returns (grad_y, grad_scale, grad_shift, grad_mean), grad_mean = -scale * grad_shift
-// (undefined when no mean was given).
-Grads4 activation_grads(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& yc, const at::Tensor& scale,
-                        const at::Tensor& shift, const OptTensor& mean) {
-  auto gx = empty_in(yc, yc.sizes());
-  auto opts = yc.options().dtype(acc_type(yc.scalar_type()));
-  auto gs = at::empty({yc.size(1)}, opts), gt = at::empty({yc.size(1)}, opts);
-  activation_backward(gz, gp, yc, mean, scale, shift, gx, &gs, &gt);
-  at::Tensor gm;
-  if (mean) gm = at::neg(at::mul(gt, scale.to(gt.scalar_type()))).to(mean->scalar_type());
-  return std::make_tuple(gx, gs.to(scale.scalar_type()), gt.to(shift.scalar_type()), gm);
-}
-
-}  // namespace
-
-at::Tensor bn_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean) {
-  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu");
-  const c10::cuda::CUDAGuard guard(y.device());
-  const auto yc = y.contiguous(layout_of(y));
-  auto z = empty_in(yc, yc.sizes());
-  activation_forward(yc, mean, scale, shift, &z, nullptr);
-  return z;
-}
-
-Grads4 bn_relu_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                        const OptTensor& mean) {
-  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_backward");
-  check_grad(grad, y, y.sizes(), "unetx.bn_relu_backward", "grad");
-  const c10::cuda::CUDAGuard guard(y.device());
-  const auto yc = y.contiguous(layout_of(y));
-  const auto gc = grad.contiguous(layout_of(yc));
-  return activation_grads(&gc, nullptr, yc, scale, shift, mean);
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_relu_pool(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                                                const OptTensor& mean) {
-  check_bn_relu_args(y, scale, shift, mean, "unetx.bn_relu_pool");
-  check_even(y, "unetx.bn_relu_pool");
-  const c10::cuda::CUDAGuard guard(y.device());
-  const auto yc = y.contiguous(layout_of(y));
-  auto z = empty_in(yc, yc.sizes());
-  auto p = empty_in(yc, {yc.size(0), yc.size(1), yc.size(2) / 2, yc.size(3) / 2});
-  activation_forward(yc, mean, scale, shift, &z, &p);
-  return {z, p};
-}
-
-Grads4 bn_relu_pool_backward(const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& y,
-                             const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean) {
-  const char* op = "unetx.bn_relu_pool_backward";
-  check_bn_relu_args(y, scale, shift, mean, op);
-  check_even(y, op);
-  check_grad(grad_z, y, y.sizes(), op, "grad_z");
-  check_grad(grad_p, y, {y.size(0), y.size(1), y.size(2) / 2, y.size(3) / 2}, op, "grad_p");
-  const c10::cuda::CUDAGuard guard(y.device());
-  const auto yc = y.contiguous(layout_of(y));
-  const auto gz = grad_z.contiguous(layout_of(yc));
-  const auto gp = grad_p.contiguous(layout_of(yc));
-  return activation_grads(&gz, &gp, yc, scale, shift, mean);
 }
 
 }  // namespace unetx::cuda

@@ -11,28 +11,80 @@
 //
 // Indices: work items are counted in 32 bits and split with multiply-shift dividers (IntDivider); the host checks
 // the range and raises a clear error past it. Memory offsets are 64-bit.
+//
+// The same file compiles for the host (UNETX_HOST_EMULATION, see host_emulation.h): kernels are launched through
+// launch(), never <<<...>>>, and the few CUDA runtime calls sit behind DeviceGuard / current_stream() /
+// multiprocessor_count(), so the host run executes every kernel with the launch geometry a GPU would get.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
+#include "common/layout.h"
+
+#ifdef UNETX_HOST_EMULATION
+#include "cuda/host_emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
+
 namespace unetx::cuda {
+
+// ------------------------------------------------------------------------------------------------ device access
+#ifdef UNETX_HOST_EMULATION
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+struct Stream {};
+inline Stream current_stream() { return {}; }
+// kernel<<<grid, block, 0, stream>>>(args...), run by the emulator's threads
+template <typename... P, typename... A>
+void launch(dim3 grid, dim3 block, Stream, void (*kernel)(P...), const A&... args) {
+  emu::launch(grid, block, kernel, args...);
+}
+// The emulated GPU's multiprocessor count (it sets the grids): UNETX_EMU_SMS, default 1.
+inline int multiprocessor_count() { return std::max(1, emu::env_int("UNETX_EMU_SMS", 1)); }
+#define UNETX_EMU_CHECK_ALIGNED(p, bytes) ::unetx::emu::check_aligned(p, bytes)
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+using Stream = c10::cuda::CUDAStream;
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+// kernel<<<grid, block, 0, stream>>>(args...), checked
+template <typename... P, typename... A>
+void launch(dim3 grid, dim3 block, Stream stream, void (*kernel)(P...), const A&... args) {
+  kernel<<<grid, block, 0, stream.stream()>>>(static_cast<P>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+inline int multiprocessor_count() {
+  static std::array<std::atomic<int>, 64> cache{};
+  const int dev = c10::cuda::current_device();
+  if (dev < 64) {
+    const int v = cache[dev].load(std::memory_order_relaxed);
+    if (v) return v;
+  }
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+#define UNETX_EMU_CHECK_ALIGNED(p, bytes) ((void)0)
+#endif
 
 constexpr int kThreads = 256;  // threads per block, every kernel
 constexpr int kWarp = 32;
 
 template <typename T>
-using acc_t = at::opmath_type<T>;  // float for float/half/bfloat16, double for double
+using acc_t = at::opmath_type<T>;  // float for float/half/bfloat16, double for double (acc_type() on the host side)
 
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte access
@@ -48,6 +100,7 @@ struct alignas(sizeof(T) * N) Pack {
 template <int N, typename T, typename A>
 __device__ __forceinline__ void load(const T* p, A (&out)[N]) {
   if constexpr (N > 1) {
+    UNETX_EMU_CHECK_ALIGNED(p, sizeof(Pack<T, N>));
     const Pack<T, N> v = *reinterpret_cast<const Pack<T, N>*>(p);
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = static_cast<A>(v.v[i]);
@@ -62,6 +115,7 @@ __device__ __forceinline__ void store(T* p, const A (&in)[N]) {
     Pack<T, N> v;
 #pragma unroll
     for (int i = 0; i < N; ++i) v.v[i] = static_cast<T>(in[i]);
+    UNETX_EMU_CHECK_ALIGNED(p, sizeof(Pack<T, N>));
     *reinterpret_cast<Pack<T, N>*>(p) = v;
   } else {
     *p = static_cast<T>(in[0]);
@@ -97,9 +151,6 @@ struct Walk4 {
 };
 
 // ------------------------------------------------------------------------------------------------ host side
-// Same test as the CPU kernels: channels-last when the channel stride is 1 and the tensor is not plain contiguous.
-inline bool is_channels_last(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1 && !t.is_contiguous(); }
-
 // Whether items of n consecutive elements along dim `inner` can each move as one aligned access everywhere in t.
 inline bool vec_ok(const at::Tensor& t, int inner, int n) {
   if (n == 1) return true;
@@ -116,19 +167,6 @@ inline void check_items(int64_t items, const char* op, const at::Tensor& t) {
   TORCH_CHECK(items < std::numeric_limits<int32_t>::max(), op, ": tensor of shape ", t.sizes(),
               " is too large for one CUDA launch (", items,
               " work items, at most 2^31 - 1); split the batch into smaller chunks");
-}
-
-inline int multiprocessor_count() {
-  static std::array<std::atomic<int>, 64> cache{};
-  const int dev = c10::cuda::current_device();
-  if (dev < 64) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v) return v;
-  }
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  if (dev < 64) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
 }
 
 // Blocks of kThreads that keep every SM full (8 resident blocks each); grid-stride loops cover the rest.

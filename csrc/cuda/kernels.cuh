@@ -1,7 +1,15 @@
 // The CUDA kernels behind the unetx ops: the same functions, signatures and semantics as the CPU kernels
-// (csrc/cpu/kernels.h documents each one), so the device-generic conv_bn_relu composition (csrc/conv_bn_relu.cpp)
-// runs on either device. Each op's .cu file implements the kernels named after it; its header comment states the
-// memory traffic and what is saved for backward. common.cuh has the layouts and thread mappings.
+// (csrc/cpu/kernels.h documents each one), so the device-generic op layer (csrc/ops.cpp, csrc/conv_bn_relu.cpp)
+// runs on either device over its kernel table (registration.cu). Each op's .cu file implements the kernels named
+// after it; its header comment states the memory traffic and what is saved for backward. common.cuh has the layouts
+// and thread mappings.
+//
+// Verified so far on the host, not on a GPU: every .cu file also compiles with the host C++ compiler under
+// host_emulation.h, and tests/cuda_host runs each kernel through its real launch code against unetx.reference and
+// the CPU kernels, plain and under ASan+UBSan and TSan (scripts/cuda-host-check). That proves the indexing, bounds,
+// barriers and shuffles (races in shared memory, divergent or missing barriers) and the arithmetic. Only a GPU can
+// prove the real warp scheduler and memory model, the device path of IntDivider (__umulhi), cuDNN, streams and graph
+// capture, and speed (scripts/gpu-check).
 //
 // Every launch goes to the current stream of the tensors' device, with no host synchronisation; temporaries come
 // from the caching allocator (at::empty), so the ops can be captured in CUDA graphs and traced by torch.compile.
@@ -34,35 +42,5 @@ void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x
 void batch_stats(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
 void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
                       const at::Tensor* b, bool relu, at::Tensor& out);
-
-// ------------------------------------------------------------------------------------------------ the ops
-// Registered for the CUDA dispatch key by register_kernels (registration.cu), only when the user opts in.
-using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-at::Tensor bn_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean);
-Grads4 bn_relu_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                        const OptTensor& mean);
-std::tuple<at::Tensor, at::Tensor> bn_relu_pool(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                                                const OptTensor& mean);
-Grads4 bn_relu_pool_backward(const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& y,
-                             const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean);
-
-at::Tensor avg_pool2x2(const at::Tensor& x);
-at::Tensor avg_pool2x2_backward(const at::Tensor& grad);
-
-at::Tensor upsample_concat(const at::Tensor& skip, const at::Tensor& x, c10::string_view mode);
-std::tuple<at::Tensor, at::Tensor> upsample_concat_backward(const at::Tensor& grad, int64_t skip_channels,
-                                                            c10::string_view mode);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu(const at::Tensor& x, const OptTensor& x_scale,
-                                                            const OptTensor& x_shift, bool x_pool, const OptTensor& x2,
-                                                            c10::string_view x2_mode, const at::Tensor& weight,
-                                                            const OptTensor& bias, bool transposed, bool stats,
-                                                            bool relu, const OptTensor& x_mean);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(
-    const at::Tensor& grad_y, const OptTensor& grad_mean, const OptTensor& grad_var, const at::Tensor& x,
-    const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool, const OptTensor& x2, c10::string_view x2_mode,
-    const at::Tensor& weight, bool has_bias, bool transposed, const at::Tensor& y, const at::Tensor& mean, bool relu,
-    std::array<bool, 4> output_mask, const OptTensor& x_mean);
 
 }  // namespace unetx::cuda

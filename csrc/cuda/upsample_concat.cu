@@ -1,6 +1,6 @@
 // CUDA kernels: 2x upsampling (nearest; bilinear with align_corners=False, the taps of common/upsample2x.h that the
-// CPU kernels use) written straight into its channel slice of a concatenation buffer, its adjoint, and the op
-// upsample_concat = cat([skip, upsample2x(x)], dim=1) built on them.
+// CPU kernels use) written straight into its channel slice of a concatenation buffer, and its adjoint: the kernels of
+// the op upsample_concat = cat([skip, upsample2x(x)], dim=1) (csrc/ops.cpp) and of the fused layer's input stage.
 //
 // Memory traffic (T = element size), per element of the upsampled output:
 //   forward:  write T; read T/4 of x (each x element is read by 4 outputs, the repeats hit L1/L2). The skip part of
@@ -8,10 +8,13 @@
 //   backward: read T of grad (each grad element feeds up to 4 input positions, repeats from cache), write T/4
 //             (grad_x); the skip part is one ATen copy of its slice.
 // Saved for backward: nothing (shapes only).
+//
+// Host-verified, not yet on a GPU: tests/cuda_host/test_kernels.py runs upsample_forward_kernel,
+// upsample_backward_kernel on the host under host_emulation.h through their launch code (indexing, bounds, barriers,
+// races, arithmetic; kernels.cuh says what only a GPU can prove).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
-#include "common/checks.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.cuh"
 
@@ -130,20 +133,22 @@ __global__ void __launch_bounds__(kThreads)
       const Adj cols(l, w, W);
 #pragma unroll
       for (int p = 0; p < Adj::kTaps; ++p) {
-        if (rows.wt[p] == 0.f) continue;
-        A row[V];
+        if (rows.wt[p] != 0.f) {
+          A row[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) row[i] = A(0);
+          for (int i = 0; i < V; ++i) row[i] = A(0);
 #pragma unroll
-        for (int q = 0; q < Adj::kTaps; ++q) {
-          if (cols.wt[q] == 0.f) continue;
-          A v[V];
-          load<V>(g + gs.at(n, c, rows.o0 + p, cols.o0 + q), v);
+          for (int q = 0; q < Adj::kTaps; ++q) {
+            if (cols.wt[q] != 0.f) {
+              A v[V];
+              load<V>(g + gs.at(n, c, rows.o0 + p, cols.o0 + q), v);
 #pragma unroll
-          for (int i = 0; i < V; ++i) row[i] += A(cols.wt[q]) * v[i];
+              for (int i = 0; i < V; ++i) row[i] += A(cols.wt[q]) * v[i];
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < V; ++i) s[i] += A(rows.wt[p]) * row[i];
         }
-#pragma unroll
-        for (int i = 0; i < V; ++i) s[i] += A(rows.wt[p]) * row[i];
       }
     } else if constexpr (!BILINEAR) {
       // V inputs l.. read the 2V columns 2l.. of rows 2k and 2k + 1, as two V-wide halves each
@@ -188,11 +193,10 @@ void launch_forward(const at::Tensor& x, at::Tensor& out) {
   check_items(items, "unetx.upsample_concat", out);
   if (items == 0) return;
   const Walk4 walk = CL ? Walk4(H, W, C / V) : Walk4(C, H, W / V);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  upsample_forward_kernel<T, V, CL, BILINEAR><<<elementwise_grid(items), kThreads, 0, stream>>>(
+  const auto stream = current_stream();
+  launch(elementwise_grid(items), kThreads, stream, &upsample_forward_kernel<T, V, CL, BILINEAR>,
       x.const_data_ptr<T>(), Strides4(x), out.data_ptr<T>(), Strides4(out), x.size(2), x.size(3), walk,
       static_cast<unsigned int>(items));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int V, bool CL, bool BILINEAR>
@@ -202,11 +206,10 @@ void launch_backward(const at::Tensor& grad, at::Tensor& gx) {
   check_items(items, "unetx.upsample_concat_backward", gx);
   if (items == 0) return;
   const Walk4 walk = CL ? Walk4(h, w, C / V) : Walk4(C, h, w / V);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  upsample_backward_kernel<T, V, CL, BILINEAR><<<elementwise_grid(items), kThreads, 0, stream>>>(
+  const auto stream = current_stream();
+  launch(elementwise_grid(items), kThreads, stream, &upsample_backward_kernel<T, V, CL, BILINEAR>,
       grad.const_data_ptr<T>(), Strides4(grad), gx.data_ptr<T>(), Strides4(gx), h, w, walk,
       static_cast<unsigned int>(items));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int V, bool BILINEAR>
@@ -224,7 +227,7 @@ void backward_layout(const at::Tensor& grad, at::Tensor& gx, bool cl) {
 }  // namespace
 
 void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   if (mode == Upsample::None) {
     out.copy_(x);
     return;
@@ -246,7 +249,7 @@ void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
 }
 
 void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x) {
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const DeviceGuard guard(grad.device());
   if (mode == Upsample::None) {
     grad_x.copy_(grad);
     return;
@@ -265,48 +268,6 @@ void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x
     else if (bil) backward_layout<scalar_t, 1, true>(grad, grad_x, cl);
     else backward_layout<scalar_t, 1, false>(grad, grad_x, cl);
   });
-}
-
-// ------------------------------------------------------------------------------------------------ ops
-at::Tensor upsample_concat(const at::Tensor& skip, const at::Tensor& x, c10::string_view mode_str) {
-  const char* op = "unetx.upsample_concat";
-  const Upsample mode = parse_upsample(mode_str, op);
-  check_4d(skip, op, "skip");
-  check_4d(x, op, "x");
-  check_same(skip, x, op, "skip", "x");
-  const int64_t f = mode == Upsample::None ? 1 : 2;
-  TORCH_CHECK(skip.size(0) == x.size(0) && skip.size(2) == f * x.size(2) && skip.size(3) == f * x.size(3), op,
-              ": skip ", skip.sizes(), " does not match x ", x.sizes(), " upsampled ", f,
-              "x (expected skip of shape [", x.size(0), ", *, ", f * x.size(2), ", ", f * x.size(3), "])");
-  const c10::cuda::CUDAGuard guard(skip.device());
-  const auto mf = layout_of(skip);
-  auto out = at::empty({skip.size(0), skip.size(1) + x.size(1), skip.size(2), skip.size(3)},
-                       skip.options().memory_format(mf));
-  out.narrow(1, 0, skip.size(1)).copy_(skip);
-  auto up = out.narrow(1, skip.size(1), x.size(1));
-  upsample_forward(x.contiguous(mf), mode, up);
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> upsample_concat_backward(const at::Tensor& grad, int64_t skip_channels,
-                                                            c10::string_view mode_str) {
-  const char* op = "unetx.upsample_concat_backward";
-  const Upsample mode = parse_upsample(mode_str, op);
-  check_4d(grad, op, "grad");
-  TORCH_CHECK(0 <= skip_channels && skip_channels <= grad.size(1), op, ": skip_channels=", skip_channels,
-              " out of range for grad ", grad.sizes());
-  const int64_t f = mode == Upsample::None ? 1 : 2;
-  TORCH_CHECK(grad.size(2) % f == 0 && grad.size(3) % f == 0, op, ": grad ", grad.sizes(),
-              " must have an even height and width for 2x upsampling");
-  const c10::cuda::CUDAGuard guard(grad.device());
-  const auto mf = layout_of(grad);
-  // clone, not contiguous(): with batch 1 the planar channel slice is already contiguous, and an output may not
-  // alias an input (the schema declares none)
-  auto gskip = grad.narrow(1, 0, skip_channels).clone(mf);
-  auto gx = at::empty({grad.size(0), grad.size(1) - skip_channels, grad.size(2) / f, grad.size(3) / f},
-                      grad.options().memory_format(mf));
-  upsample_backward(grad.narrow(1, skip_channels, grad.size(1) - skip_channels), mode, gx);
-  return {gskip, gx};
 }
 
 }  // namespace unetx::cuda

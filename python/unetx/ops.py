@@ -78,8 +78,25 @@ def _empty(shape, like: Tensor, fmt: torch.memory_format, dtype: torch.dtype | N
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
+# Argument checks, the same as the kernels' (csrc/common/checks.h, csrc/ops.cpp), with the same messages: every op,
+# forward and backward, checks every argument's device, dtype and shape in its fake impl and in its fallback too
+# (a call mixing meta and CPU tensors lands in the fake impl, a CUDA one without CUDA kernels in the fallback).
+_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
+                torch.int64: "Long", torch.int32: "Int", torch.bool: "Bool", torch.uint8: "Byte"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
 def _check_4d(t: Tensor, op: str, name: str) -> None:
-    torch._check(t.dim() == 4, lambda: f"{op}: expected {name} to be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
+    torch._check(t.dim() == 4, lambda: f"{op}: expected {name} to be a 4-D (N, C, H, W) tensor, got shape {_shape(t)}")
+    torch._check(t.is_floating_point(),
+                 lambda: f"{op}: expected {name} to be a floating-point tensor, got {_dtype_name(t.dtype)}")
 
 
 def _check_devices(op: str, main: str, first: Tensor, /, **others: Tensor | None) -> None:
@@ -91,10 +108,79 @@ def _check_devices(op: str, main: str, first: Tensor, /, **others: Tensor | None
                                                             f"{t.device}; move both to the same device")
 
 
+def _check_same(op: str, na: str, a: Tensor, nb: str, b: Tensor) -> None:
+    _check_devices(op, na, a, **{nb: b})
+    torch._check(a.dtype == b.dtype, lambda: f"{op}: {na} is {_dtype_name(a.dtype)} but {nb} is "
+                                             f"{_dtype_name(b.dtype)}; use one dtype (or torch.autocast)")
+
+
+def _check_vector(op: str, name: str, v: Tensor, channels, like: Tensor) -> None:
+    torch._check(v.dim() == 1 and v.shape[0] == channels,
+                 lambda: f"{op}: expected {name} of shape [{channels}] (one value per channel), got {_shape(v)}")
+    _check_devices(op, "the input", like, **{name: v})
+    torch._check(v.is_floating_point(),
+                 lambda: f"{op}: expected {name} to be floating-point, got {_dtype_name(v.dtype)}")
+
+
+def _check_grad(op: str, name: str, grad: Tensor, like_name: str, like: Tensor, shape, note: str = "") -> None:
+    """A gradient has the shape its forward produced, and the device and dtype of `like`."""
+    torch._check(grad.dim() == len(shape) and all(a == b for a, b in zip(grad.shape, shape)),
+                 lambda: f"{op}: expected {name} of shape {list(shape)}{note}, got {_shape(grad)}")
+    _check_same(op, like_name, like, name, grad)
+
+
+def _check_even(x: Tensor, op: str) -> None:
+    torch._check(x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0,
+                 lambda: f"{op}: 2x2 pooling needs an even height and width, got input of shape {_shape(x)}; pad or "
+                         "crop to even size (unetx.UNet pads its input for you)")
+
+
+def _check_mode(mode: str, op: str) -> int:
+    torch._check(mode in ("none", "nearest", "bilinear"),
+                 lambda: f"{op}: upsampling mode must be 'none', 'nearest' or 'bilinear', got '{mode}'")
+    return 1 if mode == "none" else 2
+
+
+def _pooled(t: Tensor) -> tuple:
+    n, c, h, w = t.shape
+    return n, c, h // 2, w // 2
+
+
+def _args_bn_relu(op: str, y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None, pool: bool) -> None:
+    _check_4d(y, op, "y")
+    _check_devices(op, "y", y, scale=scale, shift=shift, mean=mean)
+    for name, v in (("scale", scale), ("shift", shift), ("mean", mean)):
+        if v is not None:
+            _check_vector(op, name, v, y.shape[1], y)
+    if pool:
+        _check_even(y, op)
+
+
+def _args_upsample_concat(skip: Tensor, x: Tensor, mode: str) -> None:
+    op = "unetx.upsample_concat"
+    f = _check_mode(mode, op)
+    _check_4d(skip, op, "skip")
+    _check_4d(x, op, "x")
+    _check_same(op, "skip", skip, "x", x)
+    torch._check(skip.shape[0] == x.shape[0] and skip.shape[2] == f * x.shape[2] and skip.shape[3] == f * x.shape[3],
+                 lambda: f"{op}: skip {_shape(skip)} does not match x {_shape(x)} upsampled {f}x (expected skip of "
+                         f"shape [{x.shape[0]}, *, {f * x.shape[2]}, {f * x.shape[3]}])")
+
+
+def _args_upsample_concat_backward(grad: Tensor, skip_channels: int, mode: str) -> int:
+    op = "unetx.upsample_concat_backward"
+    f = _check_mode(mode, op)
+    _check_4d(grad, op, "grad")
+    torch._check(0 <= skip_channels <= grad.shape[1],
+                 lambda: f"{op}: skip_channels={skip_channels} out of range for grad {_shape(grad)}")
+    torch._check(grad.shape[2] % f == 0 and grad.shape[3] % f == 0,
+                 lambda: f"{op}: grad {_shape(grad)} must have an even height and width for 2x upsampling")
+    return f
+
+
 @torch.library.register_fake("unetx::bn_relu")
 def _(y, scale, shift, mean=None):
-    _check_4d(y, "unetx.bn_relu", "y")
-    _check_devices("unetx.bn_relu", "y", y, scale=scale, shift=shift, mean=mean)
+    _args_bn_relu("unetx.bn_relu", y, scale, shift, mean, pool=False)
     return _empty(y.shape, y, _layout(y))
 
 
@@ -105,51 +191,52 @@ def _activation_grads_fake(y, scale, shift, mean):
 
 @torch.library.register_fake("unetx::bn_relu_backward")
 def _(grad, y, scale, shift, mean=None):
+    op = "unetx.bn_relu_backward"
+    _args_bn_relu(op, y, scale, shift, mean, pool=False)
+    _check_grad(op, "grad", grad, "y", y, y.shape)
     return _activation_grads_fake(y, scale, shift, mean)
 
 
 @torch.library.register_fake("unetx::bn_relu_pool")
 def _(y, scale, shift, mean=None):
-    _check_4d(y, "unetx.bn_relu_pool", "y")
-    _check_devices("unetx.bn_relu_pool", "y", y, scale=scale, shift=shift, mean=mean)
-    n, c, h, w = y.shape
-    torch._check(h % 2 == 0 and w % 2 == 0, lambda: f"unetx.bn_relu_pool: needs even height and width, got {tuple(y.shape)}")
+    _args_bn_relu("unetx.bn_relu_pool", y, scale, shift, mean, pool=True)
     fmt = _layout(y)
-    return _empty(y.shape, y, fmt), _empty((n, c, h // 2, w // 2), y, fmt)
+    return _empty(y.shape, y, fmt), _empty(_pooled(y), y, fmt)
 
 
 @torch.library.register_fake("unetx::bn_relu_pool_backward")
 def _(grad_z, grad_p, y, scale, shift, mean=None):
+    op = "unetx.bn_relu_pool_backward"
+    _args_bn_relu(op, y, scale, shift, mean, pool=True)
+    _check_grad(op, "grad_z", grad_z, "y", y, y.shape)
+    _check_grad(op, "grad_p", grad_p, "y", y, _pooled(y))
     return _activation_grads_fake(y, scale, shift, mean)
 
 
 @torch.library.register_fake("unetx::avg_pool2x2")
 def _(x):
     _check_4d(x, "unetx.avg_pool2x2", "x")
-    n, c, h, w = x.shape
-    torch._check(h % 2 == 0 and w % 2 == 0, lambda: f"unetx.avg_pool2x2: needs even height and width, got {tuple(x.shape)}")
-    return _empty((n, c, h // 2, w // 2), x, _layout(x))
+    _check_even(x, "unetx.avg_pool2x2")
+    return _empty(_pooled(x), x, _layout(x))
 
 
 @torch.library.register_fake("unetx::avg_pool2x2_backward")
 def _(grad):
+    _check_4d(grad, "unetx.avg_pool2x2_backward", "grad")
     n, c, h, w = grad.shape
     return _empty((n, c, 2 * h, 2 * w), grad, _layout(grad))
 
 
 @torch.library.register_fake("unetx::upsample_concat")
 def _(skip, x, mode):
-    _check_devices("unetx.upsample_concat", "skip", skip, x=x)
-    f = 1 if mode == "none" else 2
-    torch._check(skip.shape[2] == f * x.shape[2] and skip.shape[3] == f * x.shape[3],
-                 lambda: f"unetx.upsample_concat: skip {tuple(skip.shape)} does not match x {tuple(x.shape)} upsampled {f}x")
+    _args_upsample_concat(skip, x, mode)
     n, cs, h, w = skip.shape
     return _empty((n, cs + x.shape[1], h, w), skip, _layout(skip))
 
 
 @torch.library.register_fake("unetx::upsample_concat_backward")
 def _(grad, skip_channels, mode):
-    f = 1 if mode == "none" else 2
+    f = _args_upsample_concat_backward(grad, skip_channels, mode)
     n, c, h, w = grad.shape
     fmt = _layout(grad)
     return _empty((n, skip_channels, h, w), grad, fmt), _empty((n, c - skip_channels, h // f, w // f), grad, fmt)
@@ -162,18 +249,65 @@ def _conv_out_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-@torch.library.register_fake("unetx::conv_bn_relu")
-def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean=None):
-    _check_4d(x, "unetx.conv_bn_relu", "x")
-    _check_devices("unetx.conv_bn_relu", "x", x, weight=weight, bias=bias, x_scale=x_scale, x_shift=x_shift,
-                   x_mean=x_mean, x2=x2)
-    n, _, h, w = x.shape
+def _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, x_mean) -> tuple:
+    """The forward's checks (csrc/conv_bn_relu.cpp check_args); returns the output's shape."""
+    op = "unetx.conv_bn_relu"
+    _check_4d(x, op, "x")
+    _check_devices(op, "x", x, weight=weight, bias=bias, x_scale=x_scale, x_shift=x_shift, x_mean=x_mean, x2=x2)
+    torch._check((x_scale is None) == (x_shift is None), lambda: f"{op}: x_scale and x_shift must be given together")
+    for name, v in (("x_scale", x_scale), ("x_shift", x_shift)):
+        if v is not None:
+            _check_vector(op, name, v, x.shape[1], x)
+    if x_pool:
+        _check_even(x, op)
+    n, c1, h, w = x.shape
     if x_pool:
         h, w = h // 2, w // 2
-    k = weight.shape[-1]
-    cout = weight.shape[1] if transposed else weight.shape[0]
-    if transposed:
-        h, w = h * k, w * k
+    f = _check_mode(x2_mode, op)
+    c2 = 0
+    if x2 is not None:
+        _check_4d(x2, op, "x2")
+        _check_same(op, "x", x, "x2", x2)
+        torch._check(x2.shape[0] == n and f * x2.shape[2] == h and f * x2.shape[3] == w,
+                     lambda: f"{op}: x2 of shape {_shape(x2)} upsampled {f}x does not match the skip input's spatial "
+                             f"size [{n}, *, {h}, {w}]")
+        c2 = x2.shape[1]
+    torch._check(weight.dim() == 4, lambda: f"{op}: expected a 4-D weight, got shape {_shape(weight)}")
+    _check_same(op, "x", x, "weight", weight)
+    k = weight.shape[3]
+    torch._check(weight.shape[2] == k, lambda: f"{op}: expected a square kernel, got weight {_shape(weight)}")
+    in_ch, out_ch = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    torch._check(in_ch == c1 + c2, lambda: f"{op}: weight {_shape(weight)} expects {in_ch} input channels, but x has "
+                                           f"{c1}" + (f" and x2 has {c2}" if c2 else "") + f" (total {c1 + c2})")
+    torch._check(transposed or k % 2 == 1, lambda: f"{op}: 'same' convolution needs an odd kernel size, got {k}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == out_ch,
+                     lambda: f"{op}: expected bias of shape [{out_ch}], got {_shape(bias)}")
+        _check_same(op, "x", x, "bias", bias)
+    if x_mean is not None:
+        torch._check(x_scale is not None, lambda: f"{op}: x_mean needs x_scale and x_shift")
+        _check_vector(op, "x_mean", x_mean, x.shape[1], x)
+    s = k if transposed else 1
+    return n, out_ch, h * s, w * s
+
+
+def _args_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, weight, transposed, y, mean, relu, out) -> None:
+    """The backward's own arguments (csrc/conv_bn_relu.cpp check_backward_args)."""
+    op = "unetx.conv_bn_relu_backward"
+    _check_grad(op, "grad_y", grad_y, "x", x, out, " (the forward's output)")
+    _check_devices(op, "x", x, y=y, mean=mean)
+    if grad_mean is not None or grad_var is not None or relu:
+        _check_grad(op, "y", y, "x", x, out, " (the forward's output)")
+    for name, v in (("grad_mean", grad_mean), ("grad_var", grad_var)):
+        if v is not None:
+            _check_vector(op, name, v, out[1], x)
+    if grad_var is not None:
+        _check_vector(op, "mean", mean, out[1], x)
+
+
+@torch.library.register_fake("unetx::conv_bn_relu")
+def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean=None):
+    n, cout, h, w = _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, x_mean)
     y = _empty((n, cout, h, w), x, _conv_out_format(x, weight))
     if stats:
         acc = _acc_dtype(x.dtype)
@@ -184,6 +318,8 @@ def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats,
 @torch.library.register_fake("unetx::conv_bn_relu_backward")
 def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight, has_bias, transposed, y, mean,
       relu, output_mask, x_mean=None):
+    out = _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, None, transposed, x_mean)
+    _args_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, weight, transposed, y, mean, relu, out)
     fmt = _layout(x)
     gx = gs = gt = gx2 = gw = gb = gm = None
     if output_mask[0]:
@@ -303,8 +439,7 @@ def _warn_fallback(device: torch.device) -> None:
 
 
 def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats, relu, x_mean=None):
-    _check_devices("unetx.conv_bn_relu", "x", x, weight=weight, bias=bias, x_scale=x_scale, x_shift=x_shift,
-                   x_mean=x_mean, x2=x2)
+    _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, x_mean)
     _warn_fallback(x.device)
     fmt = _layout(x)
     x = x.contiguous(memory_format=fmt)
@@ -320,6 +455,8 @@ def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, tra
 
 def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight,
                               has_bias, transposed, y, mean, relu, output_mask, x_mean=None):
+    out = _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, None, transposed, x_mean)
+    _args_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, weight, transposed, y, mean, relu, out)
     # Mixed precision (bfloat16 data, float32 statistics and vectors): the reference promotes part of the
     # computation, so run all of it in the promoted dtype and cast each gradient back to its input's dtype.
     dt = x.dtype
@@ -344,18 +481,24 @@ def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, 
 
 
 def _fb_bn_relu(y, scale, shift, mean=None):
-    _check_devices("unetx.bn_relu", "y", y, scale=scale, shift=shift, mean=mean)
+    _args_bn_relu("unetx.bn_relu", y, scale, shift, mean, pool=False)
     _warn_fallback(y.device)
     return ref.bn_relu(y, scale, shift, mean).to(y.dtype).contiguous(memory_format=_layout(y))
 
 
 def _fb_bn_relu_backward(grad, y, scale, shift, mean=None):
+    _args_bn_relu("unetx.bn_relu_backward", y, scale, shift, mean, pool=False)
+    _check_grad("unetx.bn_relu_backward", "grad", grad, "y", y, y.shape)
+    return _fb_activation_grads(grad, y, scale, shift, mean)
+
+
+def _fb_activation_grads(grad, y, scale, shift, mean):
     gx, gs, gt, gm = ref.bn_relu_backward(grad, y, scale, shift, mean)
     return gx.to(y.dtype).contiguous(memory_format=_layout(y)), gs.to(scale.dtype), gt.to(shift.dtype), gm
 
 
 def _fb_bn_relu_pool(y, scale, shift, mean=None):
-    _check_devices("unetx.bn_relu_pool", "y", y, scale=scale, shift=shift, mean=mean)
+    _args_bn_relu("unetx.bn_relu_pool", y, scale, shift, mean, pool=True)
     _warn_fallback(y.device)
     fmt = _layout(y)
     z, p = ref.bn_relu_pool(y, scale, shift, mean)
@@ -363,28 +506,35 @@ def _fb_bn_relu_pool(y, scale, shift, mean=None):
 
 
 def _fb_bn_relu_pool_backward(grad_z, grad_p, y, scale, shift, mean=None):
-    return _fb_bn_relu_backward(grad_z + ref._pool_backward(grad_p), y, scale, shift, mean)
+    op = "unetx.bn_relu_pool_backward"
+    _args_bn_relu(op, y, scale, shift, mean, pool=True)
+    _check_grad(op, "grad_z", grad_z, "y", y, y.shape)
+    _check_grad(op, "grad_p", grad_p, "y", y, _pooled(y))
+    return _fb_activation_grads(grad_z + ref._pool_backward(grad_p), y, scale, shift, mean)
 
 
 def _fb_avg_pool2x2(x):
+    _check_4d(x, "unetx.avg_pool2x2", "x")
+    _check_even(x, "unetx.avg_pool2x2")
     _warn_fallback(x.device)
     return ref.avg_pool2x2(x).contiguous(memory_format=_layout(x))
 
 
 def _fb_avg_pool2x2_backward(grad):
+    _check_4d(grad, "unetx.avg_pool2x2_backward", "grad")
     return ref._pool_backward(grad).contiguous(memory_format=_layout(grad))
 
 
 def _fb_upsample_concat(skip, x, mode):
-    _check_devices("unetx.upsample_concat", "skip", skip, x=x)
+    _args_upsample_concat(skip, x, mode)
     _warn_fallback(skip.device)
     return ref.upsample_concat(skip, x, mode).contiguous(memory_format=_layout(skip))
 
 
 def _fb_upsample_concat_backward(grad, skip_channels, mode):
+    f = _args_upsample_concat_backward(grad, skip_channels, mode)
     fmt = _layout(grad)
     n, c, h, w = grad.shape
-    f = 1 if mode == "none" else 2
     gx = ref._upsample_backward(grad[:, skip_channels:], mode, [h // f, w // f])
     # clone: with batch 1 a channel slice of grad is already dense, and outputs may not alias inputs
     gx = gx.clone(memory_format=fmt) if mode == "none" else gx.contiguous(memory_format=fmt)
