@@ -114,7 +114,7 @@ inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __res
     const int64_t c = c0 + cstep * i;
     const acc_t yv = acc_t(y[i]);
     acc_t g = acc_t(gy[i]);
-    if constexpr (RELU) g = yv > acc_t(0) ? g : acc_t(0);
+    if constexpr (RELU) g = yv <= acc_t(0) ? acc_t(0) : g;  // NaN passes, as threshold_backward
     if constexpr (STATS) g += a[c] + b[c] * (yv - mu[c]);
     o[i] = T(g);
   }
