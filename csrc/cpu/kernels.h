@@ -47,8 +47,8 @@ void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x
 // pivot (y's first element), so large means do not cancel. One read of y.
 void batch_stats(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
 
-// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = 0 where y <= 0 (NaN passes) when relu. The gradient reaching a conv
-// output through its batch statistics (a = dmean / M, b = 2 dvar / M) and/or its fused ReLU.
+// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = 0 where y <= 0 (NaN passes) when relu. The gradient
+// reaching a conv output through its batch statistics (a = dmean / M, b = 2 dvar / M) and/or its fused ReLU.
 // Reads grad_y and y once, writes out once.
 void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
                       const at::Tensor* b, bool relu, at::Tensor& out);

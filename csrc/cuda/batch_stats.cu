@@ -187,7 +187,8 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = 0 where y <= 0 (NaN passes) with relu, on V values of channels c[i].
+// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = 0 where y <= 0 (NaN passes) with relu, on V values of
+// channels c[i].
 template <int V, typename A>
 __device__ __forceinline__ void fold(A (&g)[V], const A (&yv)[V], const A (&av)[V], const A (&bv)[V],
                                      const A (&mv)[V], bool relu, bool stats) {
