@@ -11,8 +11,23 @@ Accuracy bars:
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+try:  # hypothesis profiles for tests/test_fuzz.py: "fast" by default, "long" (>= 10k examples per property) by
+    # `python -m pytest tests/test_fuzz.py --hypothesis-profile=long` or HYPOTHESIS_PROFILE=long
+    from hypothesis import HealthCheck, settings
+
+    _common = dict(deadline=None, derandomize=False, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("fast", max_examples=40, **_common)
+    settings.register_profile("medium", max_examples=500, **_common)
+    settings.register_profile("long", max_examples=10_000, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+except ImportError:  # the fuzz suite skips itself
+    pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYOUTS = ["nchw", "channels_last", "strided"]
