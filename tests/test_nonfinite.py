@@ -174,3 +174,32 @@ def test_fallback_backward_ops_pass_gradients_through_nan_like_autograd(kind):
                                                  [True, False, True, False])
     check_close_nonfinite(got[0], expect[0], 1e-12, "conv_bn_relu_backward fallback: grad x")
     check_close_nonfinite(got[4], expect[1], 1e-12, "conv_bn_relu_backward fallback: grad weight")
+
+
+@pytest.mark.parametrize("where", ["last column", "first column", "grad border"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_own_weight_gradient_leaves_nan_where_stock_does(dtype, where):
+    """unetx's channels-last weight gradient (csrc/cpu/conv_weight_grad.cpp, >= 16 input channels) takes a GEMM over
+    shifted pixel rows and subtracts the products of pixels that wrapped around a row end: a NaN there cannot be
+    subtracted (NaN - NaN), though stock never reads that pixel for that tap. And stock multiplies the zero padding,
+    so a NaN output gradient at the border makes the taps that read padding NaN, which skipping the padding does not."""
+    gen = torch.Generator().manual_seed(0)
+    x = randn(2, 17, 5, 6, gen=gen, dtype=torch.float64)
+    g = randn(2, 4, 5, 6, gen=gen, dtype=torch.float64)
+    if where == "last column":
+        x[0, 3, 2, 5] = NAN
+    elif where == "first column":
+        x[1, 0, 3, 0] = NAN
+    else:
+        g[0, 1, 0, 2] = NAN
+    w = randn(4, 17, 3, 3, std=0.1, gen=gen, dtype=torch.float64)
+    cl = torch.channels_last
+    t = [v.to(dtype).contiguous(memory_format=cl).requires_grad_() for v in (x, w)]
+    s = [v.to(dtype).contiguous(memory_format=cl).requires_grad_() for v in (x, w)]
+    y, _, _ = ops.conv_bn_relu(t[0], t[1], None, stats=False)
+    ys, _, _ = ref.conv_bn_relu(s[0], None, None, False, None, "none", s[1], None, False, False, False)
+    gy = g.to(dtype).contiguous(memory_format=cl)
+    gx, gw = torch.autograd.grad(y, t, gy)
+    gxs, gws = torch.autograd.grad(ys, s, gy)
+    check_close_nonfinite(gw, gws, TOL[dtype], "grad weight")
+    check_close_nonfinite(gx, gxs, TOL[dtype], "grad x")

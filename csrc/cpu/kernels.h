@@ -60,7 +60,9 @@ at::Tensor to_planar(const at::Tensor& x);
 // ---- conv_weight_grad.cpp: the weight gradient [Co, C, k, k] (planar) of a stride-1 'same' k x k convolution
 // from dense channels-last grad_y [N, Co, H, W] and input a [N, C, H, W], as k*k GEMMs over shifted pixel rows.
 // std::nullopt where it does not apply (not float32/float64, not dense channels-last, even k, fewer than
-// kGemmWeightGradMinChannels input channels); the caller then uses ATen's convolution_backward. Reads both
+// kGemmWeightGradMinChannels input channels, NaN / Inf in grad_y's k/2-pixel border, where stock multiplies the
+// zero padding, or in a pixel whose wrapped product it would take out again); the caller then uses ATen's
+// convolution_backward. Reads both
 // operands once. With `rows`, a is a placeholder (shape, dtype, layout) and each block's rows of a (plus the
 // k/2-row halo) are produced by rows->fill into a per-thread buffer that stays in cache: the recomputed input stage
 // is never written to memory.
