@@ -22,7 +22,7 @@ try:  # hypothesis profiles for tests/test_fuzz.py: "fast" by default, "long" (>
 
     _common = dict(deadline=None, derandomize=False, print_blob=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    settings.register_profile("fast", max_examples=40, **_common)
+    settings.register_profile("fast", max_examples=20, **_common)
     settings.register_profile("medium", max_examples=500, **_common)
     settings.register_profile("long", max_examples=10_000, **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
