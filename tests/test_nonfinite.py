@@ -203,3 +203,19 @@ def test_own_weight_gradient_leaves_nan_where_stock_does(dtype, where):
     gxs, gws = torch.autograd.grad(ys, s, gy)
     check_close_nonfinite(gw, gws, TOL[dtype], "grad weight")
     check_close_nonfinite(gx, gxs, TOL[dtype], "grad x")
+
+
+@pytest.mark.parametrize("value", [INF, -INF])
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_batch_statistics_of_an_infinite_element_are_batchnorms(value, position):
+    """The batch mean is accumulated around a pivot, the channel's first element: an infinite pivot made every
+    difference Inf - Inf = NaN, where nn.BatchNorm2d's mean (and so its running mean) is +-Inf. (One channel: a
+    convolution mixing channels would multiply the Inf by a zero weight.)"""
+    gen = torch.Generator().manual_seed(0)
+    x = randn(2, 1, 4, 5, gen=gen)
+    x[0, 0, 0, 0 if position == "first" else 3] = value
+    y, mean, var = ops.conv_bn_relu(x, torch.full((1, 1, 1, 1), 2.0), None, stats=True)  # y = 2x
+    running_mean, running_var = torch.zeros(1), torch.ones(1)
+    torch.nn.functional.batch_norm(y, running_mean, running_var, training=True, momentum=1.0)
+    check_close_nonfinite(mean, running_mean, 1e-6, "mean")
+    assert torch.isnan(var[0]) and torch.isnan(running_var[0])

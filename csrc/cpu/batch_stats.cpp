@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -29,7 +30,10 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   const bool cl = channels_last(y);
   const double M = double(N * HW);
   std::vector<double> s1(C, 0.0), s2(C, 0.0), pivot(C);
-  for (int64_t c = 0; c < C; ++c) pivot[c] = double(Y[cl ? c : c * HW]);
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = double(Y[cl ? c : c * HW]);
+    pivot[c] = std::isfinite(v) ? v : 0.0;  // an Inf pivot would make every difference Inf - Inf = NaN
+  }
 
   if (!cl) {
     at::parallel_for(0, C, grain_for(N * HW), [&](int64_t b, int64_t e) {
