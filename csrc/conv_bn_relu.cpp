@@ -153,8 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
   y = y.contiguous(output_layout(x, weight));
   if (relu) y.relu_();
   if (!stats) return {y, at::empty({0}, y.options()), at::empty({0}, y.options())};
-  TORCH_CHECK(y.numel() / y.size(1) > 1, kOp, ": Expected more than 1 value per channel when training, got input size ",
-              y.sizes(), " (batch statistics need batch * height * width > 1)");
+  TORCH_CHECK_VALUE(y.numel() / y.size(1) > 1, kOp,  // ValueError, as nn.BatchNorm2d raises
+                    ": Expected more than 1 value per channel when training, got input size ", y.sizes(),
+                    " (batch statistics need batch * height * width > 1)");
   y = y.contiguous(layout_of(y));
   auto opts = y.options().dtype(acc_type(y.scalar_type()));
   auto mean = at::empty({y.size(1)}, opts), var = at::empty({y.size(1)}, opts);

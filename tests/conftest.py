@@ -11,8 +11,23 @@ Accuracy bars:
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+try:  # hypothesis profiles for tests/test_fuzz.py: "fast" by default, "long" (>= 10k examples per property) by
+    # `python -m pytest tests/test_fuzz.py --hypothesis-profile=long` or HYPOTHESIS_PROFILE=long
+    from hypothesis import HealthCheck, settings
+
+    _common = dict(deadline=None, derandomize=False, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("fast", max_examples=20, **_common)
+    settings.register_profile("medium", max_examples=500, **_common)
+    settings.register_profile("long", max_examples=10_000, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+except ImportError:  # the fuzz suite skips itself
+    pass
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYOUTS = ["nchw", "channels_last", "strided"]
@@ -181,3 +196,33 @@ def randomise_batchnorm(module: torch.nn.Module, bias: float = 0.5, running_stat
                 if running_stats:
                     m.running_mean.uniform_(-0.2, 0.2)
                     m.running_var.uniform_(0.5, 2.0)
+
+
+def check_nonfinite_pattern(actual: torch.Tensor, exact: torch.Tensor, what: str = "",
+                            kinds: bool = True) -> torch.Tensor:
+    """NaN where exact is NaN, +Inf / -Inf where it is; returns the mask of exact's finite elements.
+
+    What stock PyTorch does with NaN and Inf (torch.relu keeps NaN, its backward passes the gradient through a NaN,
+    avg_pool of +Inf and -Inf is NaN) is the spec: a fused op must give the same non-finite elements. kinds=False
+    asks only for the same non-finite elements (NaN and +-Inf may differ)."""
+    a, e = actual.detach().cpu().double(), exact.detach().cpu().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    tests = (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf))
+    for name, f in tests if kinds else (("non-finite", lambda t: ~torch.isfinite(t)),):
+        got, want = f(a), f(e)
+        if not torch.equal(got, want):
+            diff = (got != want).nonzero()[:3].tolist()
+            raise AssertionError(f"{what}: {name} at {int(got.sum())} elements, stock has {int(want.sum())}; "
+                                 f"first differences at {diff}: ours {a[tuple(zip(*diff))].tolist()}, "
+                                 f"stock {e[tuple(zip(*diff))].tolist()}")
+    return torch.isfinite(e)
+
+
+def check_close_nonfinite(actual: torch.Tensor, exact: torch.Tensor, tol: float, what: str = "") -> None:
+    """The same non-finite elements as exact, and the finite ones within tol of the largest finite exact value."""
+    finite = check_nonfinite_pattern(actual, exact, what)
+    if not finite.any():
+        return
+    a, e = actual.detach().cpu().double()[finite], exact.detach().cpu().double()[finite]
+    rel = (a - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
+    assert rel <= tol, f"{what}: max error {rel:.3g} of the largest finite value exceeds {tol:.1g}"

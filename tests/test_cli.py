@@ -184,7 +184,7 @@ def _bad_case(case: str, tmp: Path, data: dict, run: Path) -> tuple[list, list[s
         return predict[:2] + [tmp / "sd.pt"] + predict[3:], ["not a unetx checkpoint", "bare state_dict"]
     if case == "pickled_object":
         torch.save({"model": Foreign()}, tmp / "obj.pt")
-        return predict[:2] + [tmp / "obj.pt"] + predict[3:], ["not a unetx checkpoint", "weights_only"]
+        return predict[:2] + [tmp / "obj.pt"] + predict[3:], ["not a unetx checkpoint", "not loaded, for safety"]
     if case == "not_a_checkpoint":
         (tmp / "junk.pt").write_bytes(os.urandom(2000))
         return predict[:2] + [tmp / "junk.pt"] + predict[3:], ["not a unetx checkpoint"]

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import unetx
+import unetx.layers
 from unetx import ops
+from unetx import reference as ref
 from conftest import randn
 
 OTHER_DEVICE = "cuda" if torch.cuda.is_available() else "meta"
@@ -120,12 +123,6 @@ CASES = {
                          r"bn_relu_pool: 2x2 pooling needs an even .*\[2, 3, 8, 9\]"),
     "conv_bn_relu x_pool odd": (lambda: ops.conv_bn_relu(x(2, 3, 7, 9), x(4, 3, 3, 3), x_pool=True),
                                 r"conv_bn_relu: 2x2 pooling needs an even .*\[2, 3, 7, 9\]"),
-    # one value per channel in a training batch
-    "conv_bn_relu 1x1 batch stats": (lambda: ops.conv_bn_relu(x(1, 3, 1, 1), x(4, 3, 3, 3), stats=True),
-                                     r"Expected more than 1 value per channel when training, got input size "
-                                     r"\[1, 4, 1, 1\]"),
-    "conv_bn_relu pooled to 1x1 stats": (lambda: ops.conv_bn_relu(x(1, 3, 2, 2), x(4, 3, 1, 1), x_pool=True),
-                                         r"more than 1 value per channel .*\[1, 4, 1, 1\]"),
     "conv_bn_relu stats and relu": (lambda: ops.conv_bn_relu(x(2, 3, 4, 4), x(4, 3, 3, 3), stats=True, relu=True),
                                     r"stats .* and relu .* exclude each other"),
     # upsampling mode
@@ -142,6 +139,40 @@ def test_bad_input_is_rejected_with_the_offending_value(case):
     call, message = CASES[case]
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+# one value per channel in a training batch: ValueError, as nn.BatchNorm2d raises (code written against stock
+# catches ValueError)
+ONE_VALUE_CASES = {
+    "conv_bn_relu 1x1 batch stats": (lambda: ops.conv_bn_relu(x(1, 3, 1, 1), x(4, 3, 3, 3), stats=True),
+                                     r"Expected more than 1 value per channel when training, got input size "
+                                     r"\[1, 4, 1, 1\]"),
+    "conv_bn_relu pooled to 1x1 stats": (lambda: ops.conv_bn_relu(x(1, 3, 2, 2), x(4, 3, 1, 1), x_pool=True),
+                                         r"more than 1 value per channel .*\[1, 4, 1, 1\]"),
+    "fallback conv_bn_relu 1x1 batch stats": (
+        lambda: ops.FALLBACKS["conv_bn_relu"](x(1, 3, 1, 1), None, None, False, None, "none", x(4, 3, 3, 3), None,
+                                              False, True, False),
+        r"Expected more than 1 value per channel when training, got input size \[1, 4, 1, 1\]"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:unetx. no unetx kernels")
+@pytest.mark.parametrize("case", list(ONE_VALUE_CASES), ids=str)
+def test_one_value_per_channel_in_training_is_a_value_error_like_batchnorm(case):
+    call, message = ONE_VALUE_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_modules_raise_batchnorms_exception_for_one_value_per_channel():
+    """A drop-in: unetx's layer raises what its stock twin raises, with the same text."""
+    stock = ref.ConvBNReLU(3, 4)
+    fused = unetx.layers.ConvBNReLU(3, 4)
+    with pytest.raises(ValueError) as want:
+        stock(x(1, 3, 1, 1))
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size"):
+        fused(x(1, 3, 1, 1))
+    assert "Expected more than 1 value per channel when training" in str(want.value)
 
 
 def test_nothing_is_rejected_that_should_pass():

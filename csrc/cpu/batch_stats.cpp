@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/layout.h"
@@ -29,7 +30,10 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   const bool cl = is_channels_last(y);
   const double M = double(N * HW);
   std::vector<double> s1(C, 0.0), s2(C, 0.0), pivot(C);
-  for (int64_t c = 0; c < C; ++c) pivot[c] = double(Y[cl ? c : c * HW]);
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = double(Y[cl ? c : c * HW]);
+    pivot[c] = std::isfinite(v) ? v : 0.0;  // an Inf pivot would make every difference Inf - Inf = NaN
+  }
 
   if (!cl) {
     at::parallel_for(0, C, grain_for(N * HW), [&](int64_t b, int64_t e) {
@@ -114,7 +118,7 @@ inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __res
     const int64_t c = c0 + cstep * i;
     const acc_t yv = acc_t(y[i]);
     acc_t g = acc_t(gy[i]);
-    if constexpr (RELU) g = yv > acc_t(0) ? g : acc_t(0);
+    if constexpr (RELU) g = yv <= acc_t(0) ? acc_t(0) : g;  // NaN passes, as threshold_backward
     if constexpr (STATS) g += a[c] + b[c] * (yv - mu[c]);
     o[i] = T(g);
   }

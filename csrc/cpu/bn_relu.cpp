@@ -42,7 +42,7 @@ template <bool ACT, typename acc_t>
 inline acc_t act(acc_t v, acc_t m, acc_t s, acc_t t) {
   if constexpr (ACT) {
     const acc_t r = (v - m) * s + t;
-    return r > acc_t(0) ? r : acc_t(0);
+    return r <= acc_t(0) ? acc_t(0) : r;  // NaN stays NaN, as torch.relu
   } else {
     return v;
   }
@@ -243,7 +243,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
 #pragma omp simd reduction(+ : r1, r2)
             for (int64_t w = 0; w < W; ++w) {
               const acc_t xv = acc_t(xr[w]) - mc;
-              const acc_t gv = xv * sc + tc > acc_t(0) ? gr[w] : acc_t(0);
+              const acc_t gv = xv * sc + tc <= acc_t(0) ? acc_t(0) : gr[w];
               gxr[w] = T(gv * sc);
               r1 += gv * xv;
               r2 += gv;
@@ -294,7 +294,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
               const acc_t xv = acc_t(xp[c]) - MU[c];
-              const acc_t gg = xv * S[c] + Tt[c] > acc_t(0) ? g[c] : acc_t(0);
+              const acc_t gg = xv * S[c] + Tt[c] <= acc_t(0) ? acc_t(0) : g[c];
               gxp[c] = T(gg * S[c]);
               r1[c] += gg * xv;
               r2[c] += gg;

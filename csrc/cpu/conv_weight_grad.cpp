@@ -21,9 +21,11 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "cpu/kernels.h"
@@ -37,8 +39,10 @@ int64_t block_rows(int64_t W, int64_t C, int64_t Co, int64_t elem) {
   return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, W * (C + Co) * elem));
 }
 
+// Returns false (gw unusable) where a pixel whose product was taken out again holds NaN or Inf: subtracting it
+// cannot undo it (Inf - Inf, NaN - NaN), where stock never reads that pixel for that tap.
 template <typename T>
-void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, const StageRows* rows, int64_t k, at::Tensor& gw) {
+bool weight_grad_impl(const at::Tensor& g, const at::Tensor& a, const StageRows* rows, int64_t k, at::Tensor& gw) {
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), Co = g.size(1), HW = H * W;
   const int64_t r = k / 2, KK = k * k;
   const int64_t R = block_rows(W, C, Co, sizeof(T));
@@ -53,6 +57,7 @@ void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, const StageRows*
   const int64_t align = rows ? std::max<int64_t>(1, rows->align) : 1;
   const int64_t buf_rows = std::min(H, R + 2 * r + 2 * (align - 1));
   at::Tensor buf = rows ? at::empty({threads, buf_rows * W * C}, opts) : at::Tensor();
+  std::atomic<bool> nonfinite{false};
 
   auto run_block = [&](int64_t blk, int64_t tid) {
     const int64_t n = blk / blocks_per_image, h0 = (blk % blocks_per_image) * R, h1 = std::min(H, h0 + R);
@@ -92,6 +97,11 @@ void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, const StageRows*
             const int64_t p = n * HW + h * W + w;
             const T* __restrict__ gp = G + p * Co;
             const T* __restrict__ ap = A + (p + s - p0) * C;
+            T probe = 0;  // NaN iff a value is NaN or Inf
+#pragma omp simd reduction(+ : probe)
+            for (int64_t ci = 0; ci < C; ++ci) probe += ap[ci] * T(0);
+            for (int64_t co = 0; co < Co; ++co) probe += gp[co] * T(0);
+            if (probe != probe) nonfinite.store(true, std::memory_order_relaxed);
             for (int64_t co = 0; co < Co; ++co) {
               T* __restrict__ o = out + co * C;
               const T gv = gp[co];
@@ -126,6 +136,7 @@ void weight_grad_impl(const at::Tensor& g, const at::Tensor& a, const StageRows*
           GW[(co * C + ci) * KK + kk] = sum;
         }
   });
+  return !nonfinite.load();
 }
 
 bool dense_channels_last(const at::Tensor& t) {
@@ -141,11 +152,19 @@ std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor
       a.size(1) < kGemmWeightGradMinChannels || !dense_channels_last(a) || !dense_channels_last(grad_y) ||
       a.size(0) != grad_y.size(0) || a.size(2) != grad_y.size(2) || a.size(3) != grad_y.size(3))
     return std::nullopt;
+  // Stock's weight gradient multiplies the zero padding too, so a NaN / Inf in grad_y's border band (the pixels
+  // some tap reads padding for) makes that tap NaN there; this kernel leaves the padding out: ATen's then.
+  const int64_t r = k / 2, H = grad_y.size(2), W = grad_y.size(3);
+  if (r > 0) {
+    const int64_t bh = std::min(r, H), bw = std::min(r, W);
+    for (const auto& band : {grad_y.narrow(2, 0, bh), grad_y.narrow(2, H - bh, bh), grad_y.narrow(3, 0, bw),
+                             grad_y.narrow(3, W - bw, bw)})
+      if (!at::isfinite(band).all().item<bool>()) return std::nullopt;
+  }
   auto gw = at::empty({grad_y.size(1), a.size(1), k, k}, a.options().memory_format(at::MemoryFormat::Contiguous));
-  if (dt == at::kFloat)
-    weight_grad_impl<float>(grad_y, a, rows, k, gw);
-  else
-    weight_grad_impl<double>(grad_y, a, rows, k, gw);
+  const bool ok = dt == at::kFloat ? weight_grad_impl<float>(grad_y, a, rows, k, gw)
+                                   : weight_grad_impl<double>(grad_y, a, rows, k, gw);
+  if (!ok) return std::nullopt;  // NaN / Inf at an image's edge column: ATen's, which never reads it for that tap
   return gw;
 }
 

@@ -47,8 +47,8 @@ void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x
 // pivot (y's first element), so large means do not cancel. One read of y.
 void batch_stats(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
 
-// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = (y > 0) when relu. The gradient reaching a conv
-// output through its batch statistics (a = dmean / M, b = 2 dvar / M) and/or its fused ReLU.
+// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = 0 where y <= 0 (NaN passes) when relu. The gradient
+// reaching a conv output through its batch statistics (a = dmean / M, b = 2 dvar / M) and/or its fused ReLU.
 // Reads grad_y and y once, writes out once.
 void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor* mean, const at::Tensor* a,
                       const at::Tensor* b, bool relu, at::Tensor& out);
@@ -64,7 +64,9 @@ constexpr int64_t kPlanarWeightGradMinChannels = 16;
 // ---- conv_weight_grad.cpp: the weight gradient [Co, C, k, k] (planar) of a stride-1 'same' k x k convolution
 // from dense channels-last grad_y [N, Co, H, W] and input a [N, C, H, W], as k*k GEMMs over shifted pixel rows.
 // std::nullopt where it does not apply (not float32/float64, not dense channels-last, even k, fewer than
-// kGemmWeightGradMinChannels input channels); the caller then uses ATen's convolution_backward. Reads both
+// kGemmWeightGradMinChannels input channels, NaN / Inf in grad_y's k/2-pixel border, where stock multiplies the
+// zero padding, or in a pixel whose wrapped product it would take out again); the caller then uses ATen's
+// convolution_backward. Reads both
 // operands once. With `rows`, a is a placeholder (shape, dtype, layout) and each block's rows of a (plus the
 // k/2-row halo) are produced by rows->fill into a per-thread buffer that stays in cache: the recomputed input stage
 // is never written to memory.

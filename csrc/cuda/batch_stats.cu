@@ -188,13 +188,14 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
          part.const_data_ptr<A>(), C, G, mean.data_ptr<A>(), var.data_ptr<A>());
 }
 
-// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = (y > 0) with relu, on V values of channels c[i].
+// out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = 0 where y <= 0 (NaN passes) with relu, on V values of
+// channels c[i].
 template <int V, typename A>
 __device__ __forceinline__ void fold(A (&g)[V], const A (&yv)[V], const A (&av)[V], const A (&bv)[V],
                                      const A (&mv)[V], bool relu, bool stats) {
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    if (relu) g[i] = yv[i] > A(0) ? g[i] : A(0);
+    if (relu) g[i] = yv[i] <= A(0) ? A(0) : g[i];  // NaN passes, as threshold_backward
     if (stats) g[i] += av[i] + bv[i] * (yv[i] - mv[i]);
   }
 }

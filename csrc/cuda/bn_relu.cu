@@ -40,7 +40,7 @@ template <bool ACT, typename A>
 __device__ __forceinline__ A act(A v, A m, A s, A t) {
   if constexpr (ACT) {
     const A r = (v - m) * s + t;
-    return r > A(0) ? r : A(0);
+    return r <= A(0) ? A(0) : r;  // NaN stays NaN, as torch.relu
   } else {
     return v;
   }
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const A d = xv[i] - m;
-          const A gv = d * s + t > A(0) ? g[i] : A(0);
+          const A gv = d * s + t <= A(0) ? A(0) : g[i];
           g[i] = gv * s;
           s1 += gv * d;
           s2 += gv;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < V; ++i) {
             const A d = xv[i] - m[i];
-            const A gv = d * s[i] + t[i] > A(0) ? g[i] : A(0);
+            const A gv = d * s[i] + t[i] <= A(0) ? A(0) : g[i];
             g[i] = gv * s[i];
             s1[i] += gv * d;
             s2[i] += gv;

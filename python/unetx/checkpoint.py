@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -37,13 +37,66 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _read_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only read by setting, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import (single-threaded then)
+
+
+def _unnamed_file(folder: Path) -> int | None:
+    """An O_TMPFILE file in folder: it has no name until linked, so a process killed while writing it (even by
+    SIGKILL) leaves nothing behind. None where the system or file system has no O_TMPFILE."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o666)  # the kernel applies the umask to 0o666
+    except OSError:
+        return None
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call write(tmp_path) on a temporary file in path's folder, then rename it over path (atomic on POSIX):
-    a reader sees the old file or the new one, never half of one, and a crash leaves the old file intact."""
+    a reader sees the old file or the new one, never half of one, and a crash leaves the old file intact.
+
+    The file gets the permissions a plain open() would (0o666 less the umask), not a private temporary file's
+    0o600. On Linux the data is written to an unnamed file that gets a (hidden) name only for the final rename, so
+    a killed process leaves no temporary file; elsewhere a killed process can leave a hidden .NAME.*.tmp file."""
     path = Path(path)
+    fd = _unnamed_file(path.parent)
+    if fd is not None:
+        try:
+            write(f"/proc/self/fd/{fd}")
+            os.fsync(fd)
+            tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+            try:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives the unnamed file a name
+                os.link(str(fd), tmp, src_dir_fd=fds, follow_symlinks=True)
+            finally:
+                os.close(fds)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(fd)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -97,17 +150,24 @@ def load(path: str | Path, map_location="cpu") -> dict:
             raise InputError(f"checkpoint {path} is a folder without best.pt or last.pt")
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} is not a regular file; give a best.pt or last.pt written by `unetx train`")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"{path} is not a unetx checkpoint: it holds Python objects that are not loaded for safety "
-                         f"(weights_only=True) ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, TypeError, KeyError,
-            ImportError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{path} is not a unetx checkpoint: it is not a PyTorch file or it is truncated "
-                         f"({first[:160]})") from None
+        # torch's message is mostly advice on weights_only=False, which unetx never uses; keep the global it names
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise InputError(f"{path} is not a unetx checkpoint: it holds Python objects "
+                         f"{'(' + found.group(1) + ') ' if found else ''}that are not loaded, for safety; give a "
+                         "best.pt or last.pt written by `unetx train`") from None
+    except MemoryError:
+        raise InputError(f"{path} is not a unetx checkpoint: reading it needs more memory than there is") from None
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's problem (random bytes gave
+        # IndexError, EOFError, RuntimeError, zipfile errors, ...): one message naming the file
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise InputError(f"{path} is not a unetx checkpoint: it is not a PyTorch file, or it is truncated or damaged "
+                         f"({type(e).__name__}{': ' + first if first else ''}); give a best.pt or last.pt written by "
+                         "`unetx train`") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = type(ckpt).__name__
         if isinstance(ckpt, dict):
@@ -122,6 +182,22 @@ def load(path: str | Path, map_location="cpu") -> dict:
     missing = [k for k in ("config", "state_dict", "classes", "model", "normalize") if k not in ckpt]
     if missing or ckpt["model"] != MODEL:
         raise InputError(f"{path} is a damaged unetx checkpoint (missing {missing}, model {ckpt.get('model')!r})")
+    from .data import NORMALIZATIONS
+
+    problems = []
+    if not isinstance(ckpt["config"], dict):
+        problems.append(f"config is a {type(ckpt['config']).__name__}, not a dict")
+    if not isinstance(ckpt["state_dict"], dict):
+        problems.append(f"state_dict is a {type(ckpt['state_dict']).__name__}, not a dict")
+    if ckpt["normalize"] not in NORMALIZATIONS:
+        problems.append(f"normalize {ckpt['normalize']!r} is not one of {NORMALIZATIONS}")
+    try:
+        ClassTable.from_dict(ckpt["classes"])
+    except Exception as e:  # noqa: BLE001 - a damaged class table, whatever its damage
+        problems.append(f"its class table is damaged ({type(e).__name__}: {str(e)[:120]})")
+    if problems:
+        raise InputError(f"{path} is a damaged unetx checkpoint: {'; '.join(problems)}; give a best.pt or last.pt "
+                         "written by `unetx train`")
     return ckpt
 
 
@@ -131,11 +207,11 @@ def build_model(ckpt: dict, path: str | Path = "checkpoint", sync_bn: bool = Fal
 
     try:
         model = UNet(**ckpt["config"], sync_bn=sync_bn)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever an edited config makes the constructor raise
         raise InputError(f"{path}: cannot build the model from its config {ckpt['config']}: {e}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - wrong shapes, keys or types: the file's problem
         raise InputError(f"{path}: the weights do not fit the model it describes ({str(e).splitlines()[0][:300]}); "
                          "the checkpoint is damaged or was edited") from None
     return model

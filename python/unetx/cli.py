@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -125,11 +127,23 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def _check_model_options(args) -> None:
+    """predict / evaluate options that need no file: checked before anything is read or written."""
+    if args.tile < 1:
+        raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
+    if args.overlap is not None and args.overlap < 0:
+        raise InputError(f"--overlap must be >= 0 pixels of context per side, got {args.overlap}; leave it out for "
+                         "the network's receptive margin")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive number of tiles, got {args.batch_size}")
+
+
 def _load(args) -> tuple:
     from . import checkpoint
     from .predict import default_overlap, model_multiple
     from .train import _device
 
+    _check_model_options(args)
     device = _device(args.device, 0)
     model, ckpt = checkpoint.load_model(args.checkpoint, device)
     overlap = default_overlap(model) if args.overlap is None else args.overlap
@@ -307,6 +321,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .train import TrainConfig, Trainer
 
     out = Path(args.out)
+    if args.epochs is not None and args.epochs < 1:
+        raise InputError(f"--epochs must be a positive integer, got {args.epochs}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    from .train import _device
+
+    _device(args.device, 0)
     if out.exists() and not out.is_dir():
         raise InputError(f"the demo output folder {out} is a file; choose another --out")
     if out.exists() and any(out.iterdir()):
@@ -498,6 +521,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unetx {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused a read or write (permissions, disk full, ...): not unetx's bug
+        print(f"unetx {args.command}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - no traceback for a user; a developer sets UNETX_TRACEBACK=1
+        if os.environ.get("UNETX_TRACEBACK"):
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        text = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"unetx {args.command}: internal error: {type(e).__name__}{': ' + text if text else ''} (at "
+              f"{Path(where.filename).name}:{where.lineno}); this is a bug in unetx, please report it with the "
+              "command line (UNETX_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 NORMALIZATIONS = ("dtype", "percentile", "standardize")
 MAX_CLASSES = 64  # a "mask" with more distinct values than this is almost surely an image
+LOSSY_SEPARATION = 32  # grey levels between two class values of a JPEG mask (see _lossy_grey_values)
 
 
 class InputError(ValueError):
@@ -65,6 +66,13 @@ def read_image(path: str | Path, mask: bool = False) -> np.ndarray:
         raise InputError(f"cannot read {path}: {type(e).__name__}: {e} (the file is corrupt, truncated or not an image)") from None
     if arr.size == 0:
         raise InputError(f"{path} holds an empty image (shape {arr.shape})")
+    if arr.dtype.kind in "fc":
+        bad = ~np.isfinite(arr)
+        if bad.any():  # NaN/Inf would make the whole batch's statistics NaN (training) or the prediction garbage
+            s, y, x, _ = (int(i) for i in np.argwhere(bad)[0])
+            where = f"row {y}, column {x}" + (f" of slice {s}" if arr.shape[0] > 1 else "")
+            raise InputError(f"{path} holds {int(bad.sum())} non-finite pixel value{'s' * (int(bad.sum()) > 1)} "
+                             f"(NaN or Inf), the first at {where}; replace them (e.g. with 0) in the file")
     return arr
 
 
@@ -280,14 +288,30 @@ class ClassTable:
         return out.astype(np.uint8 if out.max(initial=0) <= 255 else np.uint16)
 
 
+def _lossy_grey_values(m: np.ndarray) -> np.ndarray:
+    """The class values of a grey mask saved lossily (JPEG): its histogram's peaks, each the most frequent value
+    within LOSSY_SEPARATION grey levels and at least 5% as frequent as the most frequent one. JPEG rings around
+    edges with many rare values near each true one; `ClassTable.encode(lossy=True)` snaps them to the nearest."""
+    vals, counts = np.unique(m[..., 0], return_counts=True)
+    kept: list = []
+    for i in np.argsort(-counts, kind="stable"):
+        if counts[i] < 0.05 * counts.max():
+            break
+        if all(abs(float(vals[i]) - float(k)) > LOSSY_SEPARATION for k in kept):
+            kept.append(vals[i])
+    return np.sort(np.array(kept, dtype=vals.dtype))
+
+
 def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foreground: str = "bright",
-                      num_classes: int | None = None) -> ClassTable:
+                      num_classes: int | None = None, names: Sequence[str] | None = None,
+                      lossy: Sequence[bool] | None = None) -> ClassTable:
     """The class table of a set of masks ((slices, H, W, C) arrays as from `read_image(mask=True)`).
 
     mode "binary": the two values present, foreground the brighter (or the darker with foreground="dark");
     "labels": grey value k is class k, `num_classes` (default: max value + 1) classes; "colour": the distinct
     colours, sorted, class 0 the first (black if present); "auto": colour if any mask has colour pixels, binary for
-    two grey values, labels for more.
+    two grey values, labels for more. `names` (file names, for the messages) and `lossy` (JPEG masks: their grey
+    values are the histogram's peaks; see `_lossy_grey_values`) are per mask.
     """
     if mode not in ("auto", "binary", "labels", "colour"):
         raise InputError(f"mask mode must be auto, binary, labels or colour, got {mode!r}")
@@ -296,50 +320,67 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
     grey: set[int] = set()
     colours: set[tuple[int, int, int]] = set()
     is_colour = False
-    for m in masks:
+    limit = max(MAX_CLASSES, num_classes or 0)  # --classes K: label maps with up to K values are expected
+    first: dict = {}  # value -> the first mask holding it (messages name the file to fix)
+    for i, m in enumerate(masks):
+        name = f"mask {names[i]}" if names is not None else "a mask"
         if m.shape[-1] == 3 and not (np.array_equal(m[..., 0], m[..., 1]) and np.array_equal(m[..., 0], m[..., 2])):
             is_colour = True
             flat = m.reshape(-1, 3).astype(np.int64)
             packed = np.unique((flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2])
             if len(packed) > MAX_CLASSES:
-                raise InputError(f"a colour mask has {len(packed)} distinct colours: more than {MAX_CLASSES}, so it is "
+                raise InputError(f"{name} has {len(packed)} distinct colours: more than {MAX_CLASSES}, so it is "
                                  "probably an image, not a mask (or a lossy JPEG); give masks with one colour per class")
-            colours.update((int(k >> 16), int((k >> 8) & 255), int(k & 255)) for k in packed)
+            new = [(int(k >> 16), int((k >> 8) & 255), int(k & 255)) for k in packed]
+            colours.update(new)
+            for v in new:
+                first.setdefault(v, name)
         else:
-            vals = np.unique(m[..., 0])
+            vals = _lossy_grey_values(m) if (lossy is not None and lossy[i]) else np.unique(m[..., 0])
             if not np.issubdtype(vals.dtype, np.integer):
                 if not np.all(vals == np.round(vals)):
-                    raise InputError(f"a mask holds non-integer values {vals[:5].tolist()}; masks must hold integer "
+                    raise InputError(f"{name} holds non-integer values {vals[:5].tolist()}; masks must hold integer "
                                      "class values or colours")
                 vals = vals.astype(np.int64)
-            if len(vals) > MAX_CLASSES:
-                raise InputError(f"a mask has {len(vals)} distinct grey values: more than {MAX_CLASSES}, so it is "
-                                 "probably an image (or a lossy JPEG), not a mask")
+            if len(vals) > limit:
+                if num_classes is not None:
+                    raise InputError(f"{name} has {len(vals)} distinct grey values, more than --classes {num_classes}; "
+                                     f"give --classes {int(vals.max()) + 1} or fix the mask")
+                raise InputError(f"{name} has {len(vals)} distinct grey values: more than {MAX_CLASSES}, so it is "
+                                 "probably an image, not a mask; for a label map with that many classes give "
+                                 f"--classes {int(vals.max()) + 1}")
             grey.update(int(v) for v in vals)
             colours.update((int(v),) * 3 for v in vals)
+            for v in vals:
+                first.setdefault(int(v), name)
+                first.setdefault((int(v),) * 3, name)
+
+    def where(vs) -> str:  # "(128 first in mask a.png, 7 first in mask b.png)"
+        return "(" + ", ".join(f"{v} first in {first[v]}" for v in vs if v in first) + ")"
+
     if mode == "colour" or (mode == "auto" and is_colour):
         values = sorted(colours)
         if len(values) < 2:
-            raise InputError(f"the masks hold a single colour {values}: nothing to segment")
+            raise InputError(f"the masks hold a single colour {values}: nothing to segment {where(values)}")
         return ClassTable("colour", values)
     if is_colour:
         raise InputError(f"the masks are colour-coded but --mask-mode is {mode}; use --mask-mode colour")
     values = sorted(grey)
     if mode == "labels" or (mode == "auto" and (len(values) > 2 or num_classes is not None)):
         if values[0] < 0:
-            raise InputError(f"label masks hold negative values {values[:5]}")
+            raise InputError(f"label masks hold negative values {values[:5]} {where(values[:1])}")
         k = num_classes if num_classes is not None else max(values[-1] + 1, 2)
         if values[-1] >= k:
-            raise InputError(f"the masks hold class values up to {values[-1]} but --classes is {k}; "
-                             f"use --classes {values[-1] + 1}")
+            raise InputError(f"the masks hold class values up to {values[-1]} {where(values[-1:])} but --classes "
+                             f"is {k}; use --classes {values[-1] + 1}")
         if num_classes is None and values[-1] >= MAX_CLASSES:
-            raise InputError(f"the masks hold {len(values)} grey values up to {values[-1]}; as label maps that would "
-                             f"be {values[-1] + 1} classes. Give a class table (--class-table) listing the values, "
-                             "or masks with values 0..K-1")
+            raise InputError(f"the masks hold {len(values)} grey values up to {values[-1]} {where(values[-1:])}; as "
+                             f"label maps that would be {values[-1] + 1} classes. Give --classes {values[-1] + 1}, a "
+                             "class table (--class-table) listing the values, or masks with values 0..K-1")
         return ClassTable.labels(k)
     if len(values) > 2:
-        raise InputError(f"binary masks must hold two values, these hold {len(values)}: {values[:8]}; "
-                         "use --mask-mode labels for label maps")
+        raise InputError(f"binary masks must hold two values, these hold {len(values)}: {values[:8]} "
+                         f"{where(values[2:5])}; use --mask-mode labels for label maps")
     if len(values) < 2:
         only = values[0] if values else None
         if only is None:

@@ -449,6 +449,9 @@ def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, tra
     y = y.contiguous(memory_format=_conv_out_format(x, weight))
     if not stats:
         return y, y.new_empty(0), y.new_empty(0)
+    if y.numel() // y.shape[1] <= 1:  # as the kernels and nn.BatchNorm2d
+        raise ValueError(f"unetx.conv_bn_relu: Expected more than 1 value per channel when training, got input size "
+                         f"{list(y.shape)} (batch statistics need batch * height * width > 1)")
     var, mean = torch.var_mean(y.to(_acc_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
     return y, mean, var
 

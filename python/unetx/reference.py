@@ -140,7 +140,7 @@ def bn_relu_backward(grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor, mean
     """Returns (grad_y, grad_scale, grad_shift, grad_mean); grad_mean is None when mean is None."""
     yc = y if mean is None else y - _per_channel(mean)
     pre = yc * _per_channel(scale) + _per_channel(shift)
-    g = torch.where(pre > 0, grad, torch.zeros_like(grad))
+    g = torch.where(pre <= 0, torch.zeros_like(grad), grad)  # NaN passes, as torch.relu's backward
     gt = g.sum((0, 2, 3))
     gm = None if mean is None else (-gt * scale).to(mean.dtype)
     return g * _per_channel(scale), (g * yc).sum((0, 2, 3)), gt, gm
@@ -191,7 +191,7 @@ def conv_bn_relu_backward(
     """Closed-form backward of `conv_bn_relu` in stock ops. Returns (gx, gscale, gshift, gx2, gweight, gbias, gmean)."""
     g = grad_y
     if relu:
-        g = torch.where(y > 0, g, torch.zeros_like(g))
+        g = torch.where(y <= 0, torch.zeros_like(g), g)
     if grad_mean is not None or grad_var is not None:
         n = y.numel() // y.shape[1]
         g = g.clone()

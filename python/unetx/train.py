@@ -31,8 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint
-from .data import (Augment, ClassTable, InputError, PatchDataset, Sample, balancing_weights, class_frequencies,
-                   default_patches_per_image, image_channels, infer_class_table, load_samples, pair_files)
+from .data import (LOSSY_SUFFIXES, Augment, ClassTable, InputError, PatchDataset, Sample, balancing_weights,
+                   class_frequencies, default_patches_per_image, image_channels, infer_class_table, load_samples,
+                   pair_files)
 from .losses import LOSSES, make_loss, num_output_channels, probabilities
 from .metrics import confusion_counts, dice_from_counts, foreground_mean, iou_from_counts
 from .plan import DEFAULT_BUDGET, PLANNED, format_duration, make_plan, parse_duration
@@ -120,8 +121,23 @@ class TrainConfig:
             raise InputError("give both --val-images and --val-masks, or neither")
         if self.val_images is not None and self.val_fraction > 0:
             raise InputError("give either validation folders or --val-fraction, not both")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
+        for name, ok, need in (("lr", lambda v: v > 0, "a finite number > 0 (e.g. 1e-3)"),
+                               ("weight_decay", lambda v: v >= 0, ">= 0"),
+                               ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+                               ("elastic", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+                               ("elastic_sigma", lambda v: v >= 0, ">= 0"), ("brightness", lambda v: v >= 0, ">= 0"),
+                               ("contrast", lambda v: v >= 0, ">= 0"), ("w0", lambda v: v >= 0, ">= 0"),
+                               ("sigma", lambda v: v > 0, "a positive number of pixels")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise InputError(f"--{name.replace('_', '-')} must be {need}, got {v!r}")
+        for name, lo in (("workers", 0), ("overlays", 0), ("seed", 0), ("classes", 2), ("patches_per_image", 1)):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        if self.val_tile < 2**self.depth:
+            raise InputError(f"--val-tile {self.val_tile} is smaller than the network's downsampling factor "
+                             f"2**depth = {2**self.depth}")
         if not self.images or not self.masks:
             raise InputError("--images and --masks are required (folders of training images and masks)")
         if self.time is not None:
@@ -181,7 +197,10 @@ def prepare_data(cfg: TrainConfig, table: ClassTable | None = None, channels: in
             if table.kind == "binary" and cfg.foreground == "dark":
                 table = ClassTable("binary", table.values[::-1], table.names)
         else:
-            table = infer_class_table([p.mask for p in pairs + val_pairs], cfg.mask_mode, cfg.foreground, cfg.classes)
+            both = pairs + val_pairs
+            table = infer_class_table([p.mask for p in both], cfg.mask_mode, cfg.foreground, cfg.classes,
+                                      names=[p.mask_path.name for p in both],
+                                      lossy=[p.mask_path.suffix.lower() in LOSSY_SUFFIXES for p in both])
     if cfg.classes is not None and table.num_classes != cfg.classes:
         raise InputError(f"--classes {cfg.classes} but the masks / class table have {table.num_classes} classes "
                          f"({table.values})")
@@ -440,11 +459,8 @@ class Trainer:
                 logits = model(image)
             loss = self.loss_fn(logits.float(), target, weight)
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}; "
-                    f"training stopped, {self.out / 'last.pt'} still holds the last good epoch "
-                    f"({self.start_epoch if not self.history else self.history['epoch'][-1]}). "
-                    "Lower --lr, or try --amp off")
+                raise TrainingError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}; training "
+                                    f"stopped, {self._kept()}. Lower --lr, or try --amp off")
             self.opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -507,6 +523,14 @@ class Trainer:
             out[f"val_iou_{name}"] = float(iou[c])
         return out
 
+    def _kept(self) -> str:
+        """What a stopped run leaves: the last good checkpoint, named only if one was written."""
+        last = self.out / "last.pt"
+        if last.exists():
+            done = self.history["epoch"][-1] if self.history.get("epoch") else self.start_epoch
+            return f"{last} still holds the last good epoch ({done})"
+        return "no checkpoint was written (no epoch finished)"
+
     def save(self, epoch: int, best: bool) -> None:
         if not self.is_main:
             return
@@ -524,7 +548,7 @@ class Trainer:
                 checkpoint.write(self.out / "best.pt", ckpt)
             checkpoint.write(self.out / "last.pt", ckpt)
         except ValueError as e:
-            raise TrainingError(f"{e}; {self.out / 'last.pt'} keeps the last good epoch. Lower --lr, or try --amp off") from None
+            raise TrainingError(f"{e}; {self._kept()}. Lower --lr, or try --amp off") from None
         write_history(self.history, self.out)
         from .plots import save_curves
 
