@@ -182,9 +182,15 @@ def choose_crop_depth(fp: Fingerprint, device: torch.device, crop: int | None, d
     return crop, depth
 
 
-def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int, amp_dtype, steps: int) -> dict:
+def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int, amp_dtype,
+                budget_s: float | None) -> dict:
     """Seconds per training step (forward, loss, backward, Adam) and per eval pixel, on random data of the
-    planned shape: the network's cost does not depend on the pixel values."""
+    planned shape: the network's cost does not depend on the pixel values. On a CPU the probe runs 2 patches a
+    step and scales to `batch` (a CPU step's time grows with its pixels), so that it costs little of a short
+    budget; on a GPU it runs the whole batch (its peak memory sizes the batch)."""
+    planned_batch = batch
+    if device.type == "cpu":
+        batch = min(batch, 2)
     from .losses import make_loss, num_output_channels
     from .model import UNet
 
@@ -209,23 +215,26 @@ def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int,
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
     step()  # warm-up: allocations, oneDNN primitive creation
     sync()
+    warm = time.perf_counter() - t0
+    steps = 1 if budget_s is not None and warm > 0.01 * budget_s else (2 if device.type == "cpu" else 5)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
-    step_s = (time.perf_counter() - t0) / steps
+    step_s = (time.perf_counter() - t0) / steps * planned_batch / batch
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     model.eval()
     with torch.no_grad(), autocast:
-        model(x)
+        model(x)  # BatchNorm folded into the convolutions: a new primitive
         sync()
         t0 = time.perf_counter()
         model(x)
         sync()
     eval_px_s = (time.perf_counter() - t0) / (batch * crop * crop)
-    return {"base_channels": base, "crop": crop, "depth": depth, "batch_size": batch, "step_s": step_s,
+    return {"base_channels": base, "crop": crop, "depth": depth, "batch_size": planned_batch, "step_s": step_s,
             "eval_s_per_px": eval_px_s, "peak_bytes": peak}
 
 
@@ -254,8 +263,7 @@ def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float 
         for base in widths:
             if probe and budget_s is not None and budget_s * 0.85 / (probe[-1]["step_s"] * 3) < MIN_STEPS:
                 break  # a wider network (~3x the step time) could not get its MIN_STEPS: not worth probing
-            probe.append(_probe_step(cfg, data, device, base, crop, depth, batch, amp_dtype,
-                                     steps=2 if device.type == "cpu" else 5))
+            probe.append(_probe_step(cfg, data, device, base, crop, depth, batch, amp_dtype, budget_s))
         if device.type == "cuda" and "batch_size" not in given:
             free, _ = torch.cuda.mem_get_info(device)
             per_sample = max(p["peak_bytes"] for p in probe) / batch
