@@ -87,16 +87,17 @@ def _data_args(cells):
 
 def test_time_budget_run_ends_on_time_with_its_plan_shown_and_written(cells, tmp_path):
     out = tmp_path / "run"
-    p, wall = _train(*_data_args(cells), "--out", out, "--time", "20s")
+    # a tiny network (base 4); the rest is planned
+    p, wall = _train(*_data_args(cells), "--out", out, "--time", "20s", "--base-channels", "4")
     assert p.returncode == 0, p.stdout + p.stderr
     # the whole command, Python's start-up and the last validation and checkpoint included
     assert wall <= 20 + 5, (wall, p.stdout)
-    assert "the plan (budget 20s" in p.stdout and "network: base" in p.stdout
+    assert "the plan (budget 20s" in p.stdout and "network: base 4 (given)" in p.stdout
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["budget_s"] == 20 and set(plan["planned"]) >= {"crop", "depth", "batch_size", "base_channels"}
+    assert plan["budget_s"] == 20 and set(plan["planned"]) >= {"crop", "depth", "batch_size", "patches_per_image"}
     assert plan["values"]["crop"] <= 64 and plan["probe"] and plan["explanation"]
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["config"]["base_channels"] == plan["values"]["base_channels"]
+    assert ckpt["config"]["depth"] == plan["values"]["depth"]
     assert ckpt["train_args"]["time"] == "20s" and 0 < ckpt["time_spent"] <= 20
     lr = np.genfromtxt(out / "history.csv", delimiter=",", names=True)["lr"]
     assert np.all(np.diff(np.atleast_1d(lr)) <= 0)  # the cosine over the budget only goes down
@@ -107,7 +108,7 @@ def test_every_planned_value_yields_to_its_flag(cells, tmp_path):
     out = tmp_path / "run"
     given = {"base_channels": 4, "depth": 2, "crop": 32, "batch_size": 3, "patches_per_image": 2, "val_every": 2}
     flags = [x for k, v in given.items() for x in ("--" + k.replace("_", "-"), v)]
-    p, _ = _train(*_data_args(cells), "--out", out, "--time", "15s", *flags)
+    p, _ = _train(*_data_args(cells), "--out", out, "--time", "25s", *flags)
     assert p.returncode == 0, p.stdout + p.stderr
     plan = json.loads((out / "plan.json").read_text())
     assert not set(given) & set(plan["planned"]), plan["planned"]

@@ -139,6 +139,7 @@ class Plan:
         out = [f"data: {fp.summary()}"]
         if self.probe:
             out.append("probe: " + "; ".join(f"base {p['base_channels']}: {p['step_s']:.2f} s/step"
+                                             + (f" ({p['data_s']:.2f} s of it patches)" if "data_s" in p else "")
                                              for p in self.probe))
         net = (f"network: base {v['base_channels']}{src('base_channels')}, depth {v['depth']}{src('depth')}; "
                f"patches {v['crop']} px{src('crop')} x {v['batch_size']}{src('batch_size')} per step, "
@@ -238,6 +239,19 @@ def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int,
             "eval_s_per_px": eval_px_s, "peak_bytes": peak}
 
 
+def _patch_seconds(cfg, data, crop: int, n: int = 4) -> float:
+    """Seconds to cut and augment one training patch, as the run's PatchDataset does."""
+    from .data import Augment, PatchDataset
+
+    aug = (Augment(elastic=cfg.elastic, elastic_sigma=cfg.elastic_sigma, brightness=cfg.brightness,
+                   contrast=cfg.contrast) if cfg.augment else None)
+    ds = PatchDataset(data.train, crop, aug, 1, cfg.seed)
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[i]
+    return (time.perf_counter() - t0) / n
+
+
 def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float | None, amp_dtype=None,
               log=print, probe: bool = True) -> Plan:
     """Fill the planned fields of `cfg` not named in `given` (in place) and return the plan.
@@ -271,7 +285,11 @@ def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float 
             for p in probe:  # the step time scales with the batch
                 p["step_s"] *= batch / p["batch_size"]
                 p["batch_size"] = batch
-    # reserve: what the run spends besides optimiser steps (data loading, validation, checkpoints, overlays)
+    if probe:  # loading and augmenting the patches is part of each step (DataLoader workers overlap it)
+        per_patch = _patch_seconds(cfg, data, crop) / max(1, cfg.workers)
+        for p in probe:
+            p["data_s"] = per_patch * p["batch_size"]
+            p["step_s"] += p["data_s"]
     n_val_px = sum(s.target.size for s in data.val)
     chosen = probe[0] if probe else None
     if budget_s is not None:

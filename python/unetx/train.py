@@ -291,8 +291,8 @@ class Trainer:
         # seconds of the budget spent by earlier sessions of this run (a resumed run continues the same budget)
         self.spent_before = float((resume_ckpt or {}).get("time_spent", 0.0))
         self.out_of_time = False
-        self.est = {"val": (self.plan.val_s if self.plan and self.plan.val_s else 0.0), "save": 3.0,
-                    "step": (self.plan.step_s if self.plan and self.plan.step_s else 0.0)}
+        # what the budget's reserve is made of (see _reserve): the plan's estimates until measured here
+        self.est = {"val": None, "save": 5.0, "step": (self.plan.step_s if self.plan and self.plan.step_s else 0.0)}
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data)
         if resume_ckpt is not None:
@@ -371,8 +371,13 @@ class Trainer:
     def _reserve(self) -> float:
         """Seconds the run needs after its last step: a validation, the overlays, the checkpoints, one more step."""
         n_val = len(self.data.val)
-        overlays = self.est["val"] * min(self.cfg.overlays, n_val) / n_val if n_val else 0.0
-        return 1.2 * (self.est["val"] + overlays + self.est["save"]) + self.est["step"] + 2.0
+        val = self.est["val"]
+        if val is None:  # not measured yet: the plan's estimate, slowed as much as the steps run slower than probed
+            plan = self.plan
+            val = (plan.val_s * max(1.0, self.est["step"] / plan.step_s)
+                   if plan is not None and plan.val_s and plan.step_s else 0.0)
+        overlays = val * min(self.cfg.overlays, n_val) / n_val if n_val else 0.0
+        return 1.2 * (val + overlays + self.est["save"]) + self.est["step"] + 2.0
 
     def _time_lr(self) -> None:
         """Cosine from cfg.lr to cfg.lr / 100 over the part of the budget left for training."""
@@ -443,11 +448,11 @@ class Trainer:
         desc = f"epoch {epoch + 1}" + (f"/{self.cfg.epochs}" if self.budget is None else "")
         bar = tqdm(self.loader, desc=desc, unit="batch", leave=False,
                    disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True, file=sys.stderr)
+        t_prev = time.perf_counter()
         for image, target, weight in bar:
             if self._should_stop():
                 self.out_of_time = True
                 break
-            t_step = time.perf_counter()
             if self.budget is not None and self.sched is None:
                 self._time_lr()
             image = image.to(self.device, non_blocking=True)
@@ -474,7 +479,9 @@ class Trainer:
             seen += n
             steps += 1
             elapsed = time.perf_counter() - t0
-            self.est["step"] = max(self.est["step"] * 0.8, time.perf_counter() - t_step)
+            now = time.perf_counter()  # a step as the budget sees it: loading and augmenting its patches included
+            self.est["step"] = max(self.est["step"] * 0.8, now - t_prev)
+            t_prev = now
             left = {} if self.budget is None else {"left": format_duration(self.time_left())}
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen * self.world / max(elapsed, 1e-9):.1f}",
                             **left)
