@@ -150,7 +150,7 @@ void fold_impl(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* mean
   TORCH_INTERNAL_ASSERT(y.is_contiguous(fmt) && gy.is_contiguous(fmt) && out.is_contiguous(fmt),
                         "unetx.fold_output_grad: expects dense tensors of one layout");
   // a missing a (no grad_mean) or b (no grad_var) is a zero vector
-  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(y.scalar_type());
   const at::Tensor zeros = at::zeros({C}, y.options().dtype(acc));
   const acc_t* A = a ? a->const_data_ptr<acc_t>() : zeros.const_data_ptr<acc_t>();
   const acc_t* B = b ? b->const_data_ptr<acc_t>() : zeros.const_data_ptr<acc_t>();

@@ -293,7 +293,7 @@ void batch_stats(const at::Tensor& y_in, at::Tensor& mean, at::Tensor& var) {
   const at::Tensor y = y_in.contiguous(fmt);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   TORCH_INTERNAL_ASSERT(mean.is_contiguous() && var.is_contiguous() && mean.scalar_type() == var.scalar_type() &&
-                        mean.scalar_type() == (y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+                        mean.scalar_type() == acc_type(y.scalar_type()));
   TORCH_CHECK(y.numel() > 0, "unetx.batch_stats: y of shape ", y.sizes(), " has no elements");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "unetx.batch_stats", [&] {
     constexpr int VV = kVec<scalar_t>;
@@ -311,7 +311,7 @@ void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y_in, const at
   const at::Tensor y = y_in.contiguous(fmt), gy = grad_y.contiguous(fmt);
   const bool out_dense = out.is_contiguous(fmt);
   at::Tensor o = out_dense ? out : at::empty(out.sizes(), out.options().memory_format(fmt));
-  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(y.scalar_type());
   for (const at::Tensor* v : {mean, a, b})
     TORCH_INTERNAL_ASSERT(!v || (v->is_contiguous() && v->scalar_type() == acc && v->numel() == y.size(1)));
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;

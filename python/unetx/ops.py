@@ -2,7 +2,8 @@
 formulas (each backward is itself a registered op), and the stock-PyTorch fallback used on devices that have no
 unetx kernel.
 
-Ops (kernels in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, references in unetx.reference):
+Ops (written once for every device in csrc/ops.cpp and csrc/conv_bn_relu.cpp over the kernels of csrc/cpu/<op>.cpp
+and csrc/cuda/<op>.cu; references in unetx.reference):
   conv_bn_relu      the fused layer: input stage (normalise + ReLU of the previous layer, pool, concat an
                     upsampled second input) -> convolution -> batch statistics
   bn_relu           relu(y * scale + shift)
