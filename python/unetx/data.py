@@ -380,7 +380,7 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
         return ClassTable.labels(k)
     if len(values) > 2:
         raise InputError(f"binary masks must hold two values, these hold {len(values)}: {values[:8]} "
-                         f"{where(values[2:5])}; use --mask-mode labels for label maps")
+                         f"{where(values[:8])}; use --mask-mode labels for label maps, or fix the masks")
     if len(values) < 2:
         only = values[0] if values else None
         if only is None:

@@ -177,6 +177,8 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise InputError(f"{out} already holds a run (last.pt); continue it with `unetx train --resume {out}` or "
                          "choose another --out (nothing was overwritten)")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise InputError(f"the output folder {out} cannot be made: {probe} is a file; choose another --out")
     if not os.access(probe, os.W_OK):
         raise InputError(f"cannot write to {probe} (for the output folder {out})")
 
