@@ -58,6 +58,7 @@ TRAIN_OPTIONS = {
     "--w0 nan": (["--w0", "nan"], ["--w0 must be >= 0", "got nan"]),
     "--brightness inf": (["--brightness", "inf"], ["--brightness must be >= 0", "got inf"]),
     "--seed -1": (["--seed", "-1"], ["--seed must be an integer >= 0", "got -1"]),
+    "--seed 2**64": (["--seed", str(2**64)], ["--seed must be below 2**32"]),
     "--workers -2": (["--workers", "-2"], ["--workers must be an integer >= 0", "got -2"]),
     "--overlays -1": (["--overlays", "-1"], ["--overlays must be an integer >= 0", "got -1"]),
     "--classes 1": (["--classes", "1"], ["--classes must be an integer >= 2", "got 1"]),
@@ -197,7 +198,7 @@ def test_predict_refuses_an_image_with_non_finite_pixels(tmp_path, run_dir):
 DEMO_OPTIONS = {
     "--epochs 0": (["--epochs", "0"], ["--epochs must be a positive integer, got 0"]),
     "--val-fraction 1.5": (["--val-fraction", "1.5"], ["--val-fraction must be in (0, 1), got 1.5"]),
-    "--seed -3": (["--seed", "-3"], ["--seed must be >= 0, got -3"]),
+    "--seed -3": (["--seed", "-3"], ["--seed must be in 0..2**32-1, got -3"]),
     "--device nonsense": (["--device", "gpu7"], ["--device 'gpu7' is not a device"]),
 }
 

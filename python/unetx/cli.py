@@ -325,8 +325,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise InputError(f"--epochs must be a positive integer, got {args.epochs}")
     if not 0.0 < args.val_fraction < 1.0:
         raise InputError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be in 0..2**32-1, got {args.seed}")
     from .train import _device
 
     _device(args.device, 0)

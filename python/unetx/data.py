@@ -355,8 +355,9 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
                 first.setdefault(int(v), name)
                 first.setdefault((int(v),) * 3, name)
 
-    def where(vs) -> str:  # "(128 first in mask a.png, 7 first in mask b.png)"
-        return "(" + ", ".join(f"{v} first in {first[v]}" for v in vs if v in first) + ")"
+    def where(vs) -> str:  # "(128 first in mask a.png, 7 first in mask b.png)"; nothing without file names
+        shown = [f"{v} first in {first[v]}" for v in vs if v in first]
+        return f"({', '.join(shown)})" if names is not None and shown else ""
 
     if mode == "colour" or (mode == "auto" and is_colour):
         values = sorted(colours)

@@ -131,6 +131,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        if self.seed >= 2**32:
+            raise InputError(f"--seed must be below 2**32, got {self.seed}")
         if self.val_tile < 2**self.depth:
             raise InputError(f"--val-tile {self.val_tile} is smaller than the network's downsampling factor "
                              f"2**depth = {2**self.depth}")
