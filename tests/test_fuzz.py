@@ -63,9 +63,10 @@ def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype,
         bad = torch.ones(ka.shape, dtype=torch.bool)
         for p in [stock, *patterns]:
             bad &= ka != _kinds(p, kinds)
-        assert not bad.any(), (f"{what}: {int(bad.sum())} elements non-finite unlike stock's in any layout, first at "
-                               f"{bad.nonzero()[0].tolist()}: ours {actual[tuple(bad.nonzero()[0].tolist())].item()}, stock "
-                               f"{stock[tuple(bad.nonzero()[0].tolist())].item()}")
+        if bad.any():
+            at = tuple(bad.nonzero()[0].tolist())
+            raise AssertionError(f"{what}: {int(bad.sum())} elements non-finite unlike stock's in any layout, first "
+                                 f"at {list(at)}: ours {actual[at].item()}, stock {stock[at].item()}")
     finite = torch.isfinite(actual.detach().cpu()) & torch.isfinite(stock.detach().cpu()) & \
         torch.isfinite(exact.detach().cpu())
     if not finite.any():
