@@ -83,16 +83,20 @@ def atomic_write(path: str | Path, write) -> None:
             fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
             try:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives the unnamed file a name
                 os.link(str(fd), tmp, src_dir_fd=fds, follow_symlinks=True)
+                named = True
+            except OSError:  # a system that refuses it: write again through a named temporary file below
+                named = False
             finally:
                 os.close(fds)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            if named:
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                return
         finally:
             os.close(fd)
-        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
