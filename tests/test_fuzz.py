@@ -292,6 +292,11 @@ def _unet_step(net, x, cot):
 @given(case=unet_case(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_unet_equals_its_stock_twin(case, dtype):
     cfg, shape, poison, train, layout, seed = case
+    m = 2 ** cfg["depth"]
+    if dtype == torch.float32 and shape[0] * -(-shape[2] // m) * -(-shape[3] // m) < 4:
+        # batch statistics of 2-3 values at the bottleneck: float32 gradients through them are ill-conditioned
+        # (unetx's and stock's errors differ by 6x at random); such cases run in float64
+        dtype = torch.float64
     note(f"{cfg} input {shape} {dtype} {layout} train={train} poison {poison}")
     torch.manual_seed(seed)
     r = ref.UNet(**cfg)
