@@ -51,11 +51,12 @@ def _kinds(t: torch.Tensor, kinds: bool) -> torch.Tensor:
 
 
 def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype, what: str, tol=None, kinds=True,
-          patterns: list | None = None):
+          patterns: list | None = None, alternatives: list | None = None):
     """Non-finite elements (NaN, +Inf, -Inf; with kinds=False only which are non-finite) as stock's at the same dtype
     or, elementwise, as one of `patterns` (stock in other layouts or float32: stock's own convolution backends
     differ on NaN x zero padding and within their blocked layouts); finite ones within tol of `exact` (float32/64)
-    or near stock's own bfloat16 error."""
+    or near stock's own bfloat16 error. `alternatives`: other stock results (same dtype) the values may match
+    instead of exact's."""
     if not patterns:
         check_nonfinite_pattern(actual, stock, what, kinds)
     else:
@@ -91,7 +92,9 @@ def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype,
     else:
         # within tol of the largest value, or (ill-conditioned cases: batch statistics of 2 values) at most 4x
         # stock's own error at the same dtype
-        assert err / scale <= (tol or TOL[dtype]) or err <= 4 * stock_err, \
+        near_alt = any((a - alt.detach().cpu().double()[finite]).abs().max().item() / scale <= (tol or TOL[dtype])
+                       for alt in alternatives or [])
+        assert err / scale <= (tol or TOL[dtype]) or err <= 4 * stock_err or near_alt, \
             f"{what}: max error {err / scale:.3g} of the largest finite value, stock's {stock_err / scale:.3g}"
 
 
@@ -336,10 +339,14 @@ def test_unet_equals_its_stock_twin(case, dtype):
     kinds = all(v != v for _, v in poison)  # with +-Inf: see test_op_equals_its_stock_composition
     if poison:  # values: stock's at the same dtype (see test_op_equals_its_stock_composition)
         r, xr, exact = s, xs, stock
-    check(ours, exact, stock, dtype, "output", tol, patterns=[stock2])
-    check(xu.grad, xr.grad, xs.grad, dtype, "grad input", 10 * tol, kinds, patterns=[xs2.grad])
+    check(ours, exact, stock, dtype, "output", tol, patterns=[stock2], alternatives=[stock2])
+    # values may also be stock's in the other layout: max pooling breaks ties (replicate-padded columns) by position,
+    # differently in NCHW and channels-last, and unetx runs channels-last on the CPU (found by the long run)
+    check(xu.grad, xr.grad, xs.grad, dtype, "grad input", 10 * tol, kinds, patterns=[xs2.grad],
+          alternatives=[xs2.grad])
     for (name, p1), p2, p3, p4 in zip(r.named_parameters(), u.parameters(), s.parameters(), s2.parameters()):
-        check(p2.grad, p1.grad, p3.grad, dtype, f"grad {name}", 20 * tol, kinds, patterns=[p4.grad])
+        check(p2.grad, p1.grad, p3.grad, dtype, f"grad {name}", 20 * tol, kinds, patterns=[p4.grad],
+              alternatives=[p4.grad])
     for (name, b1), b2, b3, b4 in zip(r.named_buffers(), u.buffers(), s.buffers(), s2.buffers()):
         if b1.is_floating_point():
             check(b2, b1, b3, dtype, name, tol, patterns=[b4])
