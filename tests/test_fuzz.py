@@ -251,6 +251,9 @@ def test_op_equals_its_stock_composition(case, dtype):
         # forward: with NaN/Inf in the inputs the values to match are stock's at the same dtype (float32 for
         # bfloat16 data), not float64's
         exact_out, g_exact = (f32[0], f32[3]) if f32 is not None else (stock_out, g_stock)
+    # against stock at the same dtype the finite elements left can be small beside the rounding of the sums they
+    # come from (1 ulp of a larger partial sum was 6e-5 of the largest finite float32 value): a wider tolerance
+    tol = {torch.float32: 1e-3, torch.float64: 1e-9}.get(dtype) if poisoned else None
     # Batch statistics of a tensor holding +-Inf: stock's var_mean (Welford) gives a mean of NaN or +-Inf depending
     # on where the Inf is, nn.BatchNorm2d's CPU statistics (a sum) +-Inf, and var_mean's backward recomputes the
     # mean by a sum; ours is a sum (as BatchNorm2d). The same elements are non-finite; their kind (NaN or Inf) is
@@ -258,14 +261,15 @@ def test_op_equals_its_stock_composition(case, dtype):
     kinds = not any(torch.isinf(v).any() for v in values.values())
     for i in live:
         assert ours_out[i].dtype == (dtype if ours_out[i].dim() == 4 else ours_out[i].dtype)
-        check(ours_out[i], exact_out[i], stock_out[i], dtype, f"output {i}", kinds=kinds,
+        check(ours_out[i], exact_out[i], stock_out[i], dtype, f"output {i}", tol, kinds=kinds,
               patterns=[alt[0][i] for alt in alternatives])
     for k in g_exact:
         a, e = g_ours[k], g_exact[k]
         assert (a is None) == (e is None), f"grad {k} on one side only"
         if e is not None:
             assert a.shape == e.shape and a.dtype == dtype, f"grad {k}: {a.shape} {a.dtype}"
-            check(a, e, g_stock[k], dtype, f"grad {k}", kinds=kinds, patterns=[alt[1][k] for alt in alternatives])
+            check(a, e, g_stock[k], dtype, f"grad {k}", tol, kinds=kinds,
+                  patterns=[alt[1][k] for alt in alternatives])
 
 
 # ------------------------------------------------------------------------------------------------- the UNet
