@@ -58,6 +58,7 @@ TRAIN_OPTIONS = {
     "--w0 nan": (["--w0", "nan"], ["--w0 must be >= 0", "got nan"]),
     "--brightness inf": (["--brightness", "inf"], ["--brightness must be >= 0", "got inf"]),
     "--seed -1": (["--seed", "-1"], ["--seed must be an integer >= 0", "got -1"]),
+    "--seed 2**64": (["--seed", str(2**64)], ["--seed must be below 2**32"]),
     "--workers -2": (["--workers", "-2"], ["--workers must be an integer >= 0", "got -2"]),
     "--overlays -1": (["--overlays", "-1"], ["--overlays must be an integer >= 0", "got -1"]),
     "--classes 1": (["--classes", "1"], ["--classes must be an integer >= 2", "got 1"]),
@@ -197,7 +198,7 @@ def test_predict_refuses_an_image_with_non_finite_pixels(tmp_path, run_dir):
 DEMO_OPTIONS = {
     "--epochs 0": (["--epochs", "0"], ["--epochs must be a positive integer, got 0"]),
     "--val-fraction 1.5": (["--val-fraction", "1.5"], ["--val-fraction must be in (0, 1), got 1.5"]),
-    "--seed -3": (["--seed", "-3"], ["--seed must be >= 0, got -3"]),
+    "--seed -3": (["--seed", "-3"], ["--seed must be in 0..2**32-1, got -3"]),
     "--device nonsense": (["--device", "gpu7"], ["--device 'gpu7' is not a device"]),
 }
 
@@ -262,8 +263,8 @@ def test_pickled_object_message_has_no_torch_advice(tmp_path, data, run_dir):
     torch.save({"model": Foreign()}, tmp_path / "obj.pt")
     args = predict_args(run, data, tmp_path)
     args[2] = tmp_path / "obj.pt"
-    line = one_clear_error(unetx_cli(*args), "obj.pt", "not a unetx checkpoint", "not loaded, for safety",
-                           "written by `unetx train`")
+    line = one_clear_error(unetx_cli(*args), "obj.pt", "not a unetx checkpoint", "Python objects (test_cli_errors."
+                           "Foreign) that are not loaded, for safety", "written by `unetx train`")
     assert "weights_only" not in line and "Weights only load failed" not in line and len(line) < 400
 
 
@@ -316,11 +317,19 @@ def test_a_process_killed_while_writing_leaves_no_temporary_file(tmp_path):
     assert (tmp_path / "mask.png").read_bytes() == b"old"
 
 
-def test_unexpected_failure_is_one_line_without_traceback(tmp_path, data, run_dir):
-    """Whatever escapes the checks (here a folder that cannot be created: its parent is a file) ends in one line."""
+@pytest.mark.parametrize("command", ["predict", "train", "demo"])
+def test_output_folder_that_cannot_be_made_is_refused_first(command, tmp_path, data, run_dir):
+    """An output folder inside a file: refused before anything is read (it was a NotADirectoryError traceback
+    after the model had been loaded)."""
     run, _ = run_dir
     (tmp_path / "file").write_text("x")
-    p = unetx_cli("predict", "--checkpoint", run / "best.pt", "--input", data["predict"] / "big.png", "--output",
-                  tmp_path / "file" / "pred", "--no-progress")
-    assert p.returncode in (1, 2) and "Traceback" not in p.stderr, p.stderr
-    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+    target = tmp_path / "file" / "out"
+    if command == "predict":
+        args = ["predict", "--checkpoint", run / "best.pt", "--input", data["predict"] / "big.png", "--output",
+                target, "--no-progress"]
+    elif command == "train":
+        args = train_args(tmp_path)
+        args[args.index("--out") + 1] = target
+    else:
+        args = ["demo", "--quick", "--no-progress", "--out", target]
+    one_clear_error(unetx_cli(*args), "cannot be made", "is a file", "choose another")

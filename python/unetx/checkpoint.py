@@ -83,16 +83,20 @@ def atomic_write(path: str | Path, write) -> None:
             fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
             try:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives the unnamed file a name
                 os.link(str(fd), tmp, src_dir_fd=fds, follow_symlinks=True)
+                named = True
+            except OSError:  # a system that refuses it: write again through a named temporary file below
+                named = False
             finally:
                 os.close(fds)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            if named:
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                return
         finally:
             os.close(fd)
-        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -149,7 +153,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
         else:
             raise InputError(f"checkpoint {path} is a folder without best.pt or last.pt")
     if not path.exists():
-        raise InputError(f"checkpoint {path} does not exist")
+        raise InputError(f"checkpoint {path} does not exist; give the best.pt or last.pt of a `unetx train` run "
+                         "(or the run's folder)")
     if not path.is_file():
         raise InputError(f"checkpoint {path} is not a regular file; give a best.pt or last.pt written by `unetx train`")
     try:
@@ -157,9 +162,11 @@ def load(path: str | Path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as e:
         # torch's message is mostly advice on weights_only=False, which unetx never uses; keep the global it names
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        raise InputError(f"{path} is not a unetx checkpoint: it holds Python objects "
-                         f"{'(' + found.group(1) + ') ' if found else ''}that are not loaded, for safety; give a "
-                         "best.pt or last.pt written by `unetx train`") from None
+        if found is None:
+            raise InputError(f"{path} is not a unetx checkpoint: it is not a PyTorch file, or it is truncated or "
+                             "damaged; give a best.pt or last.pt written by `unetx train`") from None
+        raise InputError(f"{path} is not a unetx checkpoint: it holds Python objects ({found.group(1)}) that are "
+                         "not loaded, for safety; give a best.pt or last.pt written by `unetx train`") from None
     except MemoryError:
         raise InputError(f"{path} is not a unetx checkpoint: reading it needs more memory than there is") from None
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's problem (random bytes gave

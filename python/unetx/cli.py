@@ -107,9 +107,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- predict
-def _check_output_dir(path: Path) -> Path:
+def _check_output_dir(path: Path, option: str = "--output") -> Path:
+    """An output folder that exists or can be made, checked before anything is read or written."""
     if path.exists() and not path.is_dir():
-        raise InputError(f"the output folder {path} is a file; choose another --output")
+        raise InputError(f"the output folder {path} is a file; choose another {option}")
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise InputError(f"the output folder {path} cannot be made: {probe} is a file; choose another {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {probe} (for the output folder {path}); choose another {option}")
     return path
 
 
@@ -325,13 +331,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise InputError(f"--epochs must be a positive integer, got {args.epochs}")
     if not 0.0 < args.val_fraction < 1.0:
         raise InputError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be in 0..2**32-1, got {args.seed}")
     from .train import _device
 
     _device(args.device, 0)
     if out.exists() and not out.is_dir():
         raise InputError(f"the demo output folder {out} is a file; choose another --out")
+    _check_output_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).exists():
             raise InputError(f"{out} exists and was not made by `unetx demo`; choose another --out")

@@ -355,8 +355,9 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
                 first.setdefault(int(v), name)
                 first.setdefault((int(v),) * 3, name)
 
-    def where(vs) -> str:  # "(128 first in mask a.png, 7 first in mask b.png)"
-        return "(" + ", ".join(f"{v} first in {first[v]}" for v in vs if v in first) + ")"
+    def where(vs) -> str:  # "(128 first in mask a.png, 7 first in mask b.png)"; nothing without file names
+        shown = [f"{v} first in {first[v]}" for v in vs if v in first]
+        return f"({', '.join(shown)})" if names is not None and shown else ""
 
     if mode == "colour" or (mode == "auto" and is_colour):
         values = sorted(colours)
@@ -380,7 +381,7 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
         return ClassTable.labels(k)
     if len(values) > 2:
         raise InputError(f"binary masks must hold two values, these hold {len(values)}: {values[:8]} "
-                         f"{where(values[2:5])}; use --mask-mode labels for label maps")
+                         f"{where(values[:8])}; use --mask-mode labels for label maps, or fix the masks")
     if len(values) < 2:
         only = values[0] if values else None
         if only is None:

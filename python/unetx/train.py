@@ -135,6 +135,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        if self.seed >= 2**32:
+            raise InputError(f"--seed must be below 2**32, got {self.seed}")
         if self.val_tile < 2**self.depth:
             raise InputError(f"--val-tile {self.val_tile} is smaller than the network's downsampling factor "
                              f"2**depth = {2**self.depth}")
@@ -183,6 +185,8 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise InputError(f"{out} already holds a run (last.pt); continue it with `unetx train --resume {out}` or "
                          "choose another --out (nothing was overwritten)")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise InputError(f"the output folder {out} cannot be made: {probe} is a file; choose another --out")
     if not os.access(probe, os.W_OK):
         raise InputError(f"cannot write to {probe} (for the output folder {out})")
 
