@@ -253,11 +253,11 @@ def _patch_seconds(cfg, data, crop: int, n: int = 4) -> float:
 
 
 def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float | None, amp_dtype=None,
-              log=print, probe: bool = True) -> Plan:
+              log=print, measure: bool = True) -> Plan:
     """Fill the planned fields of `cfg` not named in `given` (in place) and return the plan.
 
     budget_s None: an epoch-count run (cfg.epochs); the plan still sizes the network and patches for the device.
-    probe False (torchrun: every process must reach the same plan): the fingerprint's rules alone, the narrowest
+    measure False (torchrun: every process must reach the same plan): the fingerprint's rules alone, the narrowest
     width, and epochs of one pass over the images' area until the time is up."""
     fp = fingerprint(data.train, data.table.num_classes)
     crop, depth = choose_crop_depth(fp, device, cfg.crop if "crop" in given else None,
@@ -269,8 +269,8 @@ def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float 
     else:
         batch = int(min(16, max(2, round(CPU_PIXELS_PER_STEP / crop**2))))
     widths = [cfg.base_channels] if "base_channels" in given else ([32, 64] if device.type == "cuda" else [16, 32])
-    need_probe = probe and (budget_s is not None or len(widths) > 1
-                            or (device.type == "cuda" and "batch_size" not in given))
+    need_probe = measure and (budget_s is not None or len(widths) > 1
+                              or (device.type == "cuda" and "batch_size" not in given))
     probe: list[dict] = []
     if need_probe:
         log(f"unetx train: planning: probing {len(widths)} network{'s' * (len(widths) > 1)} on {device} ...")

@@ -361,7 +361,7 @@ class Trainer:
         # under torchrun every process must reach the same plan: no probe there, the fingerprint's rules alone
         self.plan = make_plan(cfg, given, self.data, self.device, budget,
                               amp_dtype=_amp_dtype(cfg, self.device), log=self.log,
-                              probe=self.world == 1)
+                              measure=self.world == 1)
         cfg.check()
         self.log("unetx train: the plan (" + (f"budget {cfg.time}" if budget else f"{cfg.epochs} epochs")
                  + "; any value can be set by its flag):")
