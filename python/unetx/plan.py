@@ -273,7 +273,8 @@ def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float 
                               or (device.type == "cuda" and "batch_size" not in given))
     probe: list[dict] = []
     if need_probe:
-        log(f"unetx train: planning: probing {len(widths)} network{'s' * (len(widths) > 1)} on {device} ...")
+        log(f"unetx train: planning: probing {'up to ' * (len(widths) > 1)}{len(widths)} "
+            f"network{'s' * (len(widths) > 1)} on {device} ...")
         for base in widths:
             if probe and budget_s is not None and budget_s * 0.85 / (probe[-1]["step_s"] * 3) < MIN_STEPS:
                 break  # a wider network (~3x the step time) could not get its MIN_STEPS: not worth probing
