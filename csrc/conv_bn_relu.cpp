@@ -37,7 +37,12 @@ Geometry check_args(const at::Tensor& x, const OptTensor& x_scale, const OptTens
     check_channel_vector(*x_shift, x.size(1), x, kOp, "x_shift");
   }
   if (x_pool) check_even(x, kOp);
-  Geometry g{x.size(0), x.size(1), 0, x_pool ? x.size(2) / 2 : x.size(2), x_pool ? x.size(3) / 2 : x.size(3), 0,
+  Geometry g{x.size(0),
+             x.size(1),
+             0,
+             x_pool ? x.size(2) / 2 : x.size(2),
+             x_pool ? x.size(3) / 2 : x.size(3),
+             0,
              parse_upsample(x2_mode, kOp)};
   if (x2) {
     check_4d(*x2, kOp, "x2");
@@ -55,8 +60,8 @@ Geometry check_args(const at::Tensor& x, const OptTensor& x_scale, const OptTens
   const int64_t in_ch = transposed ? weight.size(0) : weight.size(1);
   const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
   TORCH_CHECK(in_ch == g.C1 + g.C2, kOp, ": weight ", weight.sizes(), " expects ", in_ch, " input channels, but x has ",
-              g.C1, (g.C2 ? " and x2 has " : ""), (g.C2 ? std::to_string(g.C2) : std::string()),
-              " (total ", g.C1 + g.C2, ")");
+              g.C1, (g.C2 ? " and x2 has " : ""), (g.C2 ? std::to_string(g.C2) : std::string()), " (total ",
+              g.C1 + g.C2, ")");
   TORCH_CHECK(transposed || g.k % 2 == 1, kOp, ": 'same' convolution needs an odd kernel size, got ", g.k);
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_ch, kOp, ": expected bias of shape [", out_ch, "], got ",
@@ -134,13 +139,16 @@ struct ConvParams {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
-    const LayerKernels& k, const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool,
-    const OptTensor& x2, c10::string_view x2_mode, const at::Tensor& weight, const OptTensor& bias, bool transposed,
-    bool stats, bool relu, const OptTensor& x_mean) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,
+                                                                    const OptTensor& x_scale, const OptTensor& x_shift,
+                                                                    bool x_pool, const OptTensor& x2,
+                                                                    c10::string_view x2_mode, const at::Tensor& weight,
+                                                                    const OptTensor& bias, bool transposed, bool stats,
+                                                                    bool relu, const OptTensor& x_mean) {
   const Geometry g = check_args(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed);
   check_mean(x_mean, x_scale, x);
-  TORCH_CHECK(!(stats && relu), kOp, ": stats (training BatchNorm) and relu (eval, BatchNorm folded) exclude each other");
+  TORCH_CHECK(!(stats && relu), kOp,
+              ": stats (training BatchNorm) and relu (eval, BatchNorm folded) exclude each other");
   const auto mf = layout_of(x);
   const auto xc = x.contiguous(mf);
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
@@ -226,8 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor ga, gw, gb_;
   // the input gradient alone, where the weight gradient is computed another way
   auto input_grad = [&] {
-    return std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
-                                                transposed, {0, 0}, 1, {true, false, false}));
+    return std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1}, transposed,
+                                                {0, 0}, 1, {true, false, false}));
   };
   std::optional<at::Tensor> own_gw;
   if (try_own_gw) {
@@ -260,9 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (has_bias && output_mask[3]) gb_ = gy.sum({0, 2, 3});
     if (need_a) ga = input_grad();
   } else if (!split) {
-    std::tie(ga, gw, gb_) = at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1},
-                                                     transposed, {0, 0}, 1,
-                                                     {need_a, output_mask[2], has_bias && output_mask[3]});
+    std::tie(ga, gw, gb_) =
+        at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1,
+                                 {need_a, output_mask[2], has_bias && output_mask[3]});
   } else {
     constexpr auto planar = at::MemoryFormat::Contiguous;
     if (need_a) ga = input_grad();

@@ -1,7 +1,7 @@
 // The fused layer conv_bn_relu, composed once for every device from that device's kernels and ATen's convolution.
 //
-//   a = [avg_pool2x2](relu((x - x_mean) * x_scale + x_shift))  ++  upsample2x(x2)        (input stage: one pass, transient)
-//   y = conv(a, weight, bias)    ('same' k x k, stride 1; or k x k stride-k transposed)   (cuDNN / oneDNN)
+//   a = [avg_pool2x2](relu((x - x_mean) * x_scale + x_shift))  ++  upsample2x(x2)        (input stage: one pass,
+//   transient) y = conv(a, weight, bias)    ('same' k x k, stride 1; or k x k stride-k transposed)   (cuDNN / oneDNN)
 //   mean, var = batch statistics of y                                          (one pass; training only)
 //
 // The layer's output stays pre-normalisation: its consumer applies the next relu(y * scale + shift) on the fly.
@@ -33,11 +33,11 @@ struct StageRows {
 // One device's kernels (see cpu/kernels.h for what each one does and its memory traffic). Every op (csrc/ops.cpp:
 // checks, outputs, composition) is written once over this table; a device supplies only the table.
 struct LayerKernels {
-  void (*activation_forward)(const at::Tensor& x, const OptTensor& mean, const OptTensor& scale,
-                             const OptTensor& shift, at::Tensor* z, at::Tensor* p);
+  void (*activation_forward)(const at::Tensor& x, const OptTensor& mean, const OptTensor& scale, const OptTensor& shift,
+                             at::Tensor* z, at::Tensor* p);
   void (*activation_backward)(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
-                              const OptTensor& mean, const OptTensor& scale, const OptTensor& shift,
-                              at::Tensor& grad_x, at::Tensor* grad_scale, at::Tensor* grad_shift);
+                              const OptTensor& mean, const OptTensor& scale, const OptTensor& shift, at::Tensor& grad_x,
+                              at::Tensor* grad_scale, at::Tensor* grad_shift);
   void (*upsample_forward)(const at::Tensor& x, Upsample mode, at::Tensor& out);
   void (*upsample_backward)(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x);
   void (*batch_stats)(const at::Tensor& y, at::Tensor& mean, at::Tensor& var);
@@ -45,9 +45,10 @@ struct LayerKernels {
                            const at::Tensor* b, bool relu, at::Tensor& out);
   // Where not null, a channels-last layer's weight gradient is computed in planar (NCHW) layout, its two operands
   // converted by this function. oneDNN's channels-last weight gradient of a k x k convolution with 16 or more input
-  // channels is 1.5-3x slower than its planar one on the CPU (below that it is as fast or faster), while
-  // channels-last wins for the forward and the input gradient (bench/conv_layouts.py --per-conv); the two
-  // transposing copies cost far less than the difference. nullptr on CUDA (cuDNN prefers NHWC throughout).
+  // channels is slower than its planar one on the CPU (below that it is as fast or faster), while channels-last
+  // wins for the forward and the input gradient (`python bench/conv_layouts.py --per-conv`, figures in
+  // BENCHMARKS.md); the two transposing copies cost far less than the difference. nullptr on CUDA (cuDNN prefers NHWC
+  // throughout).
   at::Tensor (*to_planar)(const at::Tensor& x);
   // Where not null, tried first for a channels-last stride-1 layer's weight gradient (returns std::nullopt where it
   // does not apply): the device's own weight gradient, computed from the channels-last operands as they are. With
@@ -64,10 +65,12 @@ struct LayerKernels {
   int64_t to_planar_min_channels = 0;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(
-    const LayerKernels& k, const at::Tensor& x, const OptTensor& x_scale, const OptTensor& x_shift, bool x_pool,
-    const OptTensor& x2, c10::string_view x2_mode, const at::Tensor& weight, const OptTensor& bias, bool transposed,
-    bool stats, bool relu, const OptTensor& x_mean);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,
+                                                                    const OptTensor& x_scale, const OptTensor& x_shift,
+                                                                    bool x_pool, const OptTensor& x2,
+                                                                    c10::string_view x2_mode, const at::Tensor& weight,
+                                                                    const OptTensor& bias, bool transposed, bool stats,
+                                                                    bool relu, const OptTensor& x_mean);
 
 // Returns (grad_x, grad_x_scale, grad_x_shift, grad_x2, grad_weight, grad_bias, grad_x_mean); masked ones undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_backward(

@@ -39,7 +39,9 @@ at::Tensor empty_in(const at::Tensor& like, at::IntArrayRef sizes) {
   return at::empty(sizes, like.options().memory_format(layout_of(like)));
 }
 
-std::vector<int64_t> pooled(const at::Tensor& y) { return {y.size(0), y.size(1), y.size(2) / 2, y.size(3) / 2}; }
+std::vector<int64_t> pooled(const at::Tensor& y) {
+  return {y.size(0), y.size(1), y.size(2) / 2, y.size(3) / 2};
+}
 
 // Runs the activation backward; returns (grad_y, grad_scale, grad_shift, grad_mean), grad_mean = -scale * grad_shift
 // (undefined when no mean was given).
@@ -138,12 +140,12 @@ at::Tensor upsample_concat(const LayerKernels& k, const at::Tensor& skip, const 
   check_same(skip, x, op, "skip", "x");
   const int64_t f = mode == Upsample::None ? 1 : 2;
   TORCH_CHECK(skip.size(0) == x.size(0) && skip.size(2) == f * x.size(2) && skip.size(3) == f * x.size(3), op,
-              ": skip ", skip.sizes(), " does not match x ", x.sizes(), " upsampled ", f,
-              "x (expected skip of shape [", x.size(0), ", *, ", f * x.size(2), ", ", f * x.size(3), "])");
+              ": skip ", skip.sizes(), " does not match x ", x.sizes(), " upsampled ", f, "x (expected skip of shape [",
+              x.size(0), ", *, ", f * x.size(2), ", ", f * x.size(3), "])");
   const at::OptionalDeviceGuard guard(at::device_of(skip));
   const auto mf = layout_of(skip);
-  auto out = at::empty({skip.size(0), skip.size(1) + x.size(1), skip.size(2), skip.size(3)},
-                       skip.options().memory_format(mf));
+  auto out =
+      at::empty({skip.size(0), skip.size(1) + x.size(1), skip.size(2), skip.size(3)}, skip.options().memory_format(mf));
   out.narrow(1, 0, skip.size(1)).copy_(skip);
   auto up = out.narrow(1, skip.size(1), x.size(1));
   k.upsample_forward(x.contiguous(mf), mode, up);
@@ -177,32 +179,40 @@ void define_ops(torch::Library& m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   // bn_relu: relu((y - mean) * scale + shift); mean defaults to 0. Backward returns (y, scale, shift, mean) grads.
   m.def("bn_relu(Tensor y, Tensor scale, Tensor shift, Tensor? mean=None) -> Tensor", tags);
-  m.def("bn_relu_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, Tensor? mean=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor)", tags);
+  m.def(
+      "bn_relu_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, Tensor? mean=None)"
+      " -> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
   m.def("bn_relu_pool(Tensor y, Tensor scale, Tensor shift, Tensor? mean=None) -> (Tensor, Tensor)", tags);
-  m.def("bn_relu_pool_backward(Tensor grad_z, Tensor grad_p, Tensor y, Tensor scale, Tensor shift, Tensor? mean=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor)", tags);
+  m.def(
+      "bn_relu_pool_backward(Tensor grad_z, Tensor grad_p, Tensor y, Tensor scale, Tensor shift, Tensor? mean=None)"
+      " -> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
   m.def("avg_pool2x2(Tensor x) -> Tensor", tags);
   m.def("avg_pool2x2_backward(Tensor grad) -> Tensor", tags);
   m.def("upsample_concat(Tensor skip, Tensor x, str mode) -> Tensor", tags);
   m.def("upsample_concat_backward(Tensor grad, int skip_channels, str mode) -> (Tensor, Tensor)", tags);
-  m.def("conv_bn_relu(Tensor x, Tensor? x_scale, Tensor? x_shift, bool x_pool, Tensor? x2, str x2_mode,"
-        " Tensor weight, Tensor? bias, bool transposed, bool stats, bool relu, Tensor? x_mean=None)"
-        " -> (Tensor, Tensor, Tensor)", tags);
-  m.def("conv_bn_relu_backward(Tensor grad_y, Tensor? grad_mean, Tensor? grad_var, Tensor x, Tensor? x_scale,"
-        " Tensor? x_shift, bool x_pool, Tensor? x2, str x2_mode, Tensor weight, bool has_bias, bool transposed,"
-        " Tensor y, Tensor mean, bool relu, bool[4] output_mask, Tensor? x_mean=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
+  m.def(
+      "conv_bn_relu(Tensor x, Tensor? x_scale, Tensor? x_shift, bool x_pool, Tensor? x2, str x2_mode,"
+      " Tensor weight, Tensor? bias, bool transposed, bool stats, bool relu, Tensor? x_mean=None)"
+      " -> (Tensor, Tensor, Tensor)",
+      tags);
+  m.def(
+      "conv_bn_relu_backward(Tensor grad_y, Tensor? grad_mean, Tensor? grad_var, Tensor x, Tensor? x_scale,"
+      " Tensor? x_shift, bool x_pool, Tensor? x2, str x2_mode, Tensor weight, bool has_bias, bool transposed,"
+      " Tensor y, Tensor mean, bool relu, bool[4] output_mask, Tensor? x_mean=None)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
 }
 
 void register_ops(torch::Library& m, const LayerKernels& k) {
   const LayerKernels* kp = &k;
-  m.impl("bn_relu", [kp](const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                         const OptTensor& mean) { return bn_relu(*kp, y, scale, shift, mean); });
-  m.impl("bn_relu_backward", [kp](const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale,
-                                  const at::Tensor& shift, const OptTensor& mean) {
-    return bn_relu_backward(*kp, grad, y, scale, shift, mean);
+  m.impl("bn_relu", [kp](const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& mean) {
+    return bn_relu(*kp, y, scale, shift, mean);
   });
+  m.impl("bn_relu_backward",
+         [kp](const at::Tensor& grad, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+              const OptTensor& mean) { return bn_relu_backward(*kp, grad, y, scale, shift, mean); });
   m.impl("bn_relu_pool", [kp](const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                               const OptTensor& mean) { return bn_relu_pool(*kp, y, scale, shift, mean); });
   m.impl("bn_relu_pool_backward", [kp](const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& y,

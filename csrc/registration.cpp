@@ -17,7 +17,9 @@ void register_kernels(torch::Library& lib);
 }
 #endif
 
-TORCH_LIBRARY(unetx, m) { unetx::define_ops(m); }
+TORCH_LIBRARY(unetx, m) {
+  unetx::define_ops(m);
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "unetx compiled kernels (ops are in torch.ops.unetx)";
@@ -37,16 +39,20 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
-  m.def("register_cuda_kernels", [] {
+  m.def(
+      "register_cuda_kernels",
+      [] {
 #ifdef UNETX_WITH_CUDA
-    static std::unique_ptr<torch::Library> lib;
-    if (!lib) {
-      lib = std::make_unique<torch::Library>(torch::Library::IMPL, "unetx", c10::DispatchKey::CUDA, __FILE__, __LINE__);
-      unetx::cuda::register_kernels(*lib);
-    }
-    return true;
+        static std::unique_ptr<torch::Library> lib;
+        if (!lib) {
+          lib = std::make_unique<torch::Library>(torch::Library::IMPL, "unetx", c10::DispatchKey::CUDA, __FILE__,
+                                                 __LINE__);
+          unetx::cuda::register_kernels(*lib);
+        }
+        return true;
 #else
-    return false;
+        return false;
 #endif
-  }, "Register the CUDA kernels under the CUDA dispatch key (opt-in until verified on a GPU; see unetx.ops).");
+      },
+      "Register the CUDA kernels under the CUDA dispatch key (opt-in until verified on a GPU; see unetx.ops).");
 }

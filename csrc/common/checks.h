@@ -45,6 +45,8 @@ inline Upsample parse_upsample(std::string_view mode, const char* op) {
 }
 
 // Memory format a kernel works in: channels_last if the input is (or behaves like) channels_last.
-inline at::MemoryFormat layout_of(const at::Tensor& x) { return x.suggest_memory_format(); }
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  return x.suggest_memory_format();
+}
 
 }  // namespace unetx

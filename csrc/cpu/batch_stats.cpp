@@ -19,7 +19,6 @@
 namespace unetx::cpu {
 namespace {
 
-
 // Both kernels take dense tensors (the caller's contiguous(layout)): planar = (n, c) planes of H*W contiguous
 // elements, channels-last = N*H*W pixels of C contiguous channels.
 template <typename T>
@@ -125,8 +124,8 @@ inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __res
 }
 
 template <typename T, bool RELU, bool STATS>
-void fold_loops(const T* GY, const T* Y, T* O, int64_t N, int64_t C, int64_t HW, bool cl,
-                const at::opmath_type<T>* A, const at::opmath_type<T>* B, const at::opmath_type<T>* MU) {
+void fold_loops(const T* GY, const T* Y, T* O, int64_t N, int64_t C, int64_t HW, bool cl, const at::opmath_type<T>* A,
+                const at::opmath_type<T>* B, const at::opmath_type<T>* MU) {
   if (!cl) {
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t bb, int64_t e) {
       for (int64_t nc = bb; nc < e; ++nc)
@@ -159,9 +158,12 @@ void fold_impl(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* mean
   const T* GY = gy.const_data_ptr<T>();
   const T* Y = y.const_data_ptr<T>();
   T* O = out.data_ptr<T>();
-  if (relu && stats) fold_loops<T, true, true>(GY, Y, O, N, C, HW, cl, A, B, MU);
-  else if (relu) fold_loops<T, true, false>(GY, Y, O, N, C, HW, cl, A, B, MU);
-  else fold_loops<T, false, true>(GY, Y, O, N, C, HW, cl, A, B, MU);
+  if (relu && stats)
+    fold_loops<T, true, true>(GY, Y, O, N, C, HW, cl, A, B, MU);
+  else if (relu)
+    fold_loops<T, true, false>(GY, Y, O, N, C, HW, cl, A, B, MU);
+  else
+    fold_loops<T, false, true>(GY, Y, O, N, C, HW, cl, A, B, MU);
 }
 
 }  // namespace

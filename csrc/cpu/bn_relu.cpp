@@ -34,7 +34,8 @@ struct Strides {
 // width innermost. Either way the innermost stride is 1 (the callers make it so), which lets the loops vectorise.
 
 inline void check_inner_unit(const at::Tensor& t, bool cl) {
-  TORCH_INTERNAL_ASSERT(t.size(cl ? 1 : 3) == 1 || t.stride(cl ? 1 : 3) == 1, "unetx: kernel needs a unit inner stride");
+  TORCH_INTERNAL_ASSERT(t.size(cl ? 1 : 3) == 1 || t.stride(cl ? 1 : 3) == 1,
+                        "unetx: kernel needs a unit inner stride");
 }
 
 // f(v) = relu((v - m) * s + t) when ACT, else v
@@ -96,8 +97,10 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
             T* __restrict__ z0 = zb + 2 * ho * zs.h;
             T* __restrict__ z1 = z0 + zs.h;
             for (int64_t wo = 0; wo < Wo; ++wo) {
-              const acc_t v00 = act<ACT>(acc_t(r0[2 * wo]), mc, sc, tc), v01 = act<ACT>(acc_t(r0[2 * wo + 1]), mc, sc, tc);
-              const acc_t v10 = act<ACT>(acc_t(r1[2 * wo]), mc, sc, tc), v11 = act<ACT>(acc_t(r1[2 * wo + 1]), mc, sc, tc);
+              const acc_t v00 = act<ACT>(acc_t(r0[2 * wo]), mc, sc, tc),
+                          v01 = act<ACT>(acc_t(r0[2 * wo + 1]), mc, sc, tc);
+              const acc_t v10 = act<ACT>(acc_t(r1[2 * wo]), mc, sc, tc),
+                          v11 = act<ACT>(acc_t(r1[2 * wo + 1]), mc, sc, tc);
               z0[2 * wo] = T(v00);
               z0[2 * wo + 1] = T(v01);
               z1[2 * wo] = T(v10);
@@ -107,8 +110,10 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
           } else {
 #pragma omp simd
             for (int64_t wo = 0; wo < Wo; ++wo) {
-              const acc_t v00 = act<ACT>(acc_t(r0[2 * wo]), mc, sc, tc), v01 = act<ACT>(acc_t(r0[2 * wo + 1]), mc, sc, tc);
-              const acc_t v10 = act<ACT>(acc_t(r1[2 * wo]), mc, sc, tc), v11 = act<ACT>(acc_t(r1[2 * wo + 1]), mc, sc, tc);
+              const acc_t v00 = act<ACT>(acc_t(r0[2 * wo]), mc, sc, tc),
+                          v01 = act<ACT>(acc_t(r0[2 * wo + 1]), mc, sc, tc);
+              const acc_t v10 = act<ACT>(acc_t(r1[2 * wo]), mc, sc, tc),
+                          v11 = act<ACT>(acc_t(r1[2 * wo + 1]), mc, sc, tc);
               pr[wo] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
             }
           }
@@ -342,9 +347,15 @@ std::optional<at::Tensor> centre(const std::optional<at::Tensor>& mean, const st
 // (channels for channels-last, width for planar). Inputs that lack it are copied; an output that lacks it (a
 // one-channel slice of a channels-last buffer) is computed into a temporary and copied into place.
 namespace {
-bool inner_unit(const at::Tensor& t, bool cl) { return t.size(cl ? 1 : 3) == 1 || t.stride(cl ? 1 : 3) == 1; }
-at::MemoryFormat format_of(bool cl) { return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
-at::Tensor unit_input(const at::Tensor& t, bool cl) { return inner_unit(t, cl) ? t : t.contiguous(format_of(cl)); }
+bool inner_unit(const at::Tensor& t, bool cl) {
+  return t.size(cl ? 1 : 3) == 1 || t.stride(cl ? 1 : 3) == 1;
+}
+at::MemoryFormat format_of(bool cl) {
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+at::Tensor unit_input(const at::Tensor& t, bool cl) {
+  return inner_unit(t, cl) ? t : t.contiguous(format_of(cl));
+}
 }  // namespace
 
 void activation_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& mean,
@@ -377,7 +388,8 @@ void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, con
   auto m = centre(mean, scale, x), s = as_acc(scale, x.scalar_type()), t = as_acc(shift, x.scalar_type());
   at::Tensor gxt;
   at::Tensor* gxk = &grad_x;
-  if (!inner_unit(grad_x, cl)) gxt = at::empty(grad_x.sizes(), grad_x.options().memory_format(format_of(cl))), gxk = &gxt;
+  if (!inner_unit(grad_x, cl))
+    gxt = at::empty(grad_x.sizes(), grad_x.options().memory_format(format_of(cl))), gxk = &gxt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.activation_backward", [&] {
     backward_impl<scalar_t>(grad_z ? &gz : nullptr, grad_p ? &gp : nullptr, x, m ? &*m : nullptr, s ? &*s : nullptr,
                             t ? &*t : nullptr, *gxk, grad_scale, grad_shift);

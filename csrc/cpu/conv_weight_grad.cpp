@@ -13,10 +13,8 @@
 // Memory traffic: reads g and a once from memory (the k*k GEMMs of one block reuse them from cache), writes the
 // gradient (Co * C * k * k) once. Where a is a recomputed input stage (StageRows), it is never in memory at all:
 // each block's rows plus a k/2-row halo (about 2k/R extra stage work, R ~ 10-60 rows) are built into a per-thread
-// buffer from x and x2, which saved ~0.2 s of CPU-S's 2.4 s training step (A/B by process, 2026-11-24).
-// On a 2-core EPYC (bench/weight_grad.py, the 3x3 convolutions of CPU-S) it takes 525 ms in all where oneDNN takes
-// 1250 ms with channels-last operands and 619 ms with planar ones that are already planar (converting them costs
-// more than the difference); the forward convolutions of the same shapes take 420 ms.
+// buffer from x and x2, so the stage is never written to memory. Why this kernel rather than oneDNN's weight
+// gradient, per shape: `python bench/weight_grad.py` (figures in BENCHMARKS.md).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -157,8 +155,8 @@ std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor
   const int64_t r = k / 2, H = grad_y.size(2), W = grad_y.size(3);
   if (r > 0) {
     const int64_t bh = std::min(r, H), bw = std::min(r, W);
-    for (const auto& band : {grad_y.narrow(2, 0, bh), grad_y.narrow(2, H - bh, bh), grad_y.narrow(3, 0, bw),
-                             grad_y.narrow(3, W - bw, bw)})
+    for (const auto& band :
+         {grad_y.narrow(2, 0, bh), grad_y.narrow(2, H - bh, bh), grad_y.narrow(3, 0, bw), grad_y.narrow(3, W - bw, bw)})
       if (!at::isfinite(band).all().item<bool>()) return std::nullopt;
   }
   auto gw = at::empty({grad_y.size(1), a.size(1), k, k}, a.options().memory_format(at::MemoryFormat::Contiguous));

@@ -16,7 +16,9 @@ namespace unetx::cpu {
 
 // Grain for at::parallel_for when each item covers `elems` elements: about 32k elements per task (ATen's
 // GRAIN_SIZE), so small tensors stay on one thread instead of paying a fork-join per call.
-inline int64_t grain_for(int64_t elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(elems, 1)); }
+inline int64_t grain_for(int64_t elems) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(elems, 1));
+}
 // Number of reduction blocks for `total` elements: enough for the threads, never smaller than ~32k elements each.
 inline int64_t reduction_blocks(int64_t items, int64_t total, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>({items, 4 * threads, total / 32768}));
@@ -57,8 +59,8 @@ void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::T
 // Reads and writes each element once.
 at::Tensor to_planar(const at::Tensor& x);
 // From this many input channels a channels-last k x k (k > 1) weight gradient is computed planar (LayerKernels::
-// to_planar); below it oneDNN's channels-last weight gradient is as fast as the planar one or faster (2-core EPYC,
-// 4 x 256 x 256, 3x3, 8 -> 8 channels: 4.5 ms channels-last, 10.2 ms planar before the conversions).
+// to_planar); below it oneDNN's channels-last weight gradient is as fast as the planar one or faster
+// (`python bench/conv_layouts.py --per-conv`; figures in BENCHMARKS.md).
 constexpr int64_t kPlanarWeightGradMinChannels = 16;
 
 // ---- conv_weight_grad.cpp: the weight gradient [Co, C, k, k] (planar) of a stride-1 'same' k x k convolution
@@ -70,8 +72,8 @@ constexpr int64_t kPlanarWeightGradMinChannels = 16;
 // operands once. With `rows`, a is a placeholder (shape, dtype, layout) and each block's rows of a (plus the
 // k/2-row halo) are produced by rows->fill into a per-thread buffer that stays in cache: the recomputed input stage
 // is never written to memory.
-// Below 16 input channels the GEMMs are too thin: oneDNN's channels-last weight gradient wins (2-core EPYC, 4 x
-// 256 x 256, 3x3: 8 -> 8 channels 18.5 ms here vs 4.5 ms oneDNN; 16 -> 16 channels 15.1 vs 21.7 ms).
+// Below 16 input channels the GEMMs are too thin and oneDNN's channels-last weight gradient wins
+// (`python bench/weight_grad.py`; figures in BENCHMARKS.md).
 constexpr int64_t kGemmWeightGradMinChannels = 16;
 std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows, int64_t k);
 

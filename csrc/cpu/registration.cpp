@@ -24,4 +24,6 @@ const LayerKernels kKernels{
 }  // namespace
 }  // namespace unetx::cpu
 
-TORCH_LIBRARY_IMPL(unetx, CPU, m) { unetx::register_ops(m, unetx::cpu::kKernels); }
+TORCH_LIBRARY_IMPL(unetx, CPU, m) {
+  unetx::register_ops(m, unetx::cpu::kKernels);
+}

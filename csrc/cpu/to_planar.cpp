@@ -2,8 +2,8 @@
 // conv_bn_relu's backward computes in planar layout (see LayerKernels::to_planar).
 //
 // Reads and writes each element once (2T per element). ATen's copy_ between the two layouts walks the output in
-// order and gathers the input with a stride of C elements, which on a 2-core EPYC ran at ~0.8 GB/s for a
-// [4, 64, 256, 256] float tensor; transposing 32 x 32 tiles keeps both sides within cache lines.
+// order and gathers the input with a stride of C elements (far below memory bandwidth; BENCHMARKS.md); transposing
+// 32 x 32 tiles keeps both sides within cache lines.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -54,10 +54,17 @@ at::Tensor to_planar(const at::Tensor& x) {
   if (x.dim() != 4 || x.is_contiguous() || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x.contiguous();
   auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   switch (x.element_size()) {
-    case 2: to_planar_impl<uint16_t>(x, out); break;
-    case 4: to_planar_impl<uint32_t>(x, out); break;
-    case 8: to_planar_impl<uint64_t>(x, out); break;
-    default: out.copy_(x);
+    case 2:
+      to_planar_impl<uint16_t>(x, out);
+      break;
+    case 4:
+      to_planar_impl<uint32_t>(x, out);
+      break;
+    case 8:
+      to_planar_impl<uint64_t>(x, out);
+      break;
+    default:
+      out.copy_(x);
   }
   return out;
 }

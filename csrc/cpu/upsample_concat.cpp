@@ -59,7 +59,6 @@ Adjoint adjoint(int64_t out, int64_t in, Upsample mode) {
   return a;
 }
 
-
 template <typename T>
 void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
   using acc_t = at::opmath_type<T>;

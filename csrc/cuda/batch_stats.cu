@@ -77,9 +77,8 @@ __global__ void __launch_bounds__(kThreads)
 // Channels-last (dense NHWC): a (bx, by) block; thread x owns V channels of a channel group (grid.y), threads
 // along y and the blocks of grid.x walk the N*H*W pixels.
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
-    batch_stats_cl_kernel(const T* __restrict__ y, int64_t C, int64_t Cq, unsigned int pixels,
-                          acc_t<T>* __restrict__ part) {
+__global__ void __launch_bounds__(kThreads) batch_stats_cl_kernel(const T* __restrict__ y, int64_t C, int64_t Cq,
+                                                                  unsigned int pixels, acc_t<T>* __restrict__ part) {
   using A = acc_t<T>;
   __shared__ A sm_mean[kThreads * V], sm_m2[kThreads * V], sm_n[kThreads];
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y, cols = bx * V;
@@ -169,9 +168,8 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
     G = reduction_blocks(items, kThreads, C);
     part = at::empty({3, C, int64_t(G)}, y.options().dtype(mean.scalar_type()));
     const dim3 grid(G, static_cast<unsigned int>(std::min<int64_t>(C, 65535)));
-    launch(grid, kThreads, stream, &batch_stats_planar_kernel<T, V>,
-        y.const_data_ptr<T>(), C, HW, Div(static_cast<unsigned int>(HW / V)), static_cast<unsigned int>(items),
-        part.data_ptr<A>());
+    launch(grid, kThreads, stream, &batch_stats_planar_kernel<T, V>, y.const_data_ptr<T>(), C, HW,
+           Div(static_cast<unsigned int>(HW / V)), static_cast<unsigned int>(items), part.data_ptr<A>());
   } else {
     const int64_t pixels = N * HW, Cq = C / V;
     check_items(pixels, "unetx.batch_stats", y);
@@ -191,8 +189,8 @@ void launch_stats(const at::Tensor& y, bool cl, at::Tensor& mean, at::Tensor& va
 // out = mask(grad_y) + a[c] + b[c] * (y - mean[c]), mask = 0 where y <= 0 (NaN passes) with relu, on V values of
 // channels c[i].
 template <int V, typename A>
-__device__ __forceinline__ void fold(A (&g)[V], const A (&yv)[V], const A (&av)[V], const A (&bv)[V],
-                                     const A (&mv)[V], bool relu, bool stats) {
+__device__ __forceinline__ void fold(A (&g)[V], const A (&yv)[V], const A (&av)[V], const A (&bv)[V], const A (&mv)[V],
+                                     bool relu, bool stats) {
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     if (relu) g[i] = yv[i] <= A(0) ? A(0) : g[i];  // NaN passes, as threshold_backward
@@ -210,8 +208,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     fold_output_grad_planar_kernel(const T* __restrict__ gy, const T* __restrict__ y, T* __restrict__ out,
                                    const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ a,
-                                   const acc_t<T>* __restrict__ b, bool relu, Div d_hwq, Div d_c,
-                                   unsigned int items) {
+                                   const acc_t<T>* __restrict__ b, bool relu, Div d_hwq, Div d_c, unsigned int items) {
   using A = acc_t<T>;
   const bool stats = a || b;
   for (unsigned int j = blockIdx.x * kThreads + threadIdx.x; j < items; j += gridDim.x * kThreads) {
@@ -233,8 +230,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     fold_output_grad_cl_kernel(const T* __restrict__ gy, const T* __restrict__ y, T* __restrict__ out,
                                const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ a,
-                               const acc_t<T>* __restrict__ b, bool relu, int64_t C, int64_t Cq,
-                               unsigned int pixels) {
+                               const acc_t<T>* __restrict__ b, bool relu, int64_t C, int64_t Cq, unsigned int pixels) {
   using A = acc_t<T>;
   const bool stats = a || b;
   const int64_t bx = blockDim.x;
@@ -275,9 +271,9 @@ void launch_fold(const at::Tensor& gy, const at::Tensor& y, const at::Tensor* me
     launch(grid, block, stream, &fold_output_grad_cl_kernel<T, V>, gy.const_data_ptr<T>(), y.const_data_ptr<T>(),
            out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu, C, Cq, static_cast<unsigned int>(pixels));
   } else {
-    launch(elementwise_grid(items), kThreads, stream, &fold_output_grad_planar_kernel<T, V>,
-        gy.const_data_ptr<T>(), y.const_data_ptr<T>(), out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu,
-        Div(static_cast<unsigned int>(HW / V)), Div(static_cast<unsigned int>(C)), static_cast<unsigned int>(items));
+    launch(elementwise_grid(items), kThreads, stream, &fold_output_grad_planar_kernel<T, V>, gy.const_data_ptr<T>(),
+           y.const_data_ptr<T>(), out.data_ptr<T>(), ptr(mean), ptr(a), ptr(b), relu,
+           Div(static_cast<unsigned int>(HW / V)), Div(static_cast<unsigned int>(C)), static_cast<unsigned int>(items));
   }
 }
 
@@ -298,8 +294,10 @@ void batch_stats(const at::Tensor& y_in, at::Tensor& mean, at::Tensor& var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "unetx.batch_stats", [&] {
     constexpr int VV = kVec<scalar_t>;
     const int64_t inner = cl ? y.size(1) : y.size(2) * y.size(3);
-    if (inner % VV == 0 && aligned(y, 16)) launch_stats<scalar_t, VV>(y, cl, mean, var);
-    else launch_stats<scalar_t, 1>(y, cl, mean, var);
+    if (inner % VV == 0 && aligned(y, 16))
+      launch_stats<scalar_t, VV>(y, cl, mean, var);
+    else
+      launch_stats<scalar_t, 1>(y, cl, mean, var);
   });
 }
 
@@ -319,10 +317,14 @@ void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y_in, const at
     constexpr int VV = kVec<scalar_t>;
     const int64_t inner = cl ? y.size(1) : y.size(2) * y.size(3);
     const bool vec = inner % VV == 0 && aligned(y, 16) && aligned(gy, 16) && aligned(o, 16);
-    if (vec && cl) launch_fold<scalar_t, VV, true>(gy, y, mean, a, b, relu, o);
-    else if (vec) launch_fold<scalar_t, VV, false>(gy, y, mean, a, b, relu, o);
-    else if (cl) launch_fold<scalar_t, 1, true>(gy, y, mean, a, b, relu, o);
-    else launch_fold<scalar_t, 1, false>(gy, y, mean, a, b, relu, o);
+    if (vec && cl)
+      launch_fold<scalar_t, VV, true>(gy, y, mean, a, b, relu, o);
+    else if (vec)
+      launch_fold<scalar_t, VV, false>(gy, y, mean, a, b, relu, o);
+    else if (cl)
+      launch_fold<scalar_t, 1, true>(gy, y, mean, a, b, relu, o);
+    else
+      launch_fold<scalar_t, 1, false>(gy, y, mean, a, b, relu, o);
   });
   if (!out_dense) out.copy_(o);
 }

@@ -146,10 +146,10 @@ __global__ void __launch_bounds__(kThreads)
 // g = grad_z + grad_p(pooled position) / 4, masked where the recomputed pre-activation <= 0.
 template <typename T, int V, bool ACT>
 __global__ void __launch_bounds__(kThreads)
-    activation_backward_planar_kernel(const T* __restrict__ gz, Strides4 gzs, const T* __restrict__ gp,
-                                      Strides4 gps, const T* __restrict__ x, Strides4 xs, T* __restrict__ gx,
-                                      Strides4 gxs, Affine<acc_t<T>> f, int64_t C, Div d_h, Div d_wq,
-                                      unsigned int items, acc_t<T>* __restrict__ part) {
+    activation_backward_planar_kernel(const T* __restrict__ gz, Strides4 gzs, const T* __restrict__ gp, Strides4 gps,
+                                      const T* __restrict__ x, Strides4 xs, T* __restrict__ gx, Strides4 gxs,
+                                      Affine<acc_t<T>> f, int64_t C, Div d_h, Div d_wq, unsigned int items,
+                                      acc_t<T>* __restrict__ part) {
   using A = acc_t<T>;
   __shared__ A sm[kThreads / kWarp];
   const int64_t G = gridDim.x;
@@ -325,21 +325,24 @@ void launch_forward(const at::Tensor& x, Affine<acc_t<T>> f, at::Tensor* z, at::
     const int64_t most = std::max<int64_t>(4 * resident_blocks() / groups, 1);
     const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((pixels + block.y - 1) / block.y, 1, most)),
                     static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
-    launch(grid, block, stream, &activation_forward_cl_kernel<T, V, ACT, POOL>,
-        x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Cq, Div(static_cast<unsigned int>(H)),
-        Div(static_cast<unsigned int>(W)), static_cast<unsigned int>(pixels));
+    launch(grid, block, stream, &activation_forward_cl_kernel<T, V, ACT, POOL>, x.const_data_ptr<T>(), Strides4(x), Z,
+           zs, P, ps, f, Cq, Div(static_cast<unsigned int>(H)), Div(static_cast<unsigned int>(W)),
+           static_cast<unsigned int>(pixels));
   } else {
     launch(elementwise_grid(items), kThreads, stream, &activation_forward_planar_kernel<T, V, ACT, POOL>,
-        x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Walk4(C, H, W / V), static_cast<unsigned int>(items));
+           x.const_data_ptr<T>(), Strides4(x), Z, zs, P, ps, f, Walk4(C, H, W / V), static_cast<unsigned int>(items));
   }
 }
 
 template <typename T, int V, bool CL>
 void forward_variant(const at::Tensor& x, Affine<acc_t<T>> f, at::Tensor* z, at::Tensor* p) {
   const bool act_on = f.scale != nullptr;
-  if (p && act_on) launch_forward<T, V, CL, true, true>(x, f, z, p);
-  else if (p) launch_forward<T, V, CL, false, true>(x, f, z, p);
-  else launch_forward<T, V, CL, true, false>(x, f, z, p);
+  if (p && act_on)
+    launch_forward<T, V, CL, true, true>(x, f, z, p);
+  else if (p)
+    launch_forward<T, V, CL, false, true>(x, f, z, p);
+  else
+    launch_forward<T, V, CL, true, false>(x, f, z, p);
 }
 
 template <typename T>
@@ -348,12 +351,16 @@ void forward_impl(const at::Tensor& x, Affine<acc_t<T>> f, at::Tensor* z, at::Te
   const bool cl = is_channels_last(x);
   const int inner = cl ? 1 : 3;
   const int64_t inner_out = cl ? x.size(1) : (p ? x.size(3) / 2 : x.size(3));
-  const bool vec = inner_out % VV == 0 && vec_ok(x, inner, VV) && (!z || vec_ok(*z, inner, VV)) &&
-                   (!p || vec_ok(*p, inner, VV));
-  if (vec && cl) forward_variant<T, VV, true>(x, f, z, p);
-  else if (vec) forward_variant<T, VV, false>(x, f, z, p);
-  else if (cl) forward_variant<T, 1, true>(x, f, z, p);
-  else forward_variant<T, 1, false>(x, f, z, p);
+  const bool vec =
+      inner_out % VV == 0 && vec_ok(x, inner, VV) && (!z || vec_ok(*z, inner, VV)) && (!p || vec_ok(*p, inner, VV));
+  if (vec && cl)
+    forward_variant<T, VV, true>(x, f, z, p);
+  else if (vec)
+    forward_variant<T, VV, false>(x, f, z, p);
+  else if (cl)
+    forward_variant<T, 1, true>(x, f, z, p);
+  else
+    forward_variant<T, 1, false>(x, f, z, p);
 }
 
 template <typename T, int V, bool ACT>
@@ -385,13 +392,13 @@ void launch_backward(const at::Tensor* gz, const at::Tensor* gp, const at::Tenso
   A* P = reduce ? part.data_ptr<A>() : nullptr;
   const T* X = ACT ? x.const_data_ptr<T>() : nullptr;
   if (!cl) {
-    launch(grid, block, stream, &activation_backward_planar_kernel<T, V, ACT>,
-        GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, Div(static_cast<unsigned int>(H)),
-        Div(static_cast<unsigned int>(W / V)), static_cast<unsigned int>(N * H * (W / V)), P);
+    launch(grid, block, stream, &activation_backward_planar_kernel<T, V, ACT>, GZ, gzs, GP, gps, X, Strides4(x),
+           gx.data_ptr<T>(), Strides4(gx), f, C, Div(static_cast<unsigned int>(H)),
+           Div(static_cast<unsigned int>(W / V)), static_cast<unsigned int>(N * H * (W / V)), P);
   } else {
-    launch(grid, block, stream, &activation_backward_cl_kernel<T, V, ACT>,
-        GZ, gzs, GP, gps, X, Strides4(x), gx.data_ptr<T>(), Strides4(gx), f, C, C / V,
-        Div(static_cast<unsigned int>(H)), Div(static_cast<unsigned int>(W)), static_cast<unsigned int>(N * H * W), P);
+    launch(grid, block, stream, &activation_backward_cl_kernel<T, V, ACT>, GZ, gzs, GP, gps, X, Strides4(x),
+           gx.data_ptr<T>(), Strides4(gx), f, C, C / V, Div(static_cast<unsigned int>(H)),
+           Div(static_cast<unsigned int>(W)), static_cast<unsigned int>(N * H * W), P);
   }
   if (reduce) {
     TORCH_INTERNAL_ASSERT(gs->is_contiguous() && gt->is_contiguous() && gs->scalar_type() == part.scalar_type());
@@ -401,8 +408,8 @@ void launch_backward(const at::Tensor* gz, const at::Tensor* gp, const at::Tenso
 }
 
 template <typename T>
-void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& x, Affine<acc_t<T>> f,
-                   at::Tensor& gx, at::Tensor* gs, at::Tensor* gt) {
+void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& x, Affine<acc_t<T>> f, at::Tensor& gx,
+                   at::Tensor* gs, at::Tensor* gt) {
   constexpr int VV = kVec<T>;
   const bool act_on = f.scale != nullptr;
   const bool cl = is_channels_last(x);
@@ -410,10 +417,14 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
   // planar: grad_p is read element by element (a quarter of the traffic); channels-last: V channels at a time
   const bool vec = vec_ok(gx, inner, VV) && (!act_on || vec_ok(x, inner, VV)) && (!gz || vec_ok(*gz, inner, VV)) &&
                    (!gp || !cl || vec_ok(*gp, inner, VV));
-  if (vec && act_on) launch_backward<T, VV, true>(gz, gp, x, f, cl, gx, gs, gt);
-  else if (vec) launch_backward<T, VV, false>(gz, gp, x, f, cl, gx, gs, gt);
-  else if (act_on) launch_backward<T, 1, true>(gz, gp, x, f, cl, gx, gs, gt);
-  else launch_backward<T, 1, false>(gz, gp, x, f, cl, gx, gs, gt);
+  if (vec && act_on)
+    launch_backward<T, VV, true>(gz, gp, x, f, cl, gx, gs, gt);
+  else if (vec)
+    launch_backward<T, VV, false>(gz, gp, x, f, cl, gx, gs, gt);
+  else if (act_on)
+    launch_backward<T, 1, true>(gz, gp, x, f, cl, gx, gs, gt);
+  else
+    launch_backward<T, 1, false>(gz, gp, x, f, cl, gx, gs, gt);
 }
 
 }  // namespace
@@ -428,14 +439,13 @@ void activation_forward(const at::Tensor& x, const OptTensor& mean, const OptTen
   TORCH_INTERNAL_ASSERT((!z || z->scalar_type() == x.scalar_type()) && (!p || p->scalar_type() == x.scalar_type()));
   const auto t = x.scalar_type();
   const at::Tensor m = scale ? as_acc(mean, t) : at::Tensor(), s = as_acc(scale, t), sh = as_acc(shift, t);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "unetx.activation_forward", [&] {
-    forward_impl<scalar_t>(x, affine_of<acc_t<scalar_t>>(m, s, sh), z, p);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "unetx.activation_forward",
+                                  [&] { forward_impl<scalar_t>(x, affine_of<acc_t<scalar_t>>(m, s, sh), z, p); });
 }
 
-void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
-                         const OptTensor& mean, const OptTensor& scale, const OptTensor& shift, at::Tensor& grad_x,
-                         at::Tensor* grad_scale, at::Tensor* grad_shift) {
+void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x, const OptTensor& mean,
+                         const OptTensor& scale, const OptTensor& shift, at::Tensor& grad_x, at::Tensor* grad_scale,
+                         at::Tensor* grad_shift) {
   const DeviceGuard guard(x.device());
   if (grad_scale && !scale) {  // no activation: nothing to reduce (as the CPU kernel: zeros)
     grad_scale->zero_();

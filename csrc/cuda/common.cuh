@@ -46,23 +46,29 @@ struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
 struct Stream {};
-inline Stream current_stream() { return {}; }
+inline Stream current_stream() {
+  return {};
+}
 // kernel<<<grid, block, 0, stream>>>(args...), run by the emulator's threads
 template <typename... P, typename... A>
 void launch(dim3 grid, dim3 block, Stream, void (*kernel)(P...), const A&... args) {
   emu::launch(grid, block, kernel, args...);
 }
 // The emulated GPU's multiprocessor count (it sets the grids): UNETX_EMU_SMS, default 1.
-inline int multiprocessor_count() { return std::max(1, emu::env_int("UNETX_EMU_SMS", 1)); }
+inline int multiprocessor_count() {
+  return std::max(1, emu::env_int("UNETX_EMU_SMS", 1));
+}
 #define UNETX_EMU_CHECK_ALIGNED(p, bytes) ::unetx::emu::check_aligned(p, bytes)
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 using Stream = c10::cuda::CUDAStream;
-inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+inline Stream current_stream() {
+  return c10::cuda::getCurrentCUDAStream();
+}
 // kernel<<<grid, block, 0, stream>>>(args...), checked
 template <typename... P, typename... A>
 void launch(dim3 grid, dim3 block, Stream stream, void (*kernel)(P...), const A&... args) {
-  kernel<<<grid, block, 0, stream.stream()>>>(static_cast<P>(args)...);
+  kernel<<<grid, block, 0, stream.stream()> > >(static_cast<P>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 inline int multiprocessor_count() {
@@ -170,11 +176,12 @@ inline void check_items(int64_t items, const char* op, const at::Tensor& t) {
 }
 
 // Blocks of kThreads that keep every SM full (8 resident blocks each); grid-stride loops cover the rest.
-inline int64_t resident_blocks() { return 8 * static_cast<int64_t>(multiprocessor_count()); }
+inline int64_t resident_blocks() {
+  return 8 * static_cast<int64_t>(multiprocessor_count());
+}
 
 inline unsigned int elementwise_grid(int64_t items) {
-  return static_cast<unsigned int>(
-      std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 4 * resident_blocks()));
+  return static_cast<unsigned int>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 4 * resident_blocks()));
 }
 
 // Reductions write one partial per (channel, block) and a second kernel combines them: deterministic, no atomics.

@@ -108,8 +108,10 @@ class Barrier {
     } else {
       const int waiting = g_sync.waiting.fetch_add(1, std::memory_order_relaxed) + 1;
       if (waiting == g_sync.live.load(std::memory_order_relaxed)) {
-        std::fprintf(stderr, "unetx host emulation: %s: %d of %d threads arrived; every live thread of the block "
-                     "waits at a barrier that cannot complete\n", what, arrived_, expected_);
+        std::fprintf(stderr,
+                     "unetx host emulation: %s: %d of %d threads arrived; every live thread of the block "
+                     "waits at a barrier that cannot complete\n",
+                     what, arrived_, expected_);
         fail("deadlock (a divergent __syncthreads or shuffle)", at);
       }
       const auto limit = std::chrono::seconds(env_int("UNETX_EMU_TIMEOUT_S", 120));
@@ -290,7 +292,8 @@ class Pool {
         g_block.bar.leave();
         const int live = g_sync.live.fetch_sub(1, std::memory_order_relaxed) - 1;
         if (live > 0 && g_sync.waiting.load(std::memory_order_relaxed) == live) {
-          std::fprintf(stderr, "unetx host emulation: a thread exited while every other live thread of the block "
+          std::fprintf(stderr,
+                       "unetx host emulation: a thread exited while every other live thread of the block "
                        "waits at a barrier that cannot complete\n");
           fail("deadlock (a barrier or shuffle not reached by every thread)", std::source_location::current());
         }

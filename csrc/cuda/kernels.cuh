@@ -30,9 +30,9 @@ using OptTensor = std::optional<at::Tensor>;
 // ---- bn_relu.cu: z = relu((x - mean[c]) * scale[c] + shift[c]) and/or its 2x2 average pool p; and its backward.
 void activation_forward(const at::Tensor& x, const OptTensor& mean, const OptTensor& scale, const OptTensor& shift,
                         at::Tensor* z, at::Tensor* p);
-void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x,
-                         const OptTensor& mean, const OptTensor& scale, const OptTensor& shift, at::Tensor& grad_x,
-                         at::Tensor* grad_scale, at::Tensor* grad_shift);
+void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, const at::Tensor& x, const OptTensor& mean,
+                         const OptTensor& scale, const OptTensor& shift, at::Tensor& grad_x, at::Tensor* grad_scale,
+                         at::Tensor* grad_shift);
 
 // ---- upsample_concat.cu: 2x upsampling into a channel slice, and its adjoint.
 void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out);

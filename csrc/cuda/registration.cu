@@ -30,6 +30,8 @@ const LayerKernels kKernels{
 
 }  // namespace
 
-void register_kernels(torch::Library& lib) { register_ops(lib, kKernels); }
+void register_kernels(torch::Library& lib) {
+  register_ops(lib, kKernels);
+}
 
 }  // namespace unetx::cuda

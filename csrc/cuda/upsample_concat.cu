@@ -82,8 +82,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const Taps b = taps_of<BILINEAR>(oj + k, w);
-        if constexpr (BILINEAR) v[k] = bilinear_at<A>(xp, xs.h, xs.w, a, b);
-        else v[k] = static_cast<A>(xp[a.i0 * xs.h + b.i0 * xs.w]);
+        if constexpr (BILINEAR)
+          v[k] = bilinear_at<A>(xp, xs.h, xs.w, a, b);
+        else
+          v[k] = static_cast<A>(xp[a.i0 * xs.h + b.i0 * xs.w]);
       }
     }
     store<V>(out + os.at(n, c, oi, oj), v);
@@ -194,9 +196,8 @@ void launch_forward(const at::Tensor& x, at::Tensor& out) {
   if (items == 0) return;
   const Walk4 walk = CL ? Walk4(H, W, C / V) : Walk4(C, H, W / V);
   const auto stream = current_stream();
-  launch(elementwise_grid(items), kThreads, stream, &upsample_forward_kernel<T, V, CL, BILINEAR>,
-      x.const_data_ptr<T>(), Strides4(x), out.data_ptr<T>(), Strides4(out), x.size(2), x.size(3), walk,
-      static_cast<unsigned int>(items));
+  launch(elementwise_grid(items), kThreads, stream, &upsample_forward_kernel<T, V, CL, BILINEAR>, x.const_data_ptr<T>(),
+         Strides4(x), out.data_ptr<T>(), Strides4(out), x.size(2), x.size(3), walk, static_cast<unsigned int>(items));
 }
 
 template <typename T, int V, bool CL, bool BILINEAR>
@@ -208,20 +209,24 @@ void launch_backward(const at::Tensor& grad, at::Tensor& gx) {
   const Walk4 walk = CL ? Walk4(h, w, C / V) : Walk4(C, h, w / V);
   const auto stream = current_stream();
   launch(elementwise_grid(items), kThreads, stream, &upsample_backward_kernel<T, V, CL, BILINEAR>,
-      grad.const_data_ptr<T>(), Strides4(grad), gx.data_ptr<T>(), Strides4(gx), h, w, walk,
-      static_cast<unsigned int>(items));
+         grad.const_data_ptr<T>(), Strides4(grad), gx.data_ptr<T>(), Strides4(gx), h, w, walk,
+         static_cast<unsigned int>(items));
 }
 
 template <typename T, int V, bool BILINEAR>
 void forward_layout(const at::Tensor& x, at::Tensor& out, bool cl) {
-  if (cl) launch_forward<T, V, true, BILINEAR>(x, out);
-  else launch_forward<T, V, false, BILINEAR>(x, out);
+  if (cl)
+    launch_forward<T, V, true, BILINEAR>(x, out);
+  else
+    launch_forward<T, V, false, BILINEAR>(x, out);
 }
 
 template <typename T, int V, bool BILINEAR>
 void backward_layout(const at::Tensor& grad, at::Tensor& gx, bool cl) {
-  if (cl) launch_backward<T, V, true, BILINEAR>(grad, gx);
-  else launch_backward<T, V, false, BILINEAR>(grad, gx);
+  if (cl)
+    launch_backward<T, V, true, BILINEAR>(grad, gx);
+  else
+    launch_backward<T, V, false, BILINEAR>(grad, gx);
 }
 
 }  // namespace
@@ -241,10 +246,14 @@ void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
     // planar reads x element by element (a quarter of the traffic); channels-last reads V channels at a time
     const bool vec = cl ? vec_ok(out, 1, VV) && vec_ok(x, 1, VV) : vec_ok(out, 3, VV);
     const bool bil = mode == Upsample::Bilinear;
-    if (vec && bil) forward_layout<scalar_t, VV, true>(x, out, cl);
-    else if (vec) forward_layout<scalar_t, VV, false>(x, out, cl);
-    else if (bil) forward_layout<scalar_t, 1, true>(x, out, cl);
-    else forward_layout<scalar_t, 1, false>(x, out, cl);
+    if (vec && bil)
+      forward_layout<scalar_t, VV, true>(x, out, cl);
+    else if (vec)
+      forward_layout<scalar_t, VV, false>(x, out, cl);
+    else if (bil)
+      forward_layout<scalar_t, 1, true>(x, out, cl);
+    else
+      forward_layout<scalar_t, 1, false>(x, out, cl);
   });
 }
 
@@ -261,12 +270,16 @@ void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x
     constexpr int VV = kVec<scalar_t>;
     const bool bil = mode == Upsample::Bilinear;
     // planar bilinear reads grad element by element; the other mappings read V-wide runs of it
-    const bool vec = cl ? vec_ok(grad_x, 1, VV) && vec_ok(grad, 1, VV)
-                        : vec_ok(grad_x, 3, VV) && (bil || vec_ok(grad, 3, VV));
-    if (vec && bil) backward_layout<scalar_t, VV, true>(grad, grad_x, cl);
-    else if (vec) backward_layout<scalar_t, VV, false>(grad, grad_x, cl);
-    else if (bil) backward_layout<scalar_t, 1, true>(grad, grad_x, cl);
-    else backward_layout<scalar_t, 1, false>(grad, grad_x, cl);
+    const bool vec =
+        cl ? vec_ok(grad_x, 1, VV) && vec_ok(grad, 1, VV) : vec_ok(grad_x, 3, VV) && (bil || vec_ok(grad, 3, VV));
+    if (vec && bil)
+      backward_layout<scalar_t, VV, true>(grad, grad_x, cl);
+    else if (vec)
+      backward_layout<scalar_t, VV, false>(grad, grad_x, cl);
+    else if (bil)
+      backward_layout<scalar_t, 1, true>(grad, grad_x, cl);
+    else
+      backward_layout<scalar_t, 1, false>(grad, grad_x, cl);
   });
 }
 

@@ -30,13 +30,18 @@ const LayerKernels kKernels{
 }  // namespace
 }  // namespace unetx::cuda
 
-TORCH_LIBRARY(unetx_cuda_host, m) { unetx::define_ops(m); }
-TORCH_LIBRARY_IMPL(unetx_cuda_host, CPU, m) { unetx::register_ops(m, unetx::cuda::kKernels); }
+TORCH_LIBRARY(unetx_cuda_host, m) {
+  unetx::define_ops(m);
+}
+TORCH_LIBRARY_IMPL(unetx_cuda_host, CPU, m) {
+  unetx::register_ops(m, unetx::cuda::kKernels);
+}
 
 PYBIND11_MODULE(unetx_cuda_host, m) {
   m.doc() = "unetx's CUDA kernels run on the host by emulated threads (ops in torch.ops.unetx_cuda_host)";
-  m.def("kernel_launches", [] { return unetx::emu::Pool::get().launches(); },
-        "Launches per CUDA kernel name since the last reset_kernel_launches().");
+  m.def(
+      "kernel_launches", [] { return unetx::emu::Pool::get().launches(); },
+      "Launches per CUDA kernel name since the last reset_kernel_launches().");
   m.def("reset_kernel_launches", [] { unetx::emu::Pool::get().reset_launches(); });
 #if defined(__SANITIZE_ADDRESS__)
   m.attr("sanitizer") = "address";
