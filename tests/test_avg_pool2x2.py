@@ -27,7 +27,7 @@ def make_x(shape, dtype, device, layout, seed=0):
 def test_matches_reference(shape, layout, dtype, device):
     x = make_x(shape, dtype, device, layout)
     (p,), _ = check_against_reference(ops.avg_pool2x2, ref.avg_pool2x2, dict(x=x), dtype)
-    assert p.is_contiguous(memory_format=ops._layout(x))
+    assert p.is_contiguous(memory_format=ops.memory_format(x))
 
 
 @pytest.mark.filterwarnings("ignore:unetx. no unetx kernels")

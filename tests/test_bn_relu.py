@@ -50,7 +50,7 @@ def test_matches_reference(op_name, shape_index, with_mean, layout, dtype, devic
     op, reference = OPS[op_name]
     inputs = make_inputs(SHAPES[op_name][shape_index], dtype, device, layout, with_mean)
     ours, _ = check_against_reference(op, reference, inputs, dtype)
-    fmt = ops._layout(inputs["y"])
+    fmt = ops.memory_format(inputs["y"])
     assert all(o.is_contiguous(memory_format=fmt) for o in ours)  # the input's layout is kept
 
 
@@ -123,7 +123,7 @@ def test_fallback_matches_reference_and_kernel(op_name, with_mean, layout, dtype
         else:
             check_close(a, e, dtype)
     gen = torch.Generator().manual_seed(1)
-    grads = [randn(*o.shape, gen=gen).to(dtype).contiguous(memory_format=ops._layout(o)) for o in kernel]
+    grads = [randn(*o.shape, gen=gen).to(dtype).contiguous(memory_format=ops.memory_format(o)) for o in kernel]
     bw_args = (*grads, *args)
     g_fb = ops.FALLBACKS[op_name + "_backward"](*bw_args)
     g_kernel = getattr(torch.ops.unetx, op_name + "_backward")(*bw_args)

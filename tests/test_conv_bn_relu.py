@@ -2,7 +2,7 @@
 
 Outputs and every gradient (x, weight, bias, x_scale, x_shift, x_mean, x2) are compared with autograd through the
 reference forward in stock ops, which checks the op's closed-form backward independently. Also: the stock-PyTorch
-fallback (ops.FALLBACKS), BatchNorm running statistics through unetx.layers.ConvBNReLU, opcheck and gradcheck.
+fallback (ops.FALLBACKS), BatchNorm running statistics through unetx.nn.ConvBNReLU, opcheck and gradcheck.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def test_fallback_matches_reference_and_kernel(case, layout, dtype, vec_dtype):
                 check_close(a, e, tol_dtype)
 
     y, mean, _ = kernel
-    gy = randn(*y.shape, gen=gen).to(dtype).contiguous(memory_format=ops._layout(y))
+    gy = randn(*y.shape, gen=gen).to(dtype).contiguous(memory_format=ops.memory_format(y))
     gm = randn(c.cout, gen=gen).to(mean.dtype) if c.stats else None
     gv = randn(c.cout, gen=gen).to(mean.dtype) if c.stats else None
     bw_args = (gy, gm, gv, d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"], c.bias,
@@ -279,7 +279,7 @@ def test_fallback_matches_reference_and_kernel(case, layout, dtype, vec_dtype):
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_layer_running_stats_match_batchnorm(momentum, layout, device):
-    """unetx.layers.ConvBNReLU over several training steps keeps BatchNorm2d's running_mean, running_var
+    """unetx.nn.ConvBNReLU over several training steps keeps BatchNorm2d's running_mean, running_var
     (unbiased) and num_batches_tracked, and its outputs and gradients match Conv2d -> BatchNorm2d -> ReLU."""
     torch.manual_seed(0)
     stock = ref.ConvBNReLU(5, 7).to(device=device, dtype=torch.float64)
@@ -340,7 +340,7 @@ def test_opcheck(case, layout, weight_layout, requires_grad, device):
         return
     d = {k: None if v is None else v.detach() for k, v in t.items()}
     y, mean, _ = torch.ops.unetx.conv_bn_relu(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-    gy = randn(*y.shape, gen=gen).to(device).contiguous(memory_format=ops._layout(y))
+    gy = randn(*y.shape, gen=gen).to(device).contiguous(memory_format=ops.memory_format(y))
     gstat = randn(c.cout, gen=gen).to(device) if c.stats else None
     for mask in ([True, True, True, True], [True, False, False, False]):
         bw_args = (gy, gstat, gstat, d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unetx
-import unetx.layers
+import unetx.nn
 from unetx import ops
 from unetx import reference as ref
 from conftest import randn
@@ -167,7 +167,7 @@ def test_one_value_per_channel_in_training_is_a_value_error_like_batchnorm(case)
 def test_modules_raise_batchnorms_exception_for_one_value_per_channel():
     """A drop-in: unetx's layer raises what its stock twin raises, with the same text."""
     stock = ref.ConvBNReLU(3, 4)
-    fused = unetx.layers.ConvBNReLU(3, 4)
+    fused = unetx.nn.ConvBNReLU(3, 4)
     with pytest.raises(ValueError) as want:
         stock(x(1, 3, 1, 1))
     with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size"):

@@ -10,7 +10,7 @@ from torch import nn
 import unetx
 from unetx import ops
 from unetx import reference as ref
-from unetx.layers import Act
+from unetx.nn import Act
 from conftest import DEVICES, check_close, leaf, rand, randn, to_layout
 
 

@@ -10,7 +10,7 @@ import unetx
 from conftest import randomise_batchnorm
 from unetx.data import InputError
 from unetx.predict import plan_tiles, predict_classes, predict_strips, predict_tiled
-from unetx.reference import receptive_margin
+from unetx.nn.common import receptive_margin
 
 
 def model(depth=2, base=4, out=3, in_ch=1, seed=0):

@@ -37,7 +37,7 @@ def test_matches_reference(mode, shape, layout, dtype, device):
     inputs = make_inputs(shape, mode, dtype, device, layout)
     (out,), _ = check_against_reference(lambda **kw: ops.upsample_concat(**kw, mode=mode),
                                         lambda **kw: ref.upsample_concat(**kw, mode=mode), inputs, dtype)
-    assert out.is_contiguous(memory_format=ops._layout(inputs["skip"]))
+    assert out.is_contiguous(memory_format=ops.memory_format(inputs["skip"]))
 
 
 @pytest.mark.filterwarnings("ignore:unetx. no unetx kernels")

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (load libtorch before the extension)
 
-from . import reference
-from ._extension import build_info
 from . import ops
-from .layers import ConvBNReLU, DoubleConv
-from .model import UNet
-from .convert import convert
+from .ops import build_info
+from . import nn
+from .nn import ConvBNReLU, DoubleConv, UNet, convert
+from . import reference
 from . import checkpoint, data, losses, metrics, predict, synthetic
 from .data import ClassTable, InputError
 from .predict import predict_tiled

@@ -1,4 +1,5 @@
-"""Load the compiled extension, refusing clearly when it was built for another torch."""
+"""Load the compiled extension, refusing clearly when it was built for another torch. Imports nothing of unetx's own
+(unetx.ops imports this; build_info() lives in unetx.ops, beside the CUDA opt-in it reports)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,3 @@ if BUILD_INFO["torch_version"] != torch.__version__:
         f"is imported; a C++ extension only works with the torch it was compiled for. {_REBUILD}"
     )
 
-
-def build_info() -> dict:
-    """How the extension was built: torch version, compiler, whether CUDA kernels were compiled and for which archs."""
-    from unetx import ops
-
-    info = dict(BUILD_INFO)
-    info["cuda_kernels_enabled"] = ops.cuda_kernels_enabled()
-    return info

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import reference
-from .model import UNet
+from .nn import reference
+from .nn.common import check_config
+from .nn import UNet
 
 __all__ = ["BenchConfigError", "Workload", "Form", "WORKLOADS", "run", "format_table", "profile_step", "add_arguments",
            "run_args", "main"]
@@ -787,7 +788,7 @@ def run_args(args: argparse.Namespace) -> int:
     if cfg:
         base = WORKLOADS[args.workload or ("CPU-S" if args.device == "cpu" else "GPU-L")].config
         try:
-            reference.check_config(**dict(base, **cfg), dropout=0.0)
+            check_config(**dict(base, **cfg), dropout=0.0)
         except ValueError as e:
             raise SystemExit(f"unetx bench: {e}") from None
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))

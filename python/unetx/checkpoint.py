@@ -210,7 +210,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 def build_model(ckpt: dict, path: str | Path = "checkpoint", sync_bn: bool = False) -> nn.Module:
     """The UNet the checkpoint describes, with its weights (train mode, on the CPU)."""
-    from .model import UNet
+    from .nn import UNet
 
     try:
         model = UNet(**ckpt["config"], sync_bn=sync_bn)

@@ -193,7 +193,7 @@ def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int,
     if device.type == "cpu":
         batch = min(batch, 2)
     from .losses import make_loss, num_output_channels
-    from .model import UNet
+    from .nn import UNet
 
     torch.manual_seed(0)
     model = UNet(in_channels=data.channels, out_channels=num_output_channels(cfg.loss, data.table.num_classes),

@@ -6,7 +6,7 @@
 The image is cut into tiles of `tile` x `tile` pixels. Each tile's outer `overlap` pixels on every side are context
 only: the network sees them, their outputs are discarded. Where a tile reaches past the image edge, the context is
 the mirrored image. The kept centres ("cores") either abut ("crop") or overlap and are averaged with a Gaussian
-window ("gaussian"). With `overlap` at least the network's receptive margin (`unetx.reference.receptive_margin`,
+window ("gaussian"). With `overlap` at least the network's receptive margin (`unetx.nn.common.receptive_margin`,
 the default) every kept output pixel saw all of its context, so the tiled result equals a whole-image prediction
 away from the image border, and no seam can show; smaller overlaps trade that for speed, and Gaussian blending
 hides the seams they make.
@@ -57,7 +57,7 @@ def model_multiple(model: nn.Module) -> int:
 
 def default_overlap(model: nn.Module) -> int:
     """The network's receptive margin (context pixels that can change an output pixel), from its config."""
-    from .reference import receptive_margin
+    from .nn.common import receptive_margin
 
     cfg = getattr(model, "config", None) or {}
     if "depth" not in cfg:

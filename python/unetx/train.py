@@ -227,7 +227,7 @@ def prepare_data(cfg: TrainConfig, table: ClassTable | None = None, channels: in
 
 
 def build_model(cfg: TrainConfig, data: RunData) -> nn.Module:
-    from .model import UNet
+    from .nn import UNet
 
     try:
         out_ch = num_output_channels(cfg.loss, data.table.num_classes)

@@ -97,7 +97,7 @@ def compare_op(op, reference, args, n_diff, dtype, seed=1):
     for i, (a, b, e, s) in enumerate(zip(ours, cpu, exact, stock)):
         check(a, b, e.detach(), s.detach(), dtype, f"{op} output {i}")
     gen = torch.Generator().manual_seed(seed)
-    cots = [randn(*o.shape, gen=gen).to(o.dtype).contiguous(memory_format=unetx.ops._layout(o)) for o in ours]
+    cots = [randn(*o.shape, gen=gen).to(o.dtype).contiguous(memory_format=unetx.ops.memory_format(o)) for o in ours]
     return ours, cots, exact_args, stock_args, exact, stock
 
 
@@ -344,7 +344,7 @@ def test_every_cuda_kernel_is_covered():
 def offset_by_one(t: torch.Tensor) -> torch.Tensor:
     """t's values in a dense tensor of t's layout whose data starts one element into its storage: no 16-byte
     alignment, whatever the strides."""
-    fmt = unetx.ops._layout(t)
+    fmt = unetx.ops.memory_format(t)
     like = t.contiguous(memory_format=fmt)
     buf = torch.empty(like.numel() + 1, dtype=t.dtype)
     out = buf[1:].as_strided(like.shape, like.stride())

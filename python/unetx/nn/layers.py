@@ -1,5 +1,5 @@
 """The fused modules: Conv-BN-ReLU and the double conv block, state_dict-compatible with their stock twins in
-`unetx.reference` (same submodule names `conv`, `bn`; same parameters and buffers).
+`unetx.nn.reference` (same submodule names `conv`, `bn`; same parameters and buffers).
 
 Between fused layers an activation travels *pending*: `Act(y, scale, shift, mean)` stands for
 relu((y - mean) * scale + shift), where y is the previous convolution's raw output, mean its batch mean,
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import ops
+from .. import ops
 
 
 class Act(NamedTuple):
@@ -28,18 +28,6 @@ class Act(NamedTuple):
 
     def materialize(self) -> Tensor:
         return self.y if self.scale is None else ops.bn_relu(self.y, self.scale, self.shift, self.mean)
-
-
-def autocast_dtype(t: Tensor) -> torch.dtype | None:
-    """The lower-precision dtype autocast would run a convolution in on t's device, or None when autocast is off."""
-    dev = t.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return None
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
-    return t if (t is None or dtype is None or t.dtype == dtype) else t.to(dtype)
 
 
 def _sync_batch_stats(mean: Tensor, var: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -56,7 +44,7 @@ def _sync_batch_stats(mean: Tensor, var: Tensor, count: int) -> tuple[Tensor, Te
 
 class ConvBNReLU(nn.Module):
     """Conv2d (k x k, 'same', stride 1) -> BatchNorm2d -> ReLU on the fused ops. Drop-in for
-    `unetx.reference.ConvBNReLU`: same constructor, same state_dict, same outputs and gradients, same running
+    `unetx.nn.reference.ConvBNReLU`: same constructor, same state_dict, same outputs and gradients, same running
     statistics (momentum, unbiased running variance, num_batches_tracked, momentum=None as cumulative average)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False,
@@ -78,9 +66,8 @@ def conv_bn_relu_pending(x: Act, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: bool
                          x2_mode: str = "none", sync_bn: bool = False) -> Act:
     """Conv2d -> BatchNorm2d -> ReLU of stock modules' parameters on the fused op, BatchNorm semantics included
     (batch statistics and running-stat updates in training, folded running statistics in eval)."""
-    dt = autocast_dtype(x.y)
-    xy, x2 = _cast(x.y, dt), _cast(x2, dt)
-    weight, bias = _cast(conv.weight, dt), _cast(conv.bias, dt)
+    # under torch.autocast the op casts its data to the autocast dtype itself (unetx.ops.autocast)
+    xy, weight, bias = x.y, conv.weight, conv.bias
     gamma = bn.weight if bn.affine else torch.ones(bn.num_features, device=weight.device, dtype=torch.float32)
     beta = bn.bias if bn.affine else torch.zeros_like(gamma)
     if bn.training or bn.running_mean is None:
@@ -99,7 +86,7 @@ def conv_bn_relu_pending(x: Act, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: bool
     b = beta - bn.running_mean * s
     if conv.bias is not None:
         b = b + conv.bias * s
-    y, _, _ = ops.conv_bn_relu(xy, _cast(w, dt), _cast(b, dt), x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
+    y, _, _ = ops.conv_bn_relu(xy, w, b, x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
                                x_pool=pool, x2=x2, x2_mode=x2_mode, stats=False, relu=True)
     return Act(y)
 
@@ -115,7 +102,7 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: 
 
 
 class DoubleConv(nn.Module):
-    """Two ConvBNReLU (a U-Net level); state_dict-compatible with `unetx.reference.DoubleConv`."""
+    """Two ConvBNReLU (a U-Net level); state_dict-compatible with `unetx.nn.reference.DoubleConv`."""
 
     def __init__(self, in_channels: int, out_channels: int, sync_bn: bool = False):
         super().__init__()

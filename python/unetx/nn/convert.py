@@ -20,9 +20,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, reference
+from .. import ops
+from . import reference
 from .layers import Act, conv_bn_relu_pending
-from .model import UNet
+from .unet import UNet
 
 __all__ = ["convert"]
 

@@ -1,4 +1,5 @@
-"""unetx.UNet: the U-Net on the fused ops. Same constructor, module tree and state_dict as `unetx.reference.UNet`."""
+"""unetx.UNet: the U-Net on the fused ops. Same constructor, module tree and state_dict as its plain-PyTorch twin
+`unetx.nn.reference.UNet` (also `unetx.reference.UNet`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
-from .layers import Act, DoubleConv, autocast_dtype
+from .. import ops
+from . import reference
+from .common import check_config, check_input, make_up, pad_to_multiple
+from .layers import Act, DoubleConv
 
 
 class UpBlock(nn.Module):
@@ -15,21 +18,18 @@ class UpBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, upsample: str, sync_bn: bool = False):
         super().__init__()
-        self.up = reference.make_up(in_channels, out_channels, upsample)
+        self.up = make_up(in_channels, out_channels, upsample)
         self.conv = DoubleConv(2 * out_channels, out_channels, sync_bn=sync_bn)
         self.mode = upsample
 
     def pending(self, x: Act, skip: Act) -> Act:
-        dt = autocast_dtype(x.y)
         if self.mode == "transpose":
             conv, x2_mode = self.up, "none"
         else:
             # a 1x1 conv commutes with the upsampling: convolve at the low resolution, upsample inside the
             # next layer's input stage (the fused upsample_concat), never materialising the upsampled tensor.
             conv, x2_mode = self.up[1], self.mode
-        w = conv.weight if dt is None else conv.weight.to(dt)
-        b = conv.bias if (dt is None or conv.bias is None) else conv.bias.to(dt)
-        u, _, _ = ops.conv_bn_relu(x.y if dt is None else x.y.to(dt), w, b, x_scale=x.scale, x_shift=x.shift,
+        u, _, _ = ops.conv_bn_relu(x.y, conv.weight, conv.bias, x_scale=x.scale, x_shift=x.shift,
                                    x_mean=x.mean, transposed=self.mode == "transpose", stats=False)
         return self.conv.pending(skip, x2=u, x2_mode=x2_mode)
 
@@ -49,14 +49,14 @@ class UNet(nn.Module):
     Any height and width: the input is mirror-padded (bottom/right) to the next multiple of 2**depth and the
     logits are cropped back to the input size.
 
-    The state_dict is identical to `unetx.reference.UNet(...)`'s: weights load both ways
+    The state_dict is identical to `unetx.nn.reference.UNet(...)`'s: weights load both ways
     (`to_reference()`, `UNet.from_reference(m)`).
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base_channels: int = 64, depth: int = 4,
                  pool: str = "avg", upsample: str = "transpose", dropout: float = 0.0, sync_bn: bool = False):
         super().__init__()
-        reference.check_config(in_channels, out_channels, base_channels, depth, pool, upsample, dropout)
+        check_config(in_channels, out_channels, base_channels, depth, pool, upsample, dropout)
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
                            depth=depth, pool=pool, upsample=upsample, dropout=float(dropout))
         self.sync_bn = sync_bn
@@ -70,16 +70,16 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(ch[0], out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        reference.check_input(x, self.config["in_channels"], "unetx.UNet")
-        out_format = ops.suggest_memory_format(x)
-        x, h, w = reference.pad_to_multiple(x, 2 ** self.config["depth"])
-        if x.device.type == "cpu" and ops.suggest_memory_format(x) != torch.channels_last:
+        check_input(x, self.config["in_channels"], "unetx.UNet")
+        out_format = ops.memory_format(x)
+        x, h, w = pad_to_multiple(x, 2 ** self.config["depth"])
+        if x.device.type == "cpu" and ops.memory_format(x) != torch.channels_last:
             # On the CPU the network runs channels-last whatever the input's layout: oneDNN's forward and input
             # gradient are faster there, and the weight gradient is unetx's own channels-last kernel
             # (csrc/cpu/conv_weight_grad.cpp). empty_like gives channels-last strides even to a 1-channel image.
             x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
-        dt = autocast_dtype(x)
-        a = Act(x if dt is None else x.to(dt))
+        # under torch.autocast each op casts its data to the autocast dtype itself (unetx.ops.autocast)
+        a = Act(x)
         avg = self.config["pool"] == "avg"
         skips: list[Act] = []
         for i, block in enumerate(list(self.encoder) + [self.bottleneck]):
@@ -95,9 +95,7 @@ class UNet(nn.Module):
             a = Act(self.dropout(a.materialize()))
         for up, skip in zip(self.decoder, reversed(skips)):
             a = up.pending(a, skip)
-        head_w = self.head.weight if dt is None else self.head.weight.to(dt)
-        head_b = self.head.bias if dt is None else self.head.bias.to(dt)
-        logits, _, _ = ops.conv_bn_relu(a.y, head_w, head_b, x_scale=a.scale, x_shift=a.shift, x_mean=a.mean,
+        logits, _, _ = ops.conv_bn_relu(a.y, self.head.weight, self.head.bias, x_scale=a.scale, x_shift=a.shift, x_mean=a.mean,
                                         stats=False)
         return logits[..., :h, :w].contiguous(memory_format=out_format)
 
