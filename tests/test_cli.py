@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from unetx import checkpoint, metrics, synthetic
-from unetx.data import ClassTable, read_image
-from unetx.predict import predict_classes
+from unetx.app.data import ClassTable, read_image
+from unetx.app.predict import predict_classes
 
 TINY = ["--base-channels", "4", "--depth", "2", "--crop", "32", "--batch-size", "4", "--no-progress"]
 

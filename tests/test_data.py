@@ -1,4 +1,4 @@
-"""unetx.data on real files: reading PNG/JPEG/TIFF variants, pairing, class tables, augmentation, weight maps."""
+"""unetx.app.data on real files: reading PNG/JPEG/TIFF variants, pairing, class tables, augmentation, weight maps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from unetx import data
-from unetx.data import Augment, ClassTable, InputError
+from unetx.app.data import Augment, ClassTable, InputError
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 

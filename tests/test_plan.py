@@ -1,4 +1,4 @@
-"""The training planner (unetx.plan) and `unetx train --time`: durations, the dataset fingerprint, the plan's rules,
+"""The training planner (unetx.app.plan) and `unetx train --time`: durations, the dataset fingerprint, the plan's rules,
 and real CLI runs that must end within their budget, show and write their plan, obey every flag given, and keep
 the plan on --resume."""
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from unetx import synthetic
-from unetx.data import InputError, Sample
-from unetx.plan import Fingerprint, choose_crop_depth, fingerprint, format_duration, parse_duration
+from unetx.app.data import InputError, Sample
+from unetx.app.plan import Fingerprint, choose_crop_depth, fingerprint, format_duration, parse_duration
 
 
 @pytest.mark.parametrize("text,seconds", [("10m", 600), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150),

@@ -8,8 +8,8 @@ import torch
 
 import unetx
 from conftest import randomise_batchnorm
-from unetx.data import InputError
-from unetx.predict import plan_tiles, predict_classes, predict_strips, predict_tiled
+from unetx.app.data import InputError
+from unetx.app.predict import plan_tiles, predict_classes, predict_strips, predict_tiled
 from unetx.nn.common import receptive_margin
 
 

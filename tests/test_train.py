@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from unetx import checkpoint, synthetic
-from unetx.cli import encode_mask
-from unetx.data import read_image
-from unetx.predict import predict_classes
-from unetx.train import Trainer, TrainConfig, TrainingError, train, warn_if_bf16_emulated
+from unetx.app.cli import encode_mask
+from unetx.app.data import read_image
+from unetx.app.predict import predict_classes
+from unetx.app.training import Trainer, TrainConfig, TrainingError, train, warn_if_bf16_emulated
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 TINY = dict(base_channels=4, depth=2, crop=32, batch_size=4, progress=False)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from unetx import synthetic
-from unetx.train import train
+from unetx.app.training import train
 
 
 @pytest.mark.slow

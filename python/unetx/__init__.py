@@ -3,23 +3,58 @@
     import unetx
     model = unetx.UNet(in_channels=1, out_channels=2)      # drop-in nn.Module, state_dict-compatible with
     ref = unetx.reference.UNet(in_channels=1, out_channels=2)   # ... this plain-PyTorch twin
+
+Three layers, each importing only the ones above it in this list:
+    unetx.ops   the op library: the compiled kernels' wrappers, fake impls, autograd, fallbacks, references
+    unetx.nn    the neural-network modules: fused layers, UNet, its plain-PyTorch twin, convert()
+    unetx.app   the segmentation application: data, losses, metrics, training, evaluation, prediction, CLI
+`import unetx` loads the first two (torch and numpy only); the application and its dependencies (Pillow, scipy,
+matplotlib, tifffile, tqdm) load on first use of one of its names.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch  # noqa: F401  (load libtorch before the extension)
 
-from . import ops
-from .ops import build_info
-from . import nn
+from . import nn, ops, reference
 from .nn import ConvBNReLU, DoubleConv, UNet, convert
-from . import reference
-from . import checkpoint, data, losses, metrics, predict, synthetic
-from .data import ClassTable, InputError
-from .predict import predict_tiled
-from .train import TrainConfig
+from .ops import build_info
 
 __version__ = "0.1.0"
 
-__all__ = ["UNet", "convert", "predict_tiled", "TrainConfig", "ClassTable", "InputError", "checkpoint", "data", "losses",
-           "metrics", "predict", "synthetic", "ConvBNReLU", "DoubleConv", "ops", "reference", "build_info", "__version__"]
+# name -> (the application module that holds it, the attribute; None: the module itself), imported on first access
+_LAZY = {
+    "app": ("unetx.app", None),
+    "checkpoint": ("unetx.app.checkpoint", None),
+    "data": ("unetx.app.data", None),
+    "losses": ("unetx.app.losses", None),
+    "metrics": ("unetx.app.metrics", None),
+    "predict": ("unetx.app.predict", None),
+    "synthetic": ("unetx.app.synthetic", None),
+    "ClassTable": ("unetx.app.data", "ClassTable"),
+    "InputError": ("unetx.app.errors", "InputError"),
+    "TrainConfig": ("unetx.app.training", "TrainConfig"),
+    "evaluate": ("unetx.app.evaluate", "evaluate"),
+    "predict_tiled": ("unetx.app.predict", "predict_tiled"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'unetx' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["UNet", "convert", "predict_tiled", "evaluate", "TrainConfig", "ClassTable", "InputError", "checkpoint",
+           "data", "losses", "metrics", "predict", "synthetic", "ConvBNReLU", "DoubleConv", "app", "nn", "ops",
+           "reference", "build_info", "__version__"]

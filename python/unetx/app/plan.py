@@ -32,7 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import InputError, Sample
+from .data import Sample
+from .errors import InputError
 
 # knobs the planner chooses when their flag is not given
 PLANNED = ("crop", "depth", "batch_size", "base_channels", "patches_per_image", "epochs", "val_every")
@@ -193,7 +194,7 @@ def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int,
     if device.type == "cpu":
         batch = min(batch, 2)
     from .losses import make_loss, num_output_channels
-    from .nn import UNet
+    from ..nn import UNet
 
     torch.manual_seed(0)
     model = UNet(in_channels=data.channels, out_channels=num_output_channels(cfg.loss, data.table.num_classes),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import InputError
+from .errors import InputError
 
 EXIT_BAD_INPUT = 2
 OVERLAY_SIDE = 4096
@@ -57,14 +57,23 @@ TRAIN_HELP = {
             "plan picks every option not given for it; with neither --time nor --epochs: 10m on a CPU, 30m on a GPU",
 }
 RESUME_OVERRIDES = ("epochs", "time", "device", "workers", "progress")
-TRAIN_CHOICES = {"mask_mode": ("auto", "binary", "labels", "colour"), "foreground": ("bright", "dark"),
-                 "normalize": ("dtype", "percentile", "standardize"), "pool": ("avg", "max"),
-                 "upsample": ("transpose", "nearest", "bilinear"), "schedule": ("cosine", "step", "plateau", "none"),
-                 "loss": ("ce+dice", "ce", "dice", "bce", "bce+dice", "mse"), "amp": ("auto", "on", "off")}
+
+
+def _train_choices() -> dict:
+    """Each option's allowed values, from the modules that define them."""
+    from .data import MASK_MODES, NORMALIZATIONS, POLARITIES
+    from .losses import LOSSES
+    from .training import AMP_MODES, SCHEDULES
+
+    return {"mask_mode": MASK_MODES, "foreground": POLARITIES, "normalize": NORMALIZATIONS, "pool": ("avg", "max"),
+            "upsample": ("transpose", "nearest", "bilinear"), "schedule": SCHEDULES, "loss": LOSSES,
+            "amp": AMP_MODES}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .training import TrainConfig
+
+    choices = _train_choices()
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -81,14 +90,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float}.get(type(default).__name__, str)
         if f.name in ("classes", "patches_per_image"):
             kind = int
-        p.add_argument(flag, dest=f.name, type=kind, default=None, choices=TRAIN_CHOICES.get(f.name), help=helptext)
+        p.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices.get(f.name), help=helptext)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (with --epochs to extend it)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .plan import process_age
-    from .train import TrainConfig, Trainer
+    from .training import TrainConfig, Trainer
 
     # the --time budget counts from the command's start: Python's start-up, reading the data and planning included
     started = time.perf_counter() - process_age()
@@ -147,10 +156,10 @@ def _check_model_options(args) -> None:
 def _load(args) -> tuple:
     from . import checkpoint
     from .predict import default_overlap, model_multiple
-    from .train import _device
+    from .training import resolve_device
 
     _check_model_options(args)
-    device = _device(args.device, 0)
+    device = resolve_device(args.device, 0)
     model, ckpt = checkpoint.load_model(args.checkpoint, device)
     overlap = default_overlap(model) if args.overlap is None else args.overlap
     m = model_multiple(model)
@@ -163,9 +172,10 @@ def _load(args) -> tuple:
 
 
 def _slices(pair):
-    n = pair.image.shape[0]
-    for k in range(n):
-        yield (pair.name if n == 1 else f"{pair.name}_{k:03d}"), k
+    from .evaluate import slice_names
+
+    for k, name in enumerate(slice_names(pair.name, pair.image.shape[0])):
+        yield name, k
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -177,7 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = _check_output_dir(Path(args.output))
     model, ckpt, overlap = _load(args)
     if args.amp:
-        from .train import warn_if_bf16_emulated
+        from .training import warn_if_bf16_emulated
 
         warn_if_bf16_emulated(next(model.parameters()).device)
     table = checkpoint.class_table(ckpt)
@@ -225,54 +235,6 @@ def encode_mask(classes: np.ndarray, table, mode: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def evaluate_pairs(model, pairs, table, normalize: str, **predict_kw) -> tuple[list[dict], np.ndarray]:
-    """Per-image rows {name, dice_<class>, iou_<class>} and the summed confusion counts over all pixels."""
-    from .data import image_to_chw
-    from .metrics import SegmentationMetrics
-    from .predict import predict_classes
-
-    metrics = SegmentationMetrics(table.num_classes)
-    in_ch = model.config["in_channels"]
-    problems = []
-    for p in pairs:
-        lossy = p.mask_path.suffix.lower() in (".jpg", ".jpeg")
-        for k in range(p.image.shape[0]):
-            try:
-                table.encode(p.mask[k if p.mask.shape[0] > 1 else 0], p.mask_path.name, lossy=lossy)
-                image_to_chw(p.image[k][:1, :1], in_ch, normalize, p.image_path.name)
-            except InputError as e:
-                problems.append(str(e))
-                break
-    if problems:  # every bad mask reported before any prediction runs
-        raise InputError("cannot evaluate:\n  - " + "\n  - ".join(problems))
-    for p in pairs:
-        lossy = p.mask_path.suffix.lower() in (".jpg", ".jpeg")
-        for name, k in _slices(p):
-            target = table.encode(p.mask[k if p.mask.shape[0] > 1 else 0], p.mask_path.name, lossy=lossy)
-            classes, _ = predict_classes(model, p.image[k], normalize=normalize, **predict_kw)
-            metrics.update(classes, target, name)
-    rows = []
-    for r in metrics.per_image:
-        row = {"name": r["name"]}
-        for c, cname in enumerate(table.names):
-            row[f"dice_{cname}"] = float(r["dice"][c])
-        for c, cname in enumerate(table.names):
-            row[f"iou_{cname}"] = float(r["iou"][c])
-        rows.append(row)
-    return rows, metrics.counts
-
-
-def summarise(rows: list[dict], counts: np.ndarray, names: list[str]) -> tuple[dict, dict]:
-    from .metrics import dice_from_counts, iou_from_counts
-
-    keys = [k for k in rows[0] if k != "name"]
-    mean = {"name": "mean (per image)", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
-    d, j = dice_from_counts(counts), iou_from_counts(counts)
-    pooled = {"name": "all pixels", **{f"dice_{n}": float(d[c]) for c, n in enumerate(names)},
-              **{f"iou_{n}": float(j[c]) for c, n in enumerate(names)}}
-    return mean, pooled
-
-
 def print_table(rows: list[dict]) -> None:
     keys = list(rows[0])
     width = max(12, max(len(str(r["name"])) for r in rows))
@@ -296,7 +258,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .data import pair_files
+    from .evaluate import evaluate
 
     csv_path = Path(args.csv)
     if csv_path.is_dir():
@@ -305,11 +267,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"--csv {csv_path}: the folder {csv_path.parent} does not exist")
     model, ckpt, overlap = _load(args)
     table = checkpoint.class_table(ckpt)
-    pairs = pair_files(args.images, args.masks, args.mask_suffix)
-    rows, counts = evaluate_pairs(model, pairs, table, ckpt["normalize"], tile=args.tile, overlap=overlap,
-                                  blend=args.blend, tta=args.tta, batch_size=args.batch_size, amp=args.amp,
-                                  progress=args.progress)
-    mean, pooled = summarise(rows, counts, table.names)
+    result = evaluate(model, args.images, args.masks, classes=table, normalize=ckpt["normalize"],
+                      mask_suffix=args.mask_suffix, tile=args.tile, overlap=overlap, blend=args.blend, tta=args.tta,
+                      batch_size=args.batch_size, amp=args.amp, progress=args.progress)
+    rows = result.rows
+    mean, pooled = result.summary()
     print_table(rows + [mean, pooled])
     write_csv(rows + [mean, pooled], csv_path)
     print(f"unetx evaluate: {len(rows)} images; per-image table written to {csv_path}")
@@ -322,9 +284,10 @@ DEMO_MARKER = ".unetx-demo"
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import checkpoint, synthetic
+    from .evaluate import evaluate
     from .plots import comparison, save_png
     from .predict import predict_classes
-    from .train import TrainConfig, Trainer
+    from .training import TrainConfig, Trainer, resolve_device
 
     out = Path(args.out)
     if args.epochs is not None and args.epochs < 1:
@@ -333,9 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise InputError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if not 0 <= args.seed < 2**32:
         raise InputError(f"--seed must be in 0..2**32-1, got {args.seed}")
-    from .train import _device
-
-    _device(args.device, 0)
+    resolve_device(args.device, 0)
     if out.exists() and not out.is_dir():
         raise InputError(f"the demo output folder {out} is a file; choose another --out")
     _check_output_dir(out, "--out")
@@ -393,17 +354,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, ckpt = checkpoint.load_model(summary["best_checkpoint"], trainer.device)
     table = checkpoint.class_table(ckpt)
 
-    # Dice on the held-out images, by the same overlap-tile path `unetx predict` uses
-    from .metrics import SegmentationMetrics, foreground_mean
+    # Dice on the held-out images, by the same overlap-tile path `unetx predict` uses; one tile covers a held-out
+    # image whole (the tile shrinks to the image plus its context)
+    import torch
 
-    held_out = SegmentationMetrics(table.num_classes)
-    for s in trainer.data.val:
-        import torch
+    from .metrics import foreground_mean
 
-        # one tile covers a held-out image whole (the tile shrinks to the image plus its context)
-        classes, _ = predict_classes(model, torch.from_numpy(s.image), tile=4096)
-        held_out.update(classes, s.target, s.name)
-    per_image = [foreground_mean(r["dice"]) for r in held_out.per_image]
+    val = trainer.data.val
+    held_out = evaluate(model, [torch.from_numpy(s.image) for s in val], [s.target for s in val], classes=table,
+                        names=[s.name for s in val], tile=4096)
+    per_image = held_out.per_image_foreground_dice()
 
     pred_dir = out / "predictions"
     pred_dir.mkdir(exist_ok=True)
@@ -427,7 +387,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
                 line += f": Dice {foreground_mean(dice(classes, target, table.num_classes)):.4f}"
             large_lines.append(line)
-    fg = foreground_mean(held_out.dice())
+    fg = held_out.foreground_dice()
     print()
     print(f"unetx demo: held-out Dice ({', '.join(table.names[1:]) or table.names[0]}) {fg:.4f} over all pixels of "
           f"{len(per_image)} images (per image {min(per_image):.4f}..{max(per_image):.4f})"
@@ -454,7 +414,7 @@ def _find_dataset(data: Path) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="unetx", description="U-Net segmentation on fused kernels.")
     parser.add_argument("--version", action="version", version=f"unetx {__version__}")
@@ -506,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         try:
-            from . import bench
+            from .. import bench
         except ModuleNotFoundError as e:
             if e.name != "unetx.bench":
                 raise
@@ -515,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .train import TrainingError
+    from .training import TrainingError
 
     try:
         return args.func(args)

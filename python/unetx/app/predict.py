@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import InputError, to_float
+from .data import to_float
+from .errors import InputError
 from .losses import probabilities
 
 
@@ -57,7 +58,7 @@ def model_multiple(model: nn.Module) -> int:
 
 def default_overlap(model: nn.Module) -> int:
     """The network's receptive margin (context pixels that can change an output pixel), from its config."""
-    from .nn.common import receptive_margin
+    from ..nn.common import receptive_margin
 
     cfg = getattr(model, "config", None) or {}
     if "depth" not in cfg:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import ClassTable, InputError
+from .data import ClassTable
+from .errors import InputError
 
 FORMAT = "unetx-checkpoint-v1"
 MODEL = "unetx.UNet"
@@ -117,7 +118,7 @@ def to_dict(model: nn.Module, *, classes: ClassTable, normalize: str = "dtype", 
     config = getattr(m, "config", None)
     if not isinstance(config, dict):
         raise TypeError(f"checkpoint: expected a unetx.UNet (with .config), got {type(m).__name__}")
-    from . import __version__
+    from .. import __version__
 
     state = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
     ckpt = {"format": FORMAT, "unetx_version": __version__, "model": MODEL, "config": dict(config),
@@ -210,7 +211,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 def build_model(ckpt: dict, path: str | Path = "checkpoint", sync_bn: bool = False) -> nn.Module:
     """The UNet the checkpoint describes, with its weights (train mode, on the CPU)."""
-    from .nn import UNet
+    from ..nn import UNet
 
     try:
         model = UNet(**ckpt["config"], sync_bn=sync_bn)
