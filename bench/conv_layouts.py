@@ -6,11 +6,13 @@ three convolutions sees is theirs to choose at no extra pass; this measures what
 
     python bench/conv_layouts.py --threads 2                  # CPU-S
     python bench/conv_layouts.py --threads 2 --per-conv       # and one line per convolution
+    python bench/conv_layouts.py --quick                      # a tiny network, one round: seconds (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 
@@ -88,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-conv", action="store_true", help="also time each convolution alone")
+    ap.add_argument("--quick", action="store_true",
+                    help="a tiny network (base 4, depth 2, 32x32), one round, per-convolution lines too: checks the "
+                         "script runs, measures nothing")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     w = bench.WORKLOADS[args.workload]
+    if args.quick:
+        config = dict(w.config, base_channels=4, depth=2)
+        w = dataclasses.replace(w, name="quick", config=config, batch=2, size=32)
+        args.rounds, args.per_conv, args.workload = 1, True, "quick"
     if w.device != "cpu":
         raise SystemExit(f"conv_layouts: {args.workload} is a {w.device} workload; this script times CPU layouts")
     state, x, target = bench._inputs(w)

@@ -30,7 +30,7 @@ DEVICE_TITLE = {"cpu": "CPU", "cuda": "GPU"}
 HEADER = """# Benchmarks: unetx against stock PyTorch
 
 Written by `bench/report.py` (see the command in each section); the sections between the markers are replaced on
-every run, the history table grows by one row per run. Method: `python/unetx/bench.py` (docstring) and below.
+every run, the history table grows by one row per run. Method: `python/unetx/bench/__init__.py` (docstring) and below.
 """
 
 

@@ -5,6 +5,7 @@ and, for scale, the forward convolution in channels-last. Medians in ms; the rel
 oneDNN's channels-last result.
 
     python bench/weight_grad.py --threads 2
+    python bench/weight_grad.py --quick          # two small shapes, one repetition: seconds (smoke test)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ SHAPES = [(4, 32, 256, 256, 32), (4, 64, 256, 256, 32), (4, 32, 128, 128, 64), (
           (4, 128, 128, 128, 64), (4, 64, 64, 64, 128), (4, 128, 64, 64, 128), (4, 256, 64, 64, 128),
           (4, 128, 32, 32, 256), (4, 256, 32, 32, 256), (4, 512, 32, 32, 256), (4, 256, 16, 16, 512),
           (4, 512, 16, 16, 512)]
+QUICK_SHAPES = [(2, 16, 16, 16, 16), (2, 32, 8, 8, 16)]
 
 
 
@@ -30,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="two small shapes, one repetition: checks the script runs")
     args = ap.parse_args(argv)
+    shapes = SHAPES
+    if args.quick:
+        shapes, args.reps = QUICK_SHAPES, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, medians of {args.reps}\n")
     print("| input [N, C, H, W] | C_out | unetx (channels_last) | oneDNN channels_last | oneDNN planar | "
           "forward channels_last | rel. error |")
     print("|---|---|---|---|---|---|---|")
-    for n, c, h, w, co in SHAPES:
+    for n, c, h, w, co in shapes:
         a = torch.randn(n, c, h, w).contiguous(memory_format=CL)
         g = torch.randn(n, co, h, w).contiguous(memory_format=CL)
         wt = torch.randn(co, c, 3, 3).contiguous(memory_format=CL)

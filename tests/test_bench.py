@@ -61,3 +61,31 @@ def test_bench_bad_arguments_exit_with_a_message(args, message):
     p = run_bench(*args, "--quiet")
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+# The experiments C++ comments cite (bench/conv_layouts.py, bench/weight_grad.py) in their --quick mode: they run, and
+# print their tables; weight_grad's error column (unetx's weight gradient against oneDNN's) is a correctness check.
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(BENCH_DIR, name), "--quick", "--threads", "1", *args],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_conv_layouts_quick():
+    p = run_script("conv_layouts.py")
+    assert p.returncode == 0, p.stderr
+    assert "| layout plan | median s | min s |" in p.stdout
+    for plan in ("all NCHW", "all channels_last", "forward channels_last, backward NCHW"):
+        assert f"| {plan} |" in p.stdout, p.stdout
+    assert "| input | weight | layout | forward ms |" in p.stdout  # --quick prints the per-convolution lines too
+
+
+def test_weight_grad_quick():
+    p = run_script("weight_grad.py")
+    assert p.returncode == 0, p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| [")]
+    assert len(rows) == 2, p.stdout
+    for row in rows:
+        assert float(row.strip("| ").split("|")[-1]) < 1e-4, row
