@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from unetx import bench
 
 ROUNDS = 3
@@ -27,12 +26,18 @@ def _params():
             forms = bench.default_forms(task, compile=True, compile_unetx=True, device=w.device)
             floors = [bench.Form("unetx", lay) for lay in bench.LAYOUTS]
             for form in forms + [("convolutions", f.layout) for f in floors]:
-                marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")] \
-                    if w.device == "cuda" else []
+                marks = (
+                    [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+                    if w.device == "cuda"
+                    else []
+                )
                 if isinstance(form, bench.Form) and form.compile:
                     marks.append(pytest.mark.compile)
-                fid = form.name if isinstance(form, bench.Form) else \
-                    f"unetx convolutions only {bench._LAYOUT_LABEL[form[1]]}"
+                fid = (
+                    form.name
+                    if isinstance(form, bench.Form)
+                    else f"unetx convolutions only {bench._LAYOUT_LABEL[form[1]]}"
+                )
                 out.append(pytest.param(name, task, form, marks=marks, id=f"{name}-{task}-{fid.replace(' ', '-')}"))
     return out
 

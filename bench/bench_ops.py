@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import unetx
 from unetx import ops, reference
 from unetx.bench import saved_bytes
@@ -70,6 +69,7 @@ def upsample_concat(impl: str, level: int, layout: str, mode: str):
 def _upsample(mode):
     def make(impl, level, layout):
         return upsample_concat(impl, level, layout, mode)
+
     return make
 
 
@@ -91,8 +91,18 @@ def _params():
                 for pass_ in PASSES:
                     for impl in ("unetx", "stock"):
                         marks = [pytest.mark.compile] if how == "compile" else []
-                        out.append(pytest.param(block, level, how, layout, pass_, impl, marks=marks,
-                                                id=f"{block}-L{level}-{how}-{layout}-{pass_}-{impl}"))
+                        out.append(
+                            pytest.param(
+                                block,
+                                level,
+                                how,
+                                layout,
+                                pass_,
+                                impl,
+                                marks=marks,
+                                id=f"{block}-L{level}-{how}-{layout}-{pass_}-{impl}",
+                            )
+                        )
     return out
 
 
@@ -121,5 +131,9 @@ def bench_block(benchmark, block, level, how, layout, pass_, impl):
     if how == "eager":
         act, _ = saved_bytes(forward, params)
         benchmark.extra_info["saved_for_backward_bytes"] = act
-    benchmark.pedantic(forward if pass_ == "forward" else forward_backward, rounds=ROUNDS,
-                       warmup_rounds=2 if how == "compile" else 1, iterations=1)
+    benchmark.pedantic(
+        forward if pass_ == "forward" else forward_backward,
+        rounds=ROUNDS,
+        warmup_rounds=2 if how == "compile" else 1,
+        iterations=1,
+    )

@@ -17,7 +17,6 @@ import statistics
 import sys
 
 import torch
-
 from unetx import bench
 
 aten = torch.ops.aten
@@ -29,10 +28,11 @@ def _geometry(r: dict) -> tuple[list[int], list[int]]:
     return ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
 
 
-
 def per_conv(rec: bench.ConvRecorder, reps: int) -> list[str]:
-    lines = ["| input | weight | layout | forward ms | backward-data ms | backward-weight ms |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| input | weight | layout | forward ms | backward-data ms | backward-weight ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rec.backward:
         st, pd = _geometry(r)
         tr = r["transposed"]
@@ -41,12 +41,24 @@ def per_conv(rec: bench.ConvRecorder, reps: int) -> list[str]:
             g = torch.randn(r["grad_shape"]).contiguous(memory_format=fmt)
             w = r["weight"].clone().contiguous(memory_format=fmt)
             f = bench.median_ms(lambda: aten.convolution(a, w, None, st, pd, [1, 1], tr, [0, 0], 1), reps)
-            d = bench.median_ms(lambda: aten.convolution_backward(g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1,
-                                                                  [True, False, False]), reps) if r["mask"][0] else None
-            wg = bench.median_ms(lambda: aten.convolution_backward(g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1,
-                                                                   [False, True, False]), reps)
-            lines.append(f"| {list(r['shape'])} | {list(r['weight'].shape)} | {name} | {f:.1f} | "
-                         f"{'-' if d is None else f'{d:.1f}'} | {wg:.1f} |")
+            d = (
+                bench.median_ms(
+                    lambda: aten.convolution_backward(
+                        g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1, [True, False, False]
+                    ),
+                    reps,
+                )
+                if r["mask"][0]
+                else None
+            )
+            wg = bench.median_ms(
+                lambda: aten.convolution_backward(g, a, w, None, st, pd, [1, 1], tr, [0, 0], 1, [False, True, False]),
+                reps,
+            )
+            lines.append(
+                f"| {list(r['shape'])} | {list(r['weight'].shape)} | {name} | {f:.1f} | "
+                f"{'-' if d is None else f'{d:.1f}'} | {wg:.1f} |"
+            )
     return lines
 
 
@@ -55,16 +67,35 @@ def plan(rec: bench.ConvRecorder, fwd: torch.memory_format, data: torch.memory_f
     fw, bw = [], []
     for r in rec.forward:
         st, pd = _geometry(r)
-        fw.append((torch.randn(r["shape"]).contiguous(memory_format=fwd),
-                   r["weight"].clone().contiguous(memory_format=fwd), r["bias"], st, pd, r["transposed"]))
+        fw.append(
+            (
+                torch.randn(r["shape"]).contiguous(memory_format=fwd),
+                r["weight"].clone().contiguous(memory_format=fwd),
+                r["bias"],
+                st,
+                pd,
+                r["transposed"],
+            )
+        )
     for r in reversed(rec.backward):
         st, pd = _geometry(r)
         out_ch = r["weight"].shape[1] if r["transposed"] else r["weight"].shape[0]
         g, a, w = torch.randn(r["grad_shape"]), torch.randn(r["shape"]), r["weight"].clone()
-        bw.append(dict(g_d=g.contiguous(memory_format=data), g_w=g.contiguous(memory_format=weight),
-                       a_d=a.contiguous(memory_format=data), a_w=a.contiguous(memory_format=weight),
-                       w_d=w.contiguous(memory_format=data), w_w=w.contiguous(memory_format=weight),
-                       bias=[out_ch] if r["has_bias"] else None, st=st, pd=pd, tr=r["transposed"], mask=r["mask"]))
+        bw.append(
+            dict(
+                g_d=g.contiguous(memory_format=data),
+                g_w=g.contiguous(memory_format=weight),
+                a_d=a.contiguous(memory_format=data),
+                a_w=a.contiguous(memory_format=weight),
+                w_d=w.contiguous(memory_format=data),
+                w_w=w.contiguous(memory_format=weight),
+                bias=[out_ch] if r["has_bias"] else None,
+                st=st,
+                pd=pd,
+                tr=r["transposed"],
+                mask=r["mask"],
+            )
+        )
     split = data != weight
 
     def run() -> None:
@@ -78,8 +109,9 @@ def plan(rec: bench.ConvRecorder, fwd: torch.memory_format, data: torch.memory_f
                     continue
                 if c["mask"][0]:
                     aten.convolution_backward(c["g_d"], c["a_d"], c["w_d"], None, *common, [True, False, False])
-                aten.convolution_backward(c["g_w"], c["a_w"], c["w_w"], c["bias"], *common,
-                                          [False, c["mask"][1], c["mask"][2]])
+                aten.convolution_backward(
+                    c["g_w"], c["a_w"], c["w_w"], c["bias"], *common, [False, c["mask"][1], c["mask"][2]]
+                )
 
     return run
 
@@ -90,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-conv", action="store_true", help="also time each convolution alone")
-    ap.add_argument("--quick", action="store_true",
-                    help="a tiny network (base 4, depth 2, 32x32), one round, per-convolution lines too: checks the "
-                         "script runs, measures nothing")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny network (base 4, depth 2, 32x32), one round, per-convolution lines too: checks the "
+        "script runs, measures nothing",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     del case
     if args.per_conv:
         print("\n".join(per_conv(rec, args.rounds)) + "\n", flush=True)
-    plans = {"all NCHW": (NCHW, NCHW, NCHW), "all channels_last": (CL, CL, CL),
-             "forward + input grad channels_last, weight grad NCHW": (CL, CL, NCHW),
-             "forward channels_last, backward NCHW": (CL, NCHW, NCHW)}
+    plans = {
+        "all NCHW": (NCHW, NCHW, NCHW),
+        "all channels_last": (CL, CL, CL),
+        "forward + input grad channels_last, weight grad NCHW": (CL, CL, NCHW),
+        "forward channels_last, backward NCHW": (CL, NCHW, NCHW),
+    }
     samples, _ = bench.time_interleaved({k: plan(rec, *v) for k, v in plans.items()}, args.rounds)
-    print(f"The {len(rec.forward)} forward and {len(rec.backward)} backward convolutions of one {args.workload} "
-          f"training step, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds:\n")
+    print(
+        f"The {len(rec.forward)} forward and {len(rec.backward)} backward convolutions of one {args.workload} "
+        f"training step, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds:\n"
+    )
     print("| layout plan | median s | min s |\n|---|---|---|")
     for k, v in samples.items():
         print(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f} |")

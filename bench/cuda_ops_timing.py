@@ -33,17 +33,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("UNETX_CUDA_KERNELS", "1")  # before unetx is imported: register the compiled CUDA kernels
 
-import torch  # noqa: E402
-
-import unetx  # noqa: E402
-from unetx import ops  # noqa: E402
-from unetx import reference as ref  # noqa: E402
+import torch
+import unetx
+from unetx import ops
+from unetx import reference as ref
 
 MiB = 2**20
 DEVICE = "cuda"  # --device
@@ -116,45 +115,111 @@ def make_cases(n: int, stages, dtype: torch.dtype, fmt: torch.memory_format, gen
             return _randn(shape, dtype, fmt, gen, mean=0.5)
 
         def act():  # y with its BatchNorm folded into mean / scale / shift
-            return dict(y=y(), scale=_vec(c, dtype, gen, lo=0.5), shift=_vec(c, dtype, gen, std=0.5),
-                        mean=_vec(c, dtype, gen, std=0.1, mean=0.5))
+            return dict(
+                y=y(),
+                scale=_vec(c, dtype, gen, lo=0.5),
+                shift=_vec(c, dtype, gen, std=0.5),
+                mean=_vec(c, dtype, gen, std=0.1, mean=0.5),
+            )
 
         def weight(co, ci):
             w = torch.randn(co, ci, 3, 3, generator=gen, device=DEVICE) * (9 * ci) ** -0.5
             return w.to(dtype).contiguous(memory_format=fmt).requires_grad_(True)
 
         cases.append(Case("bn_relu", stage, shape, act(), ops.bn_relu, ref.bn_relu, 2 * numel * e))
-        cases.append(Case("bn_relu_pool", stage, shape, act(), ops.bn_relu_pool, ref.bn_relu_pool,
-                          int((2 + 1 / 4) * numel * e)))
-        cases.append(Case("avg_pool2x2", stage, shape, dict(x=y()), ops.avg_pool2x2, ref.avg_pool2x2,
-                          int((1 + 1 / 4) * numel * e)))
+        cases.append(
+            Case("bn_relu_pool", stage, shape, act(), ops.bn_relu_pool, ref.bn_relu_pool, int((2 + 1 / 4) * numel * e))
+        )
+        cases.append(
+            Case(
+                "avg_pool2x2", stage, shape, dict(x=y()), ops.avg_pool2x2, ref.avg_pool2x2, int((1 + 1 / 4) * numel * e)
+            )
+        )
         for mode in ("nearest", "bilinear"):
-            cases.append(Case(f"upsample_concat[{mode}]", stage, shape, dict(skip=y(), x=_randn(low, dtype, fmt, gen)),
-                              lambda mode=mode, **t: ops.upsample_concat(t["skip"], t["x"], mode),
-                              lambda mode=mode, **t: ref.upsample_concat(t["skip"], t["x"], mode),
-                              # skip read + written, x read, its upsampling written
-                              int((2 + 1 / 4 + 1) * numel * e)))
+            cases.append(
+                Case(
+                    f"upsample_concat[{mode}]",
+                    stage,
+                    shape,
+                    dict(skip=y(), x=_randn(low, dtype, fmt, gen)),
+                    lambda mode=mode, **t: ops.upsample_concat(t["skip"], t["x"], mode),
+                    lambda mode=mode, **t: ref.upsample_concat(t["skip"], t["x"], mode),
+                    # skip read + written, x read, its upsampling written
+                    int((2 + 1 / 4 + 1) * numel * e),
+                )
+            )
         # the fused layer, 3x3, training (batch statistics); input stage: the previous layer's BatchNorm + ReLU
         a = act()
         layer = dict(x=a["y"], x_scale=a["scale"], x_shift=a["shift"], x_mean=a["mean"], weight=weight(c, c))
-        cases.append(Case(
-            "conv_bn_relu[bn-relu-conv-stats]", stage, shape, layer,
-            lambda **t: ops.conv_bn_relu(t["x"], t["weight"], x_scale=t["x_scale"], x_shift=t["x_shift"],
-                                         x_mean=t["x_mean"], stats=True),
-            lambda **t: ref.conv_bn_relu(t["x"], t["x_scale"], t["x_shift"], False, None, "none", t["weight"], None,
-                                         False, True, False, t["x_mean"]),
-            None))
+        cases.append(
+            Case(
+                "conv_bn_relu[bn-relu-conv-stats]",
+                stage,
+                shape,
+                layer,
+                lambda **t: ops.conv_bn_relu(
+                    t["x"], t["weight"], x_scale=t["x_scale"], x_shift=t["x_shift"], x_mean=t["x_mean"], stats=True
+                ),
+                lambda **t: ref.conv_bn_relu(
+                    t["x"],
+                    t["x_scale"],
+                    t["x_shift"],
+                    False,
+                    None,
+                    "none",
+                    t["weight"],
+                    None,
+                    False,
+                    True,
+                    False,
+                    t["x_mean"],
+                ),
+                None,
+            )
+        )
         # the decoder's first layer: the skip (normalised on the fly) ++ the nearest-upsampled low-resolution input
         a = act()
-        dec = dict(x=a["y"], x_scale=a["scale"], x_shift=a["shift"], x_mean=a["mean"],
-                   x2=_randn(low, dtype, fmt, gen), weight=weight(c, 2 * c))
-        cases.append(Case(
-            "conv_bn_relu[skip++up2x-conv-stats]", stage, shape, dec,
-            lambda **t: ops.conv_bn_relu(t["x"], t["weight"], x_scale=t["x_scale"], x_shift=t["x_shift"],
-                                         x_mean=t["x_mean"], x2=t["x2"], x2_mode="nearest", stats=True),
-            lambda **t: ref.conv_bn_relu(t["x"], t["x_scale"], t["x_shift"], False, t["x2"], "nearest", t["weight"],
-                                         None, False, True, False, t["x_mean"]),
-            None))
+        dec = dict(
+            x=a["y"],
+            x_scale=a["scale"],
+            x_shift=a["shift"],
+            x_mean=a["mean"],
+            x2=_randn(low, dtype, fmt, gen),
+            weight=weight(c, 2 * c),
+        )
+        cases.append(
+            Case(
+                "conv_bn_relu[skip++up2x-conv-stats]",
+                stage,
+                shape,
+                dec,
+                lambda **t: ops.conv_bn_relu(
+                    t["x"],
+                    t["weight"],
+                    x_scale=t["x_scale"],
+                    x_shift=t["x_shift"],
+                    x_mean=t["x_mean"],
+                    x2=t["x2"],
+                    x2_mode="nearest",
+                    stats=True,
+                ),
+                lambda **t: ref.conv_bn_relu(
+                    t["x"],
+                    t["x_scale"],
+                    t["x_shift"],
+                    False,
+                    t["x2"],
+                    "nearest",
+                    t["weight"],
+                    None,
+                    False,
+                    True,
+                    False,
+                    t["x_mean"],
+                ),
+                None,
+            )
+        )
     return cases
 
 
@@ -229,8 +294,9 @@ def measure(case: Case, dtype_name: str, layout: str, args, gen) -> Row:
     inputs = case.inputs
     grads_in = _grad_inputs(inputs)
     with torch.no_grad():
-        exact = _as_tuple(case.stock(**{k: v.double() if isinstance(v, torch.Tensor) else v
-                                         for k, v in inputs.items()}))
+        exact = _as_tuple(
+            case.stock(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+        )
     ours_err, stock_err = forward_error(case.ours, inputs, exact), forward_error(case.stock, inputs, exact)
     del exact
     # the same cotangent values for both sides (each side gets them in its outputs' dtypes)
@@ -238,6 +304,7 @@ def measure(case: Case, dtype_name: str, layout: str, args, gen) -> Row:
 
     res = {}
     for side, fn in (("ours", case.ours), ("stock", case.stock)):
+
         def fwd(fn=fn):
             return _as_tuple(fn(**inputs))
 
@@ -254,19 +321,40 @@ def measure(case: Case, dtype_name: str, layout: str, args, gen) -> Row:
             torch.autograd.grad(_live(fwd()), grads_in, cots, allow_unused=True)
 
         held, peak = memory_MiB(fwd, step)
-        res[side] = dict(fwd=time_ms(fwd_nograd, args.warmup, args.iters, args.reps),
-                         step=time_ms(step, args.warmup, args.iters, args.reps), held=held, peak=peak)
+        res[side] = dict(
+            fwd=time_ms(fwd_nograd, args.warmup, args.iters, args.reps),
+            step=time_ms(step, args.warmup, args.iters, args.reps),
+            held=held,
+            peak=peak,
+        )
     gbps = None if case.bytes_fwd is None else case.bytes_fwd / (res["ours"]["fwd"] * 1e-3) / 1e9
-    return Row(case.op, case.stage, dtype_name, layout, case.shape, res["ours"]["fwd"], res["stock"]["fwd"],
-               res["ours"]["step"], res["stock"]["step"], res["ours"]["held"], res["stock"]["held"],
-               res["ours"]["peak"], res["stock"]["peak"], gbps, ours_err, stock_err)
+    return Row(
+        case.op,
+        case.stage,
+        dtype_name,
+        layout,
+        case.shape,
+        res["ours"]["fwd"],
+        res["stock"]["fwd"],
+        res["ours"]["step"],
+        res["stock"]["step"],
+        res["ours"]["held"],
+        res["stock"]["held"],
+        res["ours"]["peak"],
+        res["stock"]["peak"],
+        gbps,
+        ours_err,
+        stock_err,
+    )
 
 
 # ------------------------------------------------------------------------------------------ report
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'op':36} {'stage':8} {'dtype':5} {'layout':13} {'fwd ms ours/stock':>19} {'x':>5} "
-            f"{'step ms ours/stock':>20} {'x':>5} {'held MiB o/s':>15} {'peak MiB o/s':>15} {'GB/s':>6} "
-            f"{'err ours/stock':>17}")
+    head = (
+        f"{'op':36} {'stage':8} {'dtype':5} {'layout':13} {'fwd ms ours/stock':>19} {'x':>5} "
+        f"{'step ms ours/stock':>20} {'x':>5} {'held MiB o/s':>15} {'peak MiB o/s':>15} {'GB/s':>6} "
+        f"{'err ours/stock':>17}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         gb = "" if r.ours_GBps is None else f"{r.ours_GBps:6.0f}"
@@ -274,7 +362,8 @@ def format_table(rows: list[Row]) -> str:
             f"{r.op:36} {r.stage:8} {r.dtype:5} {r.layout:13} {r.ours_fwd_ms:9.3f}/{r.stock_fwd_ms:<9.3f} "
             f"{r.stock_fwd_ms / r.ours_fwd_ms:5.2f} {r.ours_step_ms:10.3f}/{r.stock_step_ms:<9.3f} "
             f"{r.stock_step_ms / r.ours_step_ms:5.2f} {r.ours_held_MiB:7.0f}/{r.stock_held_MiB:<7.0f} "
-            f"{r.ours_peak_MiB:7.0f}/{r.stock_peak_MiB:<7.0f} {gb:>6} {r.ours_err:8.1e}/{r.stock_err:<8.1e}")
+            f"{r.ours_peak_MiB:7.0f}/{r.stock_peak_MiB:<7.0f} {gb:>6} {r.ours_err:8.1e}/{r.stock_err:<8.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -298,8 +387,11 @@ def main(argv=None) -> int:
         print("cuda_ops_timing: no CUDA device", file=sys.stderr)
         return 2
     if DEVICE == "cuda" and not ops.cuda_kernels_enabled():
-        print("cuda_ops_timing: the compiled CUDA kernels are not enabled (built without CUDA, or "
-              "UNETX_CUDA_KERNELS=0 in the environment); nothing to compare", file=sys.stderr)
+        print(
+            "cuda_ops_timing: the compiled CUDA kernels are not enabled (built without CUDA, or "
+            "UNETX_CUDA_KERNELS=0 in the environment); nothing to compare",
+            file=sys.stderr,
+        )
         return 2
     stages = STAGES if args.stages == "all" else [STAGES[int(i)] for i in args.stages.split(",")]
     if args.quick:

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from unetx import bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +62,10 @@ def section_text(device: str, results: list[dict], png: str, command: str) -> st
     hw = f"{m['gpu']} (CUDA {m.get('cuda')}), host " if m.get("gpu") else ""
     load = ""
     if r0.get("loadavg_before"):
-        load = (f" Load average (1, 5, 15 min) before {r0['loadavg_before']}, after {results[-1]['loadavg_after']}: "
-                f"the machine's {m['cores']} cores are shared, so other processes' work shows up as noise.")
+        load = (
+            f" Load average (1, 5, 15 min) before {r0['loadavg_before']}, after {results[-1]['loadavg_after']}: "
+            f"the machine's {m['cores']} cores are shared, so other processes' work shows up as noise."
+        )
     forms = ", ".join(sorted({n for r in results for t in r["tasks"].values() for n in t}))
     lines = [
         f"## {DEVICE_TITLE[device]}",
@@ -77,8 +78,13 @@ def section_text(device: str, results: list[dict], png: str, command: str) -> st
     ]
     for r in results:
         lines.append(f"- **{r['workload']}**: {r['description']}; median of {r['rounds']} interleaved rounds.")
-    lines += ["", bench.format_table(results), f"![{device} results]({png})", "",
-              f"Forms timed: {forms}. Raw samples: `bench/results/{device}.json`."]
+    lines += [
+        "",
+        bench.format_table(results),
+        f"![{device} results]({png})",
+        "",
+        f"Forms timed: {forms}. Raw samples: `bench/results/{device}.json`.",
+    ]
     return "\n".join(lines)
 
 
@@ -93,18 +99,22 @@ def history_row(r: dict, command: str) -> str:
 
     m = r["machine"]
     load = f"{r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f}" if r.get("loadavg_before") else "-"
-    return (f"| {r['date'][:16]} | {r['workload']} | {m.get('gpu') or m['cpu']}, {m['threads']} threads | {load} | "
-            f"{m['torch']} | {get('Training step (')} | {get('Eval forward (')} | "
-            f"{get('Bytes saved for backward, activations')} | "
-            f"{get('Training step /')} | `{command}` |")
+    return (
+        f"| {r['date'][:16]} | {r['workload']} | {m.get('gpu') or m['cpu']}, {m['threads']} threads | {load} | "
+        f"{m['torch']} | {get('Training step (')} | {get('Eval forward (')} | "
+        f"{get('Bytes saved for backward, activations')} | "
+        f"{get('Training step /')} | `{command}` |"
+    )
 
 
 def update_history(doc: str, rows: list[str]) -> str:
-    head = ("## History\n\nHeadline ratios of every report run (speedups: stock best / unetx best; saved: unetx / "
-            "stock; floor: unetx training step / its convolutions alone).\n\n"
-            "| Date | Workload | Machine | Load before / after | torch | Train speedup | Eval speedup | Saved (act.) "
-            "| Step / convs | Command |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "## History\n\nHeadline ratios of every report run (speedups: stock best / unetx best; saved: unetx / "
+        "stock; floor: unetx training step / its convolutions alone).\n\n"
+        "| Date | Workload | Machine | Load before / after | torch | Train speedup | Eval speedup | Saved (act.) "
+        "| Step / convs | Command |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     m = re.search(r"<!-- BEGIN history -->\n(.*?)<!-- END history -->", doc, re.S)
     old = [ln for ln in (m.group(1).splitlines() if m else []) if ln.startswith("| 2")]
     return replace_section(doc, "history", head + "\n" + "\n".join(old + rows))
@@ -112,13 +122,16 @@ def update_history(doc: str, rows: list[str]) -> str:
 
 def profile_text(profiles: list[dict], command: str) -> str:
     p0 = profiles[0]
-    out = [f"## Profile: where one {p0['workload']} training step spends its time",
-           "",
-           "torch.profiler, one step after two warm-up steps (`bench.profile_step`); self CPU time per op, each "
-           "attributed to the nearest categorised op around it (a copy inside a convolution counts as convolution, "
-           "inside a unetx op as that op's work). unetx's own kernels run inside its ops, so their time is the self "
-           "time of `unetx::*` (backward) and `GeneratedBackwardFor_unetx_*_default` (forward) events. "
-           "Command: `" + command + "`.", ""]
+    out = [
+        f"## Profile: where one {p0['workload']} training step spends its time",
+        "",
+        "torch.profiler, one step after two warm-up steps (`bench.profile_step`); self CPU time per op, each "
+        "attributed to the nearest categorised op around it (a copy inside a convolution counts as convolution, "
+        "inside a unetx op as that op's work). unetx's own kernels run inside its ops, so their time is the self "
+        "time of `unetx::*` (backward) and `GeneratedBackwardFor_unetx_*_default` (forward) events. "
+        "Command: `" + command + "`.",
+        "",
+    ]
     for p in profiles:
         out += [bench.format_profile(p), ""]
     return "\n".join(out)
@@ -126,13 +139,20 @@ def profile_text(profiles: list[dict], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
-                    help="which device's workloads to run (default all; an absent device is marked not measured)")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "all"],
+        default="all",
+        help="which device's workloads to run (default all; an absent device is marked not measured)",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile forms (much faster)")
-    ap.add_argument("--max-autotune", action="store_true",
-                    help="also torch.compile mode max-autotune (on a small CPU its tuning takes very long)")
+    ap.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="also torch.compile mode max-autotune (on a small CPU its tuning takes very long)",
+    )
     ap.add_argument("--compile-unetx", action="store_true", help="also time unetx under torch.compile")
     ap.add_argument("--profile", action="store_true", help="also profile one training step (unetx and stock)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
@@ -143,40 +163,57 @@ def main(argv: list[str] | None = None) -> int:
     rdir.mkdir(parents=True, exist_ok=True)
     doc = out.read_text() if out.exists() else HEADER
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda s: print(s, file=sys.stderr, flush=True)
     history = []
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             why = f"no CUDA device on the machine that ran this report, {dt.date.today().isoformat()}"
-            body = f"## {DEVICE_TITLE[device]}\n\n" + "\n".join(bench.not_measured_table(n, why)
-                                                                 for n in DEVICE_WORKLOADS[device])
+            body = f"## {DEVICE_TITLE[device]}\n\n" + "\n".join(
+                bench.not_measured_table(n, why) for n in DEVICE_WORKLOADS[device]
+            )
             doc = replace_section(doc, device, body, before="history")
             log(f"{device}: not measured ({why})")
             continue
         results = []
         for name in DEVICE_WORKLOADS[device]:
             log(f"== {name}")
-            results.append(bench.run(device, workload=name, compile=not args.no_compile, max_autotune=args.max_autotune,
-                                     compile_unetx=args.compile_unetx,
-                                     rounds=args.rounds, threads=args.threads if device == "cpu" else None, log=log))
+            results.append(
+                bench.run(
+                    device,
+                    workload=name,
+                    compile=not args.no_compile,
+                    max_autotune=args.max_autotune,
+                    compile_unetx=args.compile_unetx,
+                    rounds=args.rounds,
+                    threads=args.threads if device == "cpu" else None,
+                    log=log,
+                )
+            )
             print(bench.format_table(results[-1]), flush=True)
         for r in results:
             r["command"] = command
         png = rdir / f"{device}.png"
         bench.plot(results, str(png))
         write_atomic(rdir / f"{device}.json", json.dumps(results, indent=1))
-        doc = replace_section(doc, device, section_text(device, results, os.path.relpath(png, out.parent), command),
-                              before="history")
+        doc = replace_section(
+            doc, device, section_text(device, results, os.path.relpath(png, out.parent), command), before="history"
+        )
         history += [history_row(r, command) for r in results]
         if args.profile:
             name = DEVICE_WORKLOADS[device][0]
-            best = min(((n, e["median_s"]) for n, e in results[0]["tasks"]["train"].items()
-                        if e.get("form", {}).get("impl") == "unetx" and e["form"]["compile"] is None),
-                       key=lambda t: t[1])[0]
+            best = min(
+                (
+                    (n, e["median_s"])
+                    for n, e in results[0]["tasks"]["train"].items()
+                    if e.get("form", {}).get("impl") == "unetx" and e["form"]["compile"] is None
+                ),
+                key=lambda t: t[1],
+            )[0]
             lay = results[0]["tasks"]["train"][best]["form"]["layout"]
-            profiles = [bench.profile_step(name, "unetx", lay, threads=args.threads if device == "cpu" else None),
-                        bench.profile_step(name, "stock", "channels_last",
-                                           threads=args.threads if device == "cpu" else None)]
+            profiles = [
+                bench.profile_step(name, "unetx", lay, threads=args.threads if device == "cpu" else None),
+                bench.profile_step(name, "stock", "channels_last", threads=args.threads if device == "cpu" else None),
+            ]
             for p in profiles:
                 print(bench.format_profile(p), flush=True)
             write_atomic(rdir / f"{device}-profile.json", json.dumps(profiles, indent=1))

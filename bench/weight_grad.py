@@ -14,18 +14,27 @@ import argparse
 import sys
 
 import torch
-
 from unetx import bench  # also registers torch.ops.unetx
 
 aten = torch.ops.aten
 CL = torch.channels_last
 # (N, C_in, H, W, C_out): the 3x3 convolutions of CPU-S (UNet 1->2, base 32, depth 4, batch 4, 256x256)
-SHAPES = [(4, 32, 256, 256, 32), (4, 64, 256, 256, 32), (4, 32, 128, 128, 64), (4, 64, 128, 128, 64),
-          (4, 128, 128, 128, 64), (4, 64, 64, 64, 128), (4, 128, 64, 64, 128), (4, 256, 64, 64, 128),
-          (4, 128, 32, 32, 256), (4, 256, 32, 32, 256), (4, 512, 32, 32, 256), (4, 256, 16, 16, 512),
-          (4, 512, 16, 16, 512)]
+SHAPES = [
+    (4, 32, 256, 256, 32),
+    (4, 64, 256, 256, 32),
+    (4, 32, 128, 128, 64),
+    (4, 64, 128, 128, 64),
+    (4, 128, 128, 128, 64),
+    (4, 64, 64, 64, 128),
+    (4, 128, 64, 64, 128),
+    (4, 256, 64, 64, 128),
+    (4, 128, 32, 32, 256),
+    (4, 256, 32, 32, 256),
+    (4, 512, 32, 32, 256),
+    (4, 256, 16, 16, 512),
+    (4, 512, 16, 16, 512),
+]
 QUICK_SHAPES = [(2, 16, 16, 16, 16), (2, 32, 8, 8, 16)]
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, medians of {args.reps}\n")
-    print("| input [N, C, H, W] | C_out | unetx (channels_last) | oneDNN channels_last | oneDNN planar | "
-          "forward channels_last | rel. error |")
+    print(
+        "| input [N, C, H, W] | C_out | unetx (channels_last) | oneDNN channels_last | oneDNN planar | "
+        "forward channels_last | rel. error |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n, c, h, w, co in shapes:
         a = torch.randn(n, c, h, w).contiguous(memory_format=CL)
@@ -50,17 +61,31 @@ def main(argv: list[str] | None = None) -> int:
         ap_, gp, wp = a.contiguous(), g.contiguous(), wt.contiguous()
         none = g.new_empty(0)
         conv = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-        ours = lambda: torch.ops.unetx.conv_bn_relu_backward(g, None, None, a, None, None, False, None, "none", wt,
-                                                             False, False, none, none, False,
-                                                             [False, False, True, False])[4]
+        ours = lambda: torch.ops.unetx.conv_bn_relu_backward(
+            g,
+            None,
+            None,
+            a,
+            None,
+            None,
+            False,
+            None,
+            "none",
+            wt,
+            False,
+            False,
+            none,
+            none,
+            False,
+            [False, False, True, False],
+        )[4]
         cl = lambda: aten.convolution_backward(g, a, wt, None, *conv, [False, True, False])[1]
         pl = lambda: aten.convolution_backward(gp, ap_, wp, None, *conv, [False, True, False])[1]
         fw = lambda: aten.convolution(a, wt, None, *conv)
         ref = cl()
         err = ((ours() - ref).abs().max() / ref.abs().max()).item()
         t = [bench.median_ms(f, args.reps) for f in (ours, cl, pl, fw)]
-        print(f"| {[n, c, h, w]} | {co} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} | {err:.1e} |",
-              flush=True)
+        print(f"| {[n, c, h, w]} | {co} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} | {err:.1e} |", flush=True)
     return 0
 
 

@@ -19,10 +19,9 @@ import sys
 
 os.environ.setdefault("UNETX_CUDA_KERNELS", "1")
 
-import torch  # noqa: E402
-
-from unetx import ops  # noqa: E402
-from unetx import reference as ref  # noqa: E402
+import torch
+from unetx import ops
+from unetx import reference as ref
 
 # max |ours - float64 reference| / max |reference| allowed (loose: this is a smoke test, the tests are the bar)
 DEVICE = "cuda"  # --device cpu: the same cases on the CPU kernels (to try this script without a GPU)
@@ -49,7 +48,11 @@ def randn(*shape, dtype, lay="nchw", mean=0.0, gen=None):
 
 
 def vec(c, dtype, gen, lo=None):
-    v = torch.rand(c, dtype=torch.float64, generator=gen) + 0.5 if lo else torch.randn(c, dtype=torch.float64, generator=gen)
+    v = (
+        torch.rand(c, dtype=torch.float64, generator=gen) + 0.5
+        if lo
+        else torch.randn(c, dtype=torch.float64, generator=gen)
+    )
     return v.to(device=DEVICE, dtype=dtype).requires_grad_(True)
 
 
@@ -65,12 +68,17 @@ def check(label: str, dtype, ours_fn, ref_fn, inputs: dict, gen) -> None:
         cots = [torch.randn(o.shape, dtype=torch.float64, generator=gen).to(device=DEVICE, dtype=o.dtype) for o in live]
         names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
         grads = torch.autograd.grad(live, [inputs[k] for k in names], cots, allow_unused=True) if live else []
-        exact_in = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-                    for k, v in inputs.items()}
+        exact_in = {
+            k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+            for k, v in inputs.items()
+        }
         exact = as_tuple(ref_fn(**exact_in))
         exact_live = [e for e, o in zip(exact, outs) if o.numel() > 0 and o.requires_grad]
-        g_exact = torch.autograd.grad(exact_live, [exact_in[k] for k in names], [c.double() for c in cots],
-                                      allow_unused=True) if live else []
+        g_exact = (
+            torch.autograd.grad(exact_live, [exact_in[k] for k in names], [c.double() for c in cots], allow_unused=True)
+            if live
+            else []
+        )
         if DEVICE == "cuda":
             torch.cuda.synchronize()
     except Exception as e:  # report and go on: the sanitizer run should see every case
@@ -106,8 +114,10 @@ def main() -> int:
         print("cuda_ops_smoke: no CUDA device", file=sys.stderr)
         return 2
     if DEVICE == "cuda" and not ops.cuda_kernels_enabled():
-        print("cuda_ops_smoke: the compiled CUDA kernels are not enabled (UNETX_CUDA_KERNELS=1, CUDA build)",
-              file=sys.stderr)
+        print(
+            "cuda_ops_smoke: the compiled CUDA kernels are not enabled (UNETX_CUDA_KERNELS=1, CUDA build)",
+            file=sys.stderr,
+        )
         return 2
     small = "--small" in sys.argv[1:]  # under a sanitizer: every kernel path once, fewer repeats of the fused layer
     torch.backends.cudnn.allow_tf32 = False
@@ -122,8 +132,12 @@ def main() -> int:
             for n, c, h, w in shapes:
                 tag = f"{str(dt)[6:]} {lay} {n}x{c}x{h}x{w}"
                 even = h % 2 == 0 and w % 2 == 0
-                t = dict(y=randn(n, c, h, w, dtype=dt, lay=lay, mean=0.3, gen=gen), scale=vec(c, dt, gen, lo=True),
-                         shift=vec(c, dt, gen), mean=vec(c, dt, gen))
+                t = dict(
+                    y=randn(n, c, h, w, dtype=dt, lay=lay, mean=0.3, gen=gen),
+                    scale=vec(c, dt, gen, lo=True),
+                    shift=vec(c, dt, gen),
+                    mean=vec(c, dt, gen),
+                )
                 check(f"bn_relu {tag}", dt, ops.bn_relu, ref.bn_relu, t, gen)
                 t0 = {k: v for k, v in t.items() if k != "mean"}
                 check(f"bn_relu(no mean) {tag}", dt, ops.bn_relu, ref.bn_relu, t0, gen)
@@ -132,48 +146,92 @@ def main() -> int:
                     check(f"avg_pool2x2 {tag}", dt, ops.avg_pool2x2, ref.avg_pool2x2, dict(x=t["y"]), gen)
                     for mode in ("nearest", "bilinear"):
                         u = dict(skip=t["y"], x=randn(n, c + 1, h // 2, w // 2, dtype=dt, lay=lay, gen=gen))
-                        check(f"upsample_concat[{mode}] {tag}", dt, lambda mode=mode, **a: ops.upsample_concat(
-                            a["skip"], a["x"], mode), lambda mode=mode, **a: ref.upsample_concat(a["skip"], a["x"], mode),
-                            u, gen)
+                        check(
+                            f"upsample_concat[{mode}] {tag}",
+                            dt,
+                            lambda mode=mode, **a: ops.upsample_concat(a["skip"], a["x"], mode),
+                            lambda mode=mode, **a: ref.upsample_concat(a["skip"], a["x"], mode),
+                            u,
+                            gen,
+                        )
                 u = dict(skip=t["y"], x=randn(n, 2, h, w, dtype=dt, lay=lay, gen=gen))
-                check(f"upsample_concat[none] {tag}", dt, lambda **a: ops.upsample_concat(a["skip"], a["x"], "none"),
-                      lambda **a: ref.upsample_concat(a["skip"], a["x"], "none"), u, gen)
+                check(
+                    f"upsample_concat[none] {tag}",
+                    dt,
+                    lambda **a: ops.upsample_concat(a["skip"], a["x"], "none"),
+                    lambda **a: ref.upsample_concat(a["skip"], a["x"], "none"),
+                    u,
+                    gen,
+                )
         # the fused layer: every input-stage form, train and eval, transposed
         if small and dt in (torch.float16, torch.float64):
             continue  # the fused layer's own code is dtype-independent; its kernels ran above in every dtype
         for lay in ("nchw", "channels_last"):
-            for (n, c, h, w) in [(2, 16, 8, 16), (2, 6, 6, 10)]:
+            for n, c, h, w in [(2, 16, 8, 16), (2, 6, 6, 10)]:
                 tag = f"{str(dt)[6:]} {lay} {n}x{c}x{h}x{w}"
                 g = torch.Generator().manual_seed(1)
                 x = randn(n, c, h, w, dtype=dt, lay=lay, mean=0.3, gen=g)
                 vs = dict(x_scale=vec(c, dt, g, lo=True), x_shift=vec(c, dt, g), x_mean=vec(c, dt, g))
-                wt = lambda co, ci, k=3: (torch.randn(co, ci, k, k, dtype=torch.float64, generator=g) * (ci * k * k) ** -0.5).to(  # noqa: E731
-                    device=DEVICE, dtype=dt).requires_grad_(True)
+                wt = lambda co, ci, k=3: (
+                    (torch.randn(co, ci, k, k, dtype=torch.float64, generator=g) * (ci * k * k) ** -0.5)
+                    .to(device=DEVICE, dtype=dt)
+                    .requires_grad_(True)
+                )
                 forms = {
                     "plain": dict(x=x, weight=wt(8, c)),
                     "act": dict(x=x, weight=wt(8, c), **vs),
                     "act+pool": dict(x=x, weight=wt(8, c), x_pool=True, **vs),
                     "pool-only": dict(x=x, weight=wt(8, c), x_pool=True),
-                    "act+x2 nearest": dict(x=x, weight=wt(8, c + 4), x2_mode="nearest",
-                                           x2=randn(n, 4, h // 2, w // 2, dtype=dt, lay=lay, gen=g), **vs),
-                    "act+x2 bilinear": dict(x=x, weight=wt(8, c + 4), x2_mode="bilinear",
-                                            x2=randn(n, 4, h // 2, w // 2, dtype=dt, lay=lay, gen=g), **vs),
-                    "act+x2 none": dict(x=x, weight=wt(8, c + 3), x2_mode="none",
-                                        x2=randn(n, 3, h, w, dtype=dt, lay=lay, gen=g), **vs),
+                    "act+x2 nearest": dict(
+                        x=x,
+                        weight=wt(8, c + 4),
+                        x2_mode="nearest",
+                        x2=randn(n, 4, h // 2, w // 2, dtype=dt, lay=lay, gen=g),
+                        **vs,
+                    ),
+                    "act+x2 bilinear": dict(
+                        x=x,
+                        weight=wt(8, c + 4),
+                        x2_mode="bilinear",
+                        x2=randn(n, 4, h // 2, w // 2, dtype=dt, lay=lay, gen=g),
+                        **vs,
+                    ),
+                    "act+x2 none": dict(
+                        x=x, weight=wt(8, c + 3), x2_mode="none", x2=randn(n, 3, h, w, dtype=dt, lay=lay, gen=g), **vs
+                    ),
                     "eval relu+bias": dict(x=x, weight=wt(8, c), bias=vec(8, dt, g), stats=False, relu=True, **vs),
                     "transposed": dict(x=x, weight=wt(c, 5, 2), bias=vec(5, dt, g), transposed=True, stats=False, **vs),
                 }
                 for name, kw in forms.items():
                     tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
                     flags = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
-                    check(f"conv_bn_relu[{name}] {tag}", dt,
-                          lambda flags=flags, **a: ops.conv_bn_relu(a["x"], a["weight"], a.get("bias"), **{
-                              k: a.get(k) for k in ("x_scale", "x_shift", "x_mean", "x2")}, **flags),
-                          lambda flags=flags, **a: ref.conv_bn_relu(
-                              a["x"], a.get("x_scale"), a.get("x_shift"), flags.get("x_pool", False), a.get("x2"),
-                              flags.get("x2_mode", "none"), a["weight"], a.get("bias"), flags.get("transposed", False),
-                              flags.get("stats", True), flags.get("relu", False), a.get("x_mean")),
-                          tensors, gen)
+                    check(
+                        f"conv_bn_relu[{name}] {tag}",
+                        dt,
+                        lambda flags=flags, **a: ops.conv_bn_relu(
+                            a["x"],
+                            a["weight"],
+                            a.get("bias"),
+                            **{k: a.get(k) for k in ("x_scale", "x_shift", "x_mean", "x2")},
+                            **flags,
+                        ),
+                        lambda flags=flags, **a: ref.conv_bn_relu(
+                            a["x"],
+                            a.get("x_scale"),
+                            a.get("x_shift"),
+                            flags.get("x_pool", False),
+                            a.get("x2"),
+                            flags.get("x2_mode", "none"),
+                            a["weight"],
+                            a.get("bias"),
+                            flags.get("transposed", False),
+                            flags.get("stats", True),
+                            flags.get("relu", False),
+                            a.get("x_mean"),
+                        ),
+                        tensors,
+                        gen,
+                    )
     # an empty batch: nothing to compute, nothing may be touched
     for dt in (torch.float32, torch.bfloat16):
         y = torch.empty(0, 8, 4, 4, device=DEVICE, dtype=dt)

@@ -8,12 +8,15 @@ import argparse
 import json
 
 import torch
-
 import unetx
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--expect-cuda", choices=["yes", "no", "any"], default="any",
-                    help="whether the CUDA kernels must (yes) or must not (no) have been compiled")
+parser.add_argument(
+    "--expect-cuda",
+    choices=["yes", "no", "any"],
+    default="any",
+    help="whether the CUDA kernels must (yes) or must not (no) have been compiled",
+)
 args = parser.parse_args()
 
 info = unetx.build_info()

@@ -20,8 +20,12 @@ try:  # hypothesis profiles for tests/test_fuzz.py: "fast" by default, "long" (>
     # `python -m pytest tests/test_fuzz.py --hypothesis-profile=long` or HYPOTHESIS_PROFILE=long
     from hypothesis import HealthCheck, settings
 
-    _common = dict(deadline=None, derandomize=False, print_blob=True,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _common = dict(
+        deadline=None,
+        derandomize=False,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     settings.register_profile("fast", max_examples=20, **_common)
     settings.register_profile("medium", max_examples=500, **_common)
     settings.register_profile("long", max_examples=10_000, **_common)
@@ -102,14 +106,21 @@ def check_close(actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, w
     assert rel <= TOL[dtype], f"{what}: max error {rel:.3g} of the largest value exceeds {TOL[dtype]:.1g}"
 
 
-def stock_bound(stock: torch.Tensor, exact: torch.Tensor, ratio: float = BF16_RATIO,
-                floor: float = BF16_FLOOR) -> float:
+def stock_bound(
+    stock: torch.Tensor, exact: torch.Tensor, ratio: float = BF16_RATIO, floor: float = BF16_FLOOR
+) -> float:
     """The error allowed to an op whose plain-PyTorch counterpart at the same dtype has error max_err(stock, exact)."""
     return ratio * max_err(stock, exact) + floor * scale_of(exact)
 
 
-def check_vs_stock(actual: torch.Tensor, stock: torch.Tensor, exact: torch.Tensor, what: str = "",
-               ratio: float = BF16_RATIO, floor: float = BF16_FLOOR) -> None:
+def check_vs_stock(
+    actual: torch.Tensor,
+    stock: torch.Tensor,
+    exact: torch.Tensor,
+    what: str = "",
+    ratio: float = BF16_RATIO,
+    floor: float = BF16_FLOOR,
+) -> None:
     """Our error at most ratio x plain PyTorch's error at the same dtype (+ floor), both against float64."""
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     ours, bound = max_err(actual, exact), stock_bound(stock, exact, ratio, floor)
@@ -198,8 +209,9 @@ def randomise_batchnorm(module: torch.nn.Module, bias: float = 0.5, running_stat
                     m.running_var.uniform_(0.5, 2.0)
 
 
-def check_nonfinite_pattern(actual: torch.Tensor, exact: torch.Tensor, what: str = "",
-                            kinds: bool = True) -> torch.Tensor:
+def check_nonfinite_pattern(
+    actual: torch.Tensor, exact: torch.Tensor, what: str = "", kinds: bool = True
+) -> torch.Tensor:
     """NaN where exact is NaN, +Inf / -Inf where it is; returns the mask of exact's finite elements.
 
     What stock PyTorch does with NaN and Inf (torch.relu keeps NaN, its backward passes the gradient through a NaN,
@@ -212,9 +224,11 @@ def check_nonfinite_pattern(actual: torch.Tensor, exact: torch.Tensor, what: str
         got, want = f(a), f(e)
         if not torch.equal(got, want):
             diff = (got != want).nonzero()[:3].tolist()
-            raise AssertionError(f"{what}: {name} at {int(got.sum())} elements, stock has {int(want.sum())}; "
-                                 f"first differences at {diff}: ours {a[tuple(zip(*diff))].tolist()}, "
-                                 f"stock {e[tuple(zip(*diff))].tolist()}")
+            raise AssertionError(
+                f"{what}: {name} at {int(got.sum())} elements, stock has {int(want.sum())}; "
+                f"first differences at {diff}: ours {a[tuple(zip(*diff))].tolist()}, "
+                f"stock {e[tuple(zip(*diff))].tolist()}"
+            )
     return torch.isfinite(e)
 
 

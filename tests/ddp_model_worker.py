@@ -5,9 +5,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 import unetx
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def main(out_path: str, sync_bn: bool) -> None:

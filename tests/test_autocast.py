@@ -4,7 +4,6 @@ would, gradients reach the float32 inputs, and the rule traces under torch.compi
 from __future__ import annotations
 
 import torch
-
 from unetx import ops
 from unetx import reference as ref
 
@@ -27,8 +26,19 @@ def test_conv_bn_relu_casts_its_data_like_a_convolution():
         stock, _, _ = ref.conv_bn_relu(x, scale, shift, False, x2, "nearest", w, b, False, True, False)
     assert y.dtype == stock.dtype == torch.bfloat16
     assert mean.dtype == var.dtype == torch.float32  # batch statistics accumulate in float32
-    exact, _, _ = ref.conv_bn_relu(x.double(), scale.double(), shift.double(), False, x2.double(), "nearest",
-                                   w.double(), b.double(), False, True, False)
+    exact, _, _ = ref.conv_bn_relu(
+        x.double(),
+        scale.double(),
+        shift.double(),
+        False,
+        x2.double(),
+        "nearest",
+        w.double(),
+        b.double(),
+        False,
+        True,
+        False,
+    )
     err = (y.double() - exact).abs().max().item()
     err_stock = (stock.double() - exact).abs().max().item()
     assert err <= 2 * err_stock + 1e-2, (err, err_stock)

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from conftest import (
+    check_against_reference,
+    check_close,
+    device_param,
+    dtype_param,
+    layout_param,
+    leaf,
+    randn,
+    to_layout,
+)
 from unetx import ops
 from unetx import reference as ref
-from conftest import (
-    check_against_reference, check_close, device_param, dtype_param, layout_param, leaf, randn, to_layout,
-)
 
 SHAPES = [(2, 3, 8, 10), (1, 5, 6, 4), (3, 7, 2, 2), (2, 1, 4, 6)]
 
@@ -55,8 +61,9 @@ def test_opcheck(layout, requires_grad, device):
     x = leaf(make_x(SHAPES[1], torch.float32, device, layout), requires_grad)
     torch.library.opcheck(torch.ops.unetx.avg_pool2x2.default, (x,))
     g = to_layout(randn(1, 5, 3, 2, device=device), layout)
-    torch.library.opcheck(torch.ops.unetx.avg_pool2x2_backward.default, (g,),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.unetx.avg_pool2x2_backward.default, (g,), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 @device_param

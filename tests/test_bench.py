@@ -15,17 +15,37 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses beside pytest: avoid
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "unetx.bench", *args], capture_output=True, text=True, env=ENV,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "unetx.bench", *args], capture_output=True, text=True, env=ENV, timeout=600
+    )
 
 
 def test_bench_tiny_config_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    p = run_bench("--size", "32", "--base-channels", "4", "--depth", "2", "--batch", "2", "--rounds", "1",
-                  "--threads", "1", "--quiet", "--json", str(out))
+    p = run_bench(
+        "--size",
+        "32",
+        "--base-channels",
+        "4",
+        "--depth",
+        "2",
+        "--batch",
+        "2",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--json",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
-    for row in ("Training step (fwd + loss + bwd + Adam)", "Eval forward (no_grad)",
-                "Bytes saved for backward, activations only", "Training step / its convolutions alone"):
+    for row in (
+        "Training step (fwd + loss + bwd + Adam)",
+        "Eval forward (no_grad)",
+        "Bytes saved for backward, activations only",
+        "Training step / its convolutions alone",
+    ):
         assert row in p.stdout, f"missing row {row!r} in:\n{p.stdout}"
     # CPU-S's targets are not a custom configuration's: its rows carry none
     for line in p.stdout.splitlines():
@@ -37,8 +57,12 @@ def test_bench_tiny_config_table_and_json(tmp_path):
     for task in ("train", "eval"):
         forms = r["tasks"][task]
         names = set(forms)
-        assert {"stock eager NCHW", "stock eager channels_last", "unetx eager NCHW",
-                "unetx eager channels_last"} <= names, names
+        assert {
+            "stock eager NCHW",
+            "stock eager channels_last",
+            "unetx eager NCHW",
+            "unetx eager channels_last",
+        } <= names, names
         assert any(n.startswith("unetx convolutions only") for n in names), names
         for n, e in forms.items():
             assert len(e["samples"]) == 1 and e["median_s"] > 0, (task, n, e)
@@ -52,11 +76,14 @@ def test_bench_tiny_config_table_and_json(tmp_path):
     assert 0 < unetx_act < stock_act
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--device", "tpu"), "invalid choice"),
-    (("--size", "0"), "--size"),
-    (("--depth", "9", "--size", "32"), "unetx bench"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--device", "tpu"), "invalid choice"),
+        (("--size", "0"), "--size"),
+        (("--depth", "9", "--size", "32"), "unetx bench"),
+    ],
+)
 def test_bench_bad_arguments_exit_with_a_message(args, message):
     p = run_bench(*args, "--quiet")
     assert p.returncode != 0 and message in p.stderr, p.stderr
@@ -69,8 +96,13 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(BENCH_DIR, name), "--quick", "--threads", "1", *args],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(BENCH_DIR, name), "--quick", "--threads", "1", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def test_conv_layouts_quick():

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from conftest import (
+    cast_inputs,
+    check_against_reference,
+    check_close,
+    check_vs_stock,
+    device_param,
+    dtype_param,
+    grads_of,
+    layout_param,
+    leaf,
+    max_err,
+    rand,
+    randn,
+    scale_of,
+    stock_bound,
+    to_layout,
+)
 from unetx import ops
 from unetx import reference as ref
-from conftest import (
-    cast_inputs, check_against_reference, check_vs_stock, check_close, device_param, dtype_param, grads_of,
-    layout_param, leaf, max_err, rand, randn, scale_of, stock_bound, to_layout,
-)
 
 # (N, C, H, W): odd channel counts, batch 1, odd spatial sizes where the op allows them
 SHAPES = {
@@ -100,8 +112,11 @@ def test_large_channel_means_keep_float32_gradients_exact(op_name, layout, devic
 
 # ---------------------------------------------------------------------------------------------- fallback
 @pytest.mark.filterwarnings("ignore:unetx. no unetx kernels")
-@pytest.mark.parametrize("dtype,vec_dtype", [(torch.float64, None), (torch.float32, None),
-                                             (torch.bfloat16, torch.float32)], ids=["f64", "f32", "bf16-f32vec"])
+@pytest.mark.parametrize(
+    "dtype,vec_dtype",
+    [(torch.float64, None), (torch.float32, None), (torch.bfloat16, torch.float32)],
+    ids=["f64", "f32", "bf16-f32vec"],
+)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("with_mean", [True, False], ids=["mean", "no-mean"])
 @pytest.mark.parametrize("op_name", list(OPS))
@@ -140,9 +155,11 @@ def test_fallback_matches_reference_and_kernel(op_name, with_mean, layout, dtype
 
 # ------------------------------------------------------------------------------------ opcheck / gradcheck
 @device_param
-@pytest.mark.parametrize("layout,requires_grad", [("nchw", True), ("nchw", False), ("channels_last", True),
-                                                  ("strided", True)], ids=["nchw-grad", "nchw-nograd",
-                                                                          "channels_last-grad", "strided-grad"])
+@pytest.mark.parametrize(
+    "layout,requires_grad",
+    [("nchw", True), ("nchw", False), ("channels_last", True), ("strided", True)],
+    ids=["nchw-grad", "nchw-nograd", "channels_last-grad", "strided-grad"],
+)
 @pytest.mark.parametrize("with_mean", [True, False], ids=["mean", "no-mean"])
 @pytest.mark.parametrize("op_name", list(OPS))
 def test_opcheck(op_name, with_mean, layout, requires_grad, device):
@@ -154,8 +171,11 @@ def test_opcheck(op_name, with_mean, layout, requires_grad, device):
     outs = outs if isinstance(outs, tuple) else (outs,)
     grads = tuple(torch.randn_like(o) for o in outs)
     bw = getattr(torch.ops.unetx, op_name + "_backward").default
-    torch.library.opcheck(bw, (*grads, *[a.detach() if a is not None else None for a in args]),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        bw,
+        (*grads, *[a.detach() if a is not None else None for a in args]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @device_param
@@ -167,5 +187,6 @@ def test_gradcheck_float64(op_name, with_mean, layout, device):
     inputs = make_inputs(shape, torch.float64, device, layout, with_mean, seed=3)
     args = [inputs[k] for k in ("y", "scale", "shift", "mean") if inputs[k] is not None]
     # every Jacobian entry for NCHW; a random projection of it for channels_last (same math, other kernel loops)
-    assert torch.autograd.gradcheck(getattr(ops, op_name), args, eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=layout == "channels_last")
+    assert torch.autograd.gradcheck(
+        getattr(ops, op_name), args, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=layout == "channels_last"
+    )

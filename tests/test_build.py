@@ -48,8 +48,16 @@ def configure(tmp_path: Path, arch_list: str | None, cuda: str = "AUTO") -> subp
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_CUDA_ARCH_LIST", "UNETX_"))}
     if arch_list is not None:
         env["TORCH_CUDA_ARCH_LIST"] = arch_list
-    cmd = [_cmake(), "-S", str(ROOT), "-B", str(tmp_path / "build"), f"-DPython_EXECUTABLE={sys.executable}",
-           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DUNETX_CUDA={cuda}"]
+    cmd = [
+        _cmake(),
+        "-S",
+        str(ROOT),
+        "-B",
+        str(tmp_path / "build"),
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        f"-DUNETX_CUDA={cuda}",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -65,16 +73,21 @@ def cuda_architectures(r: subprocess.CompletedProcess) -> str:
 
 needs_nvcc = pytest.mark.skipif(
     torch.version.cuda is None or (shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc")),
-    reason="needs a CUDA build of torch and nvcc")
+    reason="needs a CUDA build of torch and nvcc",
+)
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch_list,archs,cmake_archs", [
-    ("9.0", "9.0", "90-real"),
-    ("8.0;8.6;9.0+PTX", "8.0;8.6;9.0+PTX", "80-real;86-real;90"),
-    ("8.0 8.6 9.0", "8.0;8.6;9.0", "80-real;86-real;90-real"),
-    ("9.0a", "9.0a", "90a-real"),
-], ids=["one", "semicolons-ptx", "spaces", "arch-specific"])
+@pytest.mark.parametrize(
+    "arch_list,archs,cmake_archs",
+    [
+        ("9.0", "9.0", "90-real"),
+        ("8.0;8.6;9.0+PTX", "8.0;8.6;9.0+PTX", "80-real;86-real;90"),
+        ("8.0 8.6 9.0", "8.0;8.6;9.0", "80-real;86-real;90-real"),
+        ("9.0a", "9.0a", "90a-real"),
+    ],
+    ids=["one", "semicolons-ptx", "spaces", "arch-specific"],
+)
 def test_arch_list_reaches_the_build_intact(build_dir, arch_list, archs, cmake_archs):
     r = configure(build_dir, arch_list)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -18,7 +18,6 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-
 from unetx import checkpoint, metrics, synthetic
 from unetx.app.data import ClassTable, read_image
 from unetx.app.predict import predict_classes
@@ -29,8 +28,14 @@ TINY = ["--base-channels", "4", "--depth", "2", "--crop", "32", "--batch-size", 
 def unetx_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     # one thread: the models here are tiny, and threads only add overhead (and contention on a shared CI box)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "unetx", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "unetx", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def sha(path: Path) -> str:
@@ -46,8 +51,11 @@ def data(tmp_path_factory):
     pred.mkdir()
     big, _ = synthetic.cells(100, 130, rng)
     Image.fromarray(big).save(pred / "big.png")
-    tifffile.imwrite(pred / "stack16.tif", np.stack([synthetic.cells(40, 56, rng)[0].astype(np.uint16) * 257] * 2),
-                     photometric="minisblack")
+    tifffile.imwrite(
+        pred / "stack16.tif",
+        np.stack([synthetic.cells(40, 56, rng)[0].astype(np.uint16) * 257] * 2),
+        photometric="minisblack",
+    )
     paths["predict"] = pred
     return paths
 
@@ -55,9 +63,22 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    p = unetx_cli("train", "--images", data["train_images"], "--masks", data["train_masks"],
-                  "--val-images", data["val_images"], "--val-masks", data["val_masks"], "--out", out,
-                  "--epochs", "2", *TINY)
+    p = unetx_cli(
+        "train",
+        "--images",
+        data["train_images"],
+        "--masks",
+        data["train_masks"],
+        "--val-images",
+        data["val_images"],
+        "--val-masks",
+        data["val_masks"],
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        *TINY,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     return out, p
 
@@ -86,8 +107,23 @@ def test_train_writes_a_complete_run(run_dir):
 def test_predict_writes_masks_probabilities_overlays(run_dir, data, tmp_path):
     out, _ = run_dir
     pred_out = tmp_path / "pred"
-    p = unetx_cli("predict", "--checkpoint", out / "best.pt", "--input", data["predict"], "--output", pred_out,
-                  "--tile", "64", "--overlap", "12", "--blend", "gaussian", "--probabilities", "--no-progress")
+    p = unetx_cli(
+        "predict",
+        "--checkpoint",
+        out / "best.pt",
+        "--input",
+        data["predict"],
+        "--output",
+        pred_out,
+        "--tile",
+        "64",
+        "--overlap",
+        "12",
+        "--blend",
+        "gaussian",
+        "--probabilities",
+        "--no-progress",
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "3 images segmented" in p.stdout
     mask = np.asarray(Image.open(pred_out / "big_mask.png"))
@@ -98,16 +134,29 @@ def test_predict_writes_masks_probabilities_overlays(run_dir, data, tmp_path):
         assert np.asarray(Image.open(pred_out / f"stack16_{k:03d}_mask.png")).shape == (40, 56)
     # the CLI's mask is the Python API's prediction
     model, ckpt = checkpoint.load_model(out / "best.pt")
-    classes, _ = predict_classes(model, read_image(data["predict"] / "big.png")[0], tile=64, overlap=12,
-                                 blend="gaussian")
+    classes, _ = predict_classes(
+        model, read_image(data["predict"] / "big.png")[0], tile=64, overlap=12, blend="gaussian"
+    )
     assert np.array_equal(mask, (classes > 0).astype(np.uint8) * 255)
 
 
 def test_evaluate_prints_and_writes_per_image_dice(run_dir, data, tmp_path):
     out, _ = run_dir
     csv_path = tmp_path / "eval.csv"
-    p = unetx_cli("evaluate", "--checkpoint", out / "best.pt", "--images", data["val_images"], "--masks",
-                  data["val_masks"], "--csv", csv_path, "--tile", "64", "--no-progress")
+    p = unetx_cli(
+        "evaluate",
+        "--checkpoint",
+        out / "best.pt",
+        "--images",
+        data["val_images"],
+        "--masks",
+        data["val_masks"],
+        "--csv",
+        csv_path,
+        "--tile",
+        "64",
+        "--no-progress",
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -144,8 +193,16 @@ def _bad_case(case: str, tmp: Path, data: dict, run: Path) -> tuple[list, list[s
     """(CLI arguments, strings the error message must contain) for one bad input."""
     images, masks = tmp / "images", tmp / "masks"
     train = ["train", "--images", images, "--masks", masks, "--out", tmp / "out", "--epochs", "1", *TINY]
-    predict = ["predict", "--checkpoint", run / "best.pt", "--input", data["predict"] / "big.png",
-               "--output", tmp / "pred", "--no-progress"]
+    predict = [
+        "predict",
+        "--checkpoint",
+        run / "best.pt",
+        "--input",
+        data["predict"] / "big.png",
+        "--output",
+        tmp / "pred",
+        "--no-progress",
+    ]
     if case == "empty_folder":
         images.mkdir(), masks.mkdir()
         return train, ["holds no images", str(images)]
@@ -168,8 +225,21 @@ def _bad_case(case: str, tmp: Path, data: dict, run: Path) -> tuple[list, list[s
         bad[:10] = 255
         bad[20:] = 128  # a third value: the binary model has two classes
         _write_pair(images, masks, "a", mask=bad)
-        return (["evaluate", "--checkpoint", run / "best.pt", "--images", images, "--masks", masks, "--csv",
-                 tmp / "e.csv", "--no-progress"], ["a.png", "[128]", "2 classes"])
+        return (
+            [
+                "evaluate",
+                "--checkpoint",
+                run / "best.pt",
+                "--images",
+                images,
+                "--masks",
+                masks,
+                "--csv",
+                tmp / "e.csv",
+                "--no-progress",
+            ],
+            ["a.png", "[128]", "2 classes"],
+        )
     if case == "tile_too_small":
         return predict + ["--tile", "16"], ["--tile 16 is too small", "depth 2"]
     if case == "output_is_a_file":
@@ -198,9 +268,21 @@ def _bad_case(case: str, tmp: Path, data: dict, run: Path) -> tuple[list, list[s
     raise AssertionError(case)
 
 
-BAD_CASES = ["empty_folder", "missing_masks", "corrupt_image", "more_classes_than_given", "mask_class_not_in_model",
-             "tile_too_small", "output_is_a_file", "train_out_is_a_file", "bare_state_dict", "pickled_object",
-             "not_a_checkpoint", "checkpoint_of_another_model", "resume_with_other_options"]
+BAD_CASES = [
+    "empty_folder",
+    "missing_masks",
+    "corrupt_image",
+    "more_classes_than_given",
+    "mask_class_not_in_model",
+    "tile_too_small",
+    "output_is_a_file",
+    "train_out_is_a_file",
+    "bare_state_dict",
+    "pickled_object",
+    "not_a_checkpoint",
+    "checkpoint_of_another_model",
+    "resume_with_other_options",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -224,7 +306,8 @@ def test_bad_input_is_one_clear_error(case, tmp_path, data, run_dir):
 def test_existing_run_is_not_overwritten(run_dir, data):
     run, _ = run_dir
     before = {f.name: sha(f) for f in run.glob("*.pt")}
-    p = unetx_cli("train", "--images", data["train_images"], "--masks", data["train_masks"], "--out", run,
-                  "--epochs", "1", *TINY)
+    p = unetx_cli(
+        "train", "--images", data["train_images"], "--masks", data["train_masks"], "--out", run, "--epochs", "1", *TINY
+    )
     assert p.returncode == 2 and "already holds a run" in p.stderr and "--resume" in p.stderr, p.stderr
     assert {f.name: sha(f) for f in run.glob("*.pt")} == before

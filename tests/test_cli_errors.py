@@ -20,9 +20,9 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-
-from unetx import checkpoint, data as udata, synthetic
 from test_cli import TINY, _write_pair, data, run_dir, sha, unetx_cli  # noqa: F401 - fixtures
+from unetx import checkpoint, synthetic
+from unetx import data as udata
 
 __all__ = ["data", "run_dir"]
 
@@ -86,8 +86,9 @@ def test_train_names_the_file_with_non_finite_pixels(tmp_path):
     x[20, 3] = np.inf
     tifffile.imwrite(images / "b.tif", x)
     Image.fromarray(m).save(masks / "b.png")
-    line = one_clear_error(unetx_cli(*train_args(tmp_path)), "b.tif", "2 non-finite pixel values (NaN or Inf)",
-                           "row 7, column 11")
+    line = one_clear_error(
+        unetx_cli(*train_args(tmp_path)), "b.tif", "2 non-finite pixel values (NaN or Inf)", "row 7, column 11"
+    )
     assert "a.png" not in line
     assert not (tmp_path / "out").exists()
 
@@ -136,12 +137,14 @@ def test_too_many_grey_values_names_the_mask_and_honours_classes(tmp_path):
     labels = (np.arange(48 * 48).reshape(48, 48) % 100).astype(np.uint8)  # a label map with 100 classes
     _write_pair(images, masks, "many", size=48, mask=labels)
     base = ["train", "--images", images, "--masks", masks, "--out", tmp_path / "out", "--epochs", "1", *TINY]
-    line = one_clear_error(unetx_cli(*base, "--mask-mode", "labels"), "many.png", "100 distinct grey values",
-                           "--classes 100")
+    line = one_clear_error(
+        unetx_cli(*base, "--mask-mode", "labels"), "many.png", "100 distinct grey values", "--classes 100"
+    )
     assert "a.png" not in line
     # --classes 300 is honoured: the 100 grey values (and a.png's 0 and 255) are classes of a 300-class table
-    table = udata.infer_class_table([read(masks / "a.png"), read(masks / "many.png")], "labels", num_classes=300,
-                                    names=["a.png", "many.png"])
+    table = udata.infer_class_table(
+        [read(masks / "a.png"), read(masks / "many.png")], "labels", num_classes=300, names=["a.png", "many.png"]
+    )
     assert table.num_classes == 300
     with pytest.raises(udata.InputError, match=r"mask many.png has 100 distinct grey values, more than --classes 50"):
         udata.infer_class_table([read(masks / "many.png")], "labels", num_classes=50, names=["many.png"])
@@ -153,8 +156,17 @@ def read(path):
 
 # ------------------------------------------------------------------------------------------ predict / evaluate
 def predict_args(run: Path, data: dict, tmp: Path, *extra) -> list:
-    return ["predict", "--checkpoint", run / "best.pt", "--input", data["predict"] / "big.png", "--output",
-            tmp / "pred", "--no-progress", *extra]
+    return [
+        "predict",
+        "--checkpoint",
+        run / "best.pt",
+        "--input",
+        data["predict"] / "big.png",
+        "--output",
+        tmp / "pred",
+        "--no-progress",
+        *extra,
+    ]
 
 
 PREDICT_OPTIONS = {
@@ -177,8 +189,20 @@ def test_predict_option_is_refused_before_the_output_folder_exists(case, tmp_pat
 
 def test_evaluate_option_is_refused_before_anything_is_written(tmp_path, data, run_dir):
     run, _ = run_dir
-    p = unetx_cli("evaluate", "--checkpoint", run / "best.pt", "--images", data["val_images"], "--masks",
-                  data["val_masks"], "--csv", tmp_path / "e.csv", "--batch-size", "0", "--no-progress")
+    p = unetx_cli(
+        "evaluate",
+        "--checkpoint",
+        run / "best.pt",
+        "--images",
+        data["val_images"],
+        "--masks",
+        data["val_masks"],
+        "--csv",
+        tmp_path / "e.csv",
+        "--batch-size",
+        "0",
+        "--no-progress",
+    )
     one_clear_error(p, "--batch-size must be a positive number of tiles, got 0")
     assert not (tmp_path / "e.csv").exists()
 
@@ -188,8 +212,16 @@ def test_predict_refuses_an_image_with_non_finite_pixels(tmp_path, run_dir):
     x = np.random.default_rng(0).random((40, 40), dtype=np.float32)
     x[3, 4] = np.nan
     tifffile.imwrite(tmp_path / "nan.tif", x)
-    p = unetx_cli("predict", "--checkpoint", run / "best.pt", "--input", tmp_path / "nan.tif", "--output",
-                  tmp_path / "pred", "--no-progress")
+    p = unetx_cli(
+        "predict",
+        "--checkpoint",
+        run / "best.pt",
+        "--input",
+        tmp_path / "nan.tif",
+        "--output",
+        tmp_path / "pred",
+        "--no-progress",
+    )
     one_clear_error(p, "nan.tif", "1 non-finite pixel value (NaN or Inf)", "row 3, column 4")
     assert not (tmp_path / "pred").exists()
 
@@ -240,10 +272,19 @@ def test_random_checkpoint_in_the_cli_is_one_line(tmp_path, data, run_dir):
     for f in random_checkpoints(tmp_path, 300):  # one that makes torch.load raise something besides its usual
         try:
             torch.load(f, weights_only=True)
-        except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError, KeyError, ImportError,
-                pickle.UnpicklingError):  # what checkpoint.load caught before
+        except (
+            RuntimeError,
+            EOFError,
+            ValueError,
+            OSError,
+            AttributeError,
+            TypeError,
+            KeyError,
+            ImportError,
+            pickle.UnpicklingError,
+        ):  # what checkpoint.load caught before
             continue
-        except Exception:  # noqa: BLE001
+        except Exception:
             culprit = f
             break
     assert culprit is not None
@@ -263,8 +304,13 @@ def test_pickled_object_message_has_no_torch_advice(tmp_path, data, run_dir):
     torch.save({"model": Foreign()}, tmp_path / "obj.pt")
     args = predict_args(run, data, tmp_path)
     args[2] = tmp_path / "obj.pt"
-    line = one_clear_error(unetx_cli(*args), "obj.pt", "not a unetx checkpoint", "Python objects (test_cli_errors."
-                           "Foreign) that are not loaded, for safety", "written by `unetx train`")
+    line = one_clear_error(
+        unetx_cli(*args),
+        "obj.pt",
+        "not a unetx checkpoint",
+        "Python objects (test_cli_errors.Foreign) that are not loaded, for safety",
+        "written by `unetx train`",
+    )
     assert "weights_only" not in line and "Weights only load failed" not in line and len(line) < 400
 
 
@@ -272,8 +318,12 @@ def test_pickled_object_message_has_no_torch_advice(tmp_path, data, run_dir):
 def test_damaged_checkpoint_field_is_one_error(damage, tmp_path, data, run_dir):
     run, _ = run_dir
     ckpt = torch.load(run / "best.pt", weights_only=True)
-    ckpt[damage] = {"classes": {"kind": "nonsense", "values": 3}, "normalize": "sqrt", "config": [1, 2],
-                    "state_dict": 7}[damage]
+    ckpt[damage] = {
+        "classes": {"kind": "nonsense", "values": 3},
+        "normalize": "sqrt",
+        "config": [1, 2],
+        "state_dict": 7,
+    }[damage]
     torch.save(ckpt, tmp_path / "bad.pt")
     args = predict_args(run, data, tmp_path)
     args[2] = tmp_path / "bad.pt"
@@ -288,12 +338,27 @@ def test_outputs_get_the_permissions_of_the_umask(umask, tmp_path, data, run_dir
     temporary files renamed into place)."""
     run, _ = run_dir
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "unetx", "predict", "--checkpoint", str(run / "best.pt"), "--input",
-           str(data["predict"] / "big.png"), "--output", str(tmp_path / "pred"), "--tile", "64", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unetx",
+        "predict",
+        "--checkpoint",
+        str(run / "best.pt"),
+        "--input",
+        str(data["predict"] / "big.png"),
+        "--output",
+        str(tmp_path / "pred"),
+        "--tile",
+        "64",
+        "--no-progress",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=lambda: os.umask(umask))
     assert p.returncode == 0, p.stderr
-    code = ("import os, torch; from unetx import checkpoint; "
-            f"checkpoint.atomic_write({str(tmp_path / 'c.pt')!r}, lambda t: torch.save({{'a': 1}}, t))")
+    code = (
+        "import os, torch; from unetx import checkpoint; "
+        f"checkpoint.atomic_write({str(tmp_path / 'c.pt')!r}, lambda t: torch.save({{'a': 1}}, t))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=env, preexec_fn=lambda: os.umask(umask))
     files = list((tmp_path / "pred").glob("*.png")) + [tmp_path / "c.pt"]
     assert len(files) >= 3
@@ -305,12 +370,14 @@ def test_a_process_killed_while_writing_leaves_no_temporary_file(tmp_path):
     """SIGKILL in the middle of an atomic write (the write itself kills the process, so the kill lands there every
     time): the folder holds the old file only, no hidden .NAME.*.tmp."""
     (tmp_path / "mask.png").write_bytes(b"old")
-    code = ("import os, signal; from unetx import checkpoint\n"
-            "def write(tmp):\n"
-            "    with open(tmp, 'wb') as f:\n"
-            "        f.write(b'half of a new file'); f.flush()\n"
-            "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"checkpoint.atomic_write({str(tmp_path / 'mask.png')!r}, write)\n")
+    code = (
+        "import os, signal; from unetx import checkpoint\n"
+        "def write(tmp):\n"
+        "    with open(tmp, 'wb') as f:\n"
+        "        f.write(b'half of a new file'); f.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"checkpoint.atomic_write({str(tmp_path / 'mask.png')!r}, write)\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert p.returncode == -signal.SIGKILL
     assert sorted(f.name for f in tmp_path.iterdir()) == ["mask.png"]
@@ -325,8 +392,16 @@ def test_output_folder_that_cannot_be_made_is_refused_first(command, tmp_path, d
     (tmp_path / "file").write_text("x")
     target = tmp_path / "file" / "out"
     if command == "predict":
-        args = ["predict", "--checkpoint", run / "best.pt", "--input", data["predict"] / "big.png", "--output",
-                target, "--no-progress"]
+        args = [
+            "predict",
+            "--checkpoint",
+            run / "best.pt",
+            "--input",
+            data["predict"] / "big.png",
+            "--output",
+            target,
+            "--no-progress",
+        ]
     elif command == "train":
         args = train_args(tmp_path)
         args[args.index("--out") + 1] = target

@@ -11,14 +11,26 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 import unetx
+from conftest import (
+    cast_inputs,
+    check_close,
+    check_outputs,
+    check_vs_stock,
+    device_param,
+    dtype_param,
+    grads_of,
+    layout_param,
+    leaf,
+    max_err,
+    rand,
+    randn,
+    scale_of,
+    stock_bound,
+    to_layout,
+)
 from unetx import ops
 from unetx import reference as ref
-from conftest import (
-    cast_inputs, check_vs_stock, check_close, check_outputs, device_param, dtype_param, grads_of, layout_param, leaf,
-    max_err, rand, randn, scale_of, stock_bound, to_layout,
-)
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,9 @@ CASES = {
 }
 
 
-def make_inputs(case: Case, dtype, device, layout="nchw", gen=None, vec_dtype=None, mean_offset=0.0,
-                weight_layout=None):
+def make_inputs(
+    case: Case, dtype, device, layout="nchw", gen=None, vec_dtype=None, mean_offset=0.0, weight_layout=None
+):
     """Leaf tensors for one call, random and nonzero. Vectors (x_scale, x_shift, x_mean) in vec_dtype (default dtype).
     The weight is channels_last with a channels_last input (what module.to(memory_format=...) does) unless told.
 
@@ -101,8 +114,10 @@ def make_inputs(case: Case, dtype, device, layout="nchw", gen=None, vec_dtype=No
         x_shift=randn(c.cin, std=0.5, dtype=vec_dtype, device=device, gen=gen) if c.act != "none" else None,
         x_mean=(offs + 0.1 * randn(c.cin, gen=gen)).to(device=device, dtype=vec_dtype) if c.act == "mean" else None,
         x2=x2,
-        weight=to_layout(weight.to(device=device, dtype=dtype), weight_layout or
-                         ("channels_last" if layout == "channels_last" else "nchw")),
+        weight=to_layout(
+            weight.to(device=device, dtype=dtype),
+            weight_layout or ("channels_last" if layout == "channels_last" else "nchw"),
+        ),
         bias=randn(c.cout, std=0.5, dtype=dtype, device=device, gen=gen) if c.bias else None,
     )
     return {k: leaf(v) for k, v in t.items()}
@@ -110,14 +125,36 @@ def make_inputs(case: Case, dtype, device, layout="nchw", gen=None, vec_dtype=No
 
 def run_op(case: Case, t: dict):
     return ops.conv_bn_relu(
-        t["x"], t["weight"], t["bias"], x_scale=t["x_scale"], x_shift=t["x_shift"], x_mean=t["x_mean"],
-        x_pool=case.pool, x2=t["x2"], x2_mode=case.mode, transposed=case.transposed, stats=case.stats, relu=case.relu,
+        t["x"],
+        t["weight"],
+        t["bias"],
+        x_scale=t["x_scale"],
+        x_shift=t["x_shift"],
+        x_mean=t["x_mean"],
+        x_pool=case.pool,
+        x2=t["x2"],
+        x2_mode=case.mode,
+        transposed=case.transposed,
+        stats=case.stats,
+        relu=case.relu,
     )
 
 
 def run_ref(case: Case, t: dict):
-    return ref.conv_bn_relu(t["x"], t["x_scale"], t["x_shift"], case.pool, t["x2"], case.mode, t["weight"], t["bias"],
-                            case.transposed, case.stats, case.relu, t["x_mean"])
+    return ref.conv_bn_relu(
+        t["x"],
+        t["x_scale"],
+        t["x_shift"],
+        case.pool,
+        t["x2"],
+        case.mode,
+        t["weight"],
+        t["bias"],
+        case.transposed,
+        case.stats,
+        case.relu,
+        t["x_mean"],
+    )
 
 
 def cotangents(outputs, gen):
@@ -153,8 +190,9 @@ def check_case(case: Case, dtype, device, layout, seed=0, vec_dtype=None, mean_o
         stock = run_ref(case, stock_in)
         g_stock = grads_of(stock, cots, [stock_in[k] for k in names])
     live = [i for i, o in enumerate(exact) if o.numel() > 0]
-    check_outputs([ours[i] for i in live], [stock[i] for i in live], [exact[i] for i in live], dtype,
-                  "outputs (y, mean, var)")
+    check_outputs(
+        [ours[i] for i in live], [stock[i] for i in live], [exact[i] for i in live], dtype, "outputs (y, mean, var)"
+    )
     for k, a, s, e in zip(names, g_ours, g_stock, g_exact):
         check_outputs([a], [s], [e], dtype, f"grad {k}")
     return t, ours, g_ours
@@ -216,15 +254,17 @@ def _grad_of_activation(exact_in: dict, case: Case, gy: torch.Tensor) -> torch.T
     """d loss / d (the activated input a = relu(...)) in float64: the conv's input gradient."""
     x, s, b, m = (exact_in[k].detach() for k in ("x", "x_scale", "x_shift", "x_mean"))
     a = leaf(ref.bn_relu(x, s, b, m))
-    y = ref.conv_bn_relu(a, None, None, False, None, "none", exact_in["weight"].detach(),
-                         exact_in["bias"].detach(), False, False, False)[0]
+    y = ref.conv_bn_relu(
+        a, None, None, False, None, "none", exact_in["weight"].detach(), exact_in["bias"].detach(), False, False, False
+    )[0]
     return torch.autograd.grad((y * gy.double()).sum(), a)[0]
 
 
 # --------------------------------------------------------------------------------------------- fallback
 @pytest.mark.filterwarnings("ignore:unetx. no unetx kernels")
-@pytest.mark.parametrize("dtype,vec_dtype", [(torch.float64, None), (torch.bfloat16, torch.float32)],
-                         ids=["f64", "bf16-f32vec"])
+@pytest.mark.parametrize(
+    "dtype,vec_dtype", [(torch.float64, None), (torch.bfloat16, torch.float32)], ids=["f64", "bf16-f32vec"]
+)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_fallback_matches_reference_and_kernel(case, layout, dtype, vec_dtype):
@@ -234,8 +274,20 @@ def test_fallback_matches_reference_and_kernel(case, layout, dtype, vec_dtype):
     gen = torch.Generator().manual_seed(1)
     t = make_inputs(c, dtype, "cpu", layout, gen, vec_dtype)
     d = {k: None if v is None else v.detach() for k, v in t.items()}
-    args = (d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"], d["bias"], c.transposed,
-            c.stats, c.relu, d["x_mean"])
+    args = (
+        d["x"],
+        d["x_scale"],
+        d["x_shift"],
+        c.pool,
+        d["x2"],
+        c.mode,
+        d["weight"],
+        d["bias"],
+        c.transposed,
+        c.stats,
+        c.relu,
+        d["x_mean"],
+    )
     fb = ops.FALLBACKS["conv_bn_relu"](*args)
     kernel = torch.ops.unetx.conv_bn_relu(*args)
     for a, b in zip(fb, kernel):
@@ -254,8 +306,25 @@ def test_fallback_matches_reference_and_kernel(case, layout, dtype, vec_dtype):
     gy = randn(*y.shape, gen=gen).to(dtype).contiguous(memory_format=ops.memory_format(y))
     gm = randn(c.cout, gen=gen).to(mean.dtype) if c.stats else None
     gv = randn(c.cout, gen=gen).to(mean.dtype) if c.stats else None
-    bw_args = (gy, gm, gv, d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"], c.bias,
-               c.transposed, y, mean, c.relu, [True, True, True, True], d["x_mean"])
+    bw_args = (
+        gy,
+        gm,
+        gv,
+        d["x"],
+        d["x_scale"],
+        d["x_shift"],
+        c.pool,
+        d["x2"],
+        c.mode,
+        d["weight"],
+        c.bias,
+        c.transposed,
+        y,
+        mean,
+        c.relu,
+        [True, True, True, True],
+        d["x_mean"],
+    )
     g_fb = ops.FALLBACKS["conv_bn_relu_backward"](*bw_args)
     g_kernel = torch.ops.unetx.conv_bn_relu_backward(*bw_args)
     names = ["x", "x_scale", "x_shift", "x2", "weight", "bias", "x_mean"]
@@ -317,15 +386,21 @@ def test_layer_running_stats_match_batchnorm(momentum, layout, device):
 
 
 # ---------------------------------------------------------------------------------- opcheck / gradcheck
-OPCHECK_CASES = ["train-mean-pool", "train-x2-nearest", "train-x2-bilinear", "eval-scale", "transposed",
-                 "train-plain"]
+OPCHECK_CASES = ["train-mean-pool", "train-x2-nearest", "train-x2-bilinear", "eval-scale", "transposed", "train-plain"]
 
 
 @device_param
-@pytest.mark.parametrize("layout,weight_layout,requires_grad", [
-    ("nchw", "nchw", True), ("nchw", "nchw", False), ("channels_last", "channels_last", True),
-    ("channels_last", "nchw", True), ("nchw", "channels_last", True)],
-    ids=["nchw-grad", "nchw-nograd", "channels_last-grad", "cl-x-nchw-weight-grad", "nchw-x-cl-weight-grad"])
+@pytest.mark.parametrize(
+    "layout,weight_layout,requires_grad",
+    [
+        ("nchw", "nchw", True),
+        ("nchw", "nchw", False),
+        ("channels_last", "channels_last", True),
+        ("channels_last", "nchw", True),
+        ("nchw", "channels_last", True),
+    ],
+    ids=["nchw-grad", "nchw-nograd", "channels_last-grad", "cl-x-nchw-weight-grad", "nchw-x-cl-weight-grad"],
+)
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck(case, layout, weight_layout, requires_grad, device):
     """Schema, autograd registration, fake impl (shapes, dtypes, strides) and AOT dispatch; mixed layouts too."""
@@ -333,8 +408,20 @@ def test_opcheck(case, layout, weight_layout, requires_grad, device):
     gen = torch.Generator().manual_seed(2)
     t = make_inputs(c, torch.float32, device, layout, gen, weight_layout=weight_layout)
     t = {k: leaf(v, requires_grad) for k, v in t.items()}
-    args = (t["x"], t["x_scale"], t["x_shift"], c.pool, t["x2"], c.mode, t["weight"], t["bias"], c.transposed,
-            c.stats, c.relu, t["x_mean"])
+    args = (
+        t["x"],
+        t["x_scale"],
+        t["x_shift"],
+        c.pool,
+        t["x2"],
+        c.mode,
+        t["weight"],
+        t["bias"],
+        c.transposed,
+        c.stats,
+        c.relu,
+        t["x_mean"],
+    )
     torch.library.opcheck(torch.ops.unetx.conv_bn_relu.default, args)
     if not requires_grad:
         return
@@ -343,10 +430,28 @@ def test_opcheck(case, layout, weight_layout, requires_grad, device):
     gy = randn(*y.shape, gen=gen).to(device).contiguous(memory_format=ops.memory_format(y))
     gstat = randn(c.cout, gen=gen).to(device) if c.stats else None
     for mask in ([True, True, True, True], [True, False, False, False]):
-        bw_args = (gy, gstat, gstat, d["x"], d["x_scale"], d["x_shift"], c.pool, d["x2"], c.mode, d["weight"],
-                   c.bias, c.transposed, y, mean, c.relu, mask, d["x_mean"])
-        torch.library.opcheck(torch.ops.unetx.conv_bn_relu_backward.default, bw_args,
-                              test_utils=("test_schema", "test_faketensor"))
+        bw_args = (
+            gy,
+            gstat,
+            gstat,
+            d["x"],
+            d["x_scale"],
+            d["x_shift"],
+            c.pool,
+            d["x2"],
+            c.mode,
+            d["weight"],
+            c.bias,
+            c.transposed,
+            y,
+            mean,
+            c.relu,
+            mask,
+            d["x_mean"],
+        )
+        torch.library.opcheck(
+            torch.ops.unetx.conv_bn_relu_backward.default, bw_args, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 GRADCHECK_CASES = {
@@ -371,8 +476,9 @@ def test_gradcheck_float64(case, layout, device):
         return run_op(c, {**dict.fromkeys(t), **dict(zip(names, tensors))})[: 3 if c.stats else 1]
 
     # every Jacobian entry for NCHW; a random projection of it for channels_last (same math, other kernel loops)
-    assert torch.autograd.gradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=layout == "channels_last")
+    assert torch.autograd.gradcheck(
+        f, [t[k] for k in names], eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=layout == "channels_last"
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -387,15 +493,39 @@ def test_channels_last_weight_gradient_in_row_blocks(threads):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        gw = torch.ops.unetx.conv_bn_relu_backward(g, None, None, x, None, None, False, None, "none", weight, False,
-                                                   False, g.new_empty(0), g.new_empty(0), False,
-                                                   [False, False, True, False])[4]
+        gw = torch.ops.unetx.conv_bn_relu_backward(
+            g,
+            None,
+            None,
+            x,
+            None,
+            None,
+            False,
+            None,
+            "none",
+            weight,
+            False,
+            False,
+            g.new_empty(0),
+            g.new_empty(0),
+            False,
+            [False, False, True, False],
+        )[4]
     finally:
         torch.set_num_threads(prev)
-    exact = torch.ops.aten.convolution_backward(g.double().contiguous(), x.double().contiguous(),
-                                                weight.double().contiguous(),
-                                                None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                [False, True, False])[1]
+    exact = torch.ops.aten.convolution_backward(
+        g.double().contiguous(),
+        x.double().contiguous(),
+        weight.double().contiguous(),
+        None,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [False, True, False],
+    )[1]
     assert gw.shape == weight.shape and gw.is_contiguous(memory_format=torch.channels_last)
     err = (gw.double() - exact).abs().max() / exact.abs().max()
     assert err < 1e-5, f"weight gradient relative error {err:.2e}"
@@ -430,9 +560,25 @@ def test_staged_weight_gradient_in_row_blocks(stage, threads):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        gw = torch.ops.unetx.conv_bn_relu_backward(g, None, None, x, scale, shift, pooled, x2, mode, weight, False,
-                                                   False, g.new_empty(0), g.new_empty(0), False,
-                                                   [False, False, True, False], mean)[4]
+        gw = torch.ops.unetx.conv_bn_relu_backward(
+            g,
+            None,
+            None,
+            x,
+            scale,
+            shift,
+            pooled,
+            x2,
+            mode,
+            weight,
+            False,
+            False,
+            g.new_empty(0),
+            g.new_empty(0),
+            False,
+            [False, False, True, False],
+            mean,
+        )[4]
     finally:
         torch.set_num_threads(prev)
     a = x.double()
@@ -444,8 +590,18 @@ def test_staged_weight_gradient_in_row_blocks(stage, threads):
     if x2 is not None:
         up = x2.double() if mode == "none" else torch.nn.functional.interpolate(x2.double(), scale_factor=2, mode=mode)
         a = torch.cat([a, up], 1)
-    exact = torch.ops.aten.convolution_backward(g.double().contiguous(), a.contiguous(), weight.double().contiguous(),
-                                                None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                [False, True, False])[1]
+    exact = torch.ops.aten.convolution_backward(
+        g.double().contiguous(),
+        a.contiguous(),
+        weight.double().contiguous(),
+        None,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [False, True, False],
+    )[1]
     err = (gw.double() - exact).abs().max() / exact.abs().max()
     assert err < 1e-5, f"weight gradient relative error {err:.2e}"

@@ -1,4 +1,5 @@
-"""unetx.convert on U-Nets written elsewhere: same state_dict, same outputs/gradients/running stats, fused ops inside."""
+"""unetx.convert on U-Nets written elsewhere: same state_dict, same outputs/gradients/running stats, fused ops
+inside."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 import unetx
 from conftest import randomise_batchnorm
+from torch import nn
 from unetx import reference as ref
 
 
@@ -20,8 +20,12 @@ class DoubleConv(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
         self.double_conv = nn.Sequential(
-            nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
         )
 
     def forward(self, x):
@@ -86,11 +90,14 @@ def _uses_fused_ops(m: nn.Module) -> bool:
     return "conv_bn_relu_pending" in code
 
 
-@pytest.mark.parametrize("make, in_ch, size", [
-    (PopularUNet, 1, (2, 30, 34)),
-    (lambda: ref.UNet(1, 2, base_channels=6, depth=3), 1, (2, 29, 40)),
-    (AvgPoolNet, 3, (2, 16, 20)),
-])
+@pytest.mark.parametrize(
+    "make, in_ch, size",
+    [
+        (PopularUNet, 1, (2, 30, 34)),
+        (lambda: ref.UNet(1, 2, base_channels=6, depth=3), 1, (2, 29, 40)),
+        (AvgPoolNet, 3, (2, 16, 20)),
+    ],
+)
 def test_convert_matches_original(make, in_ch, size):
     torch.manual_seed(0)
     m = make()

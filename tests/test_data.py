@@ -10,7 +10,6 @@ import tifffile
 import torch
 from PIL import Image
 from scipy import ndimage
-
 from unetx import data
 from unetx.app.data import Augment, ClassTable, InputError
 
@@ -51,7 +50,9 @@ def test_read_palette_mask_gives_indices(tmp_path):
     img.save(tmp_path / "p.png")
     assert np.array_equal(data.read_image(tmp_path / "p.png", mask=True)[0, ..., 0], idx)
     colours = data.read_image(tmp_path / "p.png")[0]  # as an image: the palette colours
-    assert colours.shape == (9, 11, 3) and np.array_equal(colours[idx == 1], np.tile([255, 0, 0], ((idx == 1).sum(), 1)))
+    assert colours.shape == (9, 11, 3) and np.array_equal(
+        colours[idx == 1], np.tile([255, 0, 0], ((idx == 1).sum(), 1))
+    )
 
 
 def test_read_jpeg(tmp_path):
@@ -186,8 +187,9 @@ def test_class_table_rejects_unknown_values_and_accepts_lossy_nearest():
 
 
 def test_class_table_json_and_dict_round_trip(tmp_path):
-    (tmp_path / "t.json").write_text('{"kind": "colour", "values": [[0,0,0],[255,0,0],[0,255,0]], '
-                                     '"names": ["bg", "cell", "edge"]}')
+    (tmp_path / "t.json").write_text(
+        '{"kind": "colour", "values": [[0,0,0],[255,0,0],[0,255,0]], "names": ["bg", "cell", "edge"]}'
+    )
     t = ClassTable.from_json(tmp_path / "t.json")
     assert t.names == ["bg", "cell", "edge"] and t.values[2] == (0, 255, 0)
     assert ClassTable.from_dict(t.to_dict()) == t

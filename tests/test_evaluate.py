@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 import unetx
+from PIL import Image
 from unetx.app.data import ClassTable, InputError
 from unetx.app.evaluate import evaluate
 from unetx.app.metrics import dice

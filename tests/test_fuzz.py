@@ -28,14 +28,13 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 
 import torch  # noqa: E402
+import unetx  # noqa: E402
+from conftest import check_nonfinite_pattern, randomise_batchnorm  # noqa: E402
 from hypothesis import given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import unetx  # noqa: E402
+from test_ops_random_configs import LAYOUTS, in_layout  # noqa: E402
 from unetx import ops  # noqa: E402
 from unetx import reference as ref  # noqa: E402
-from conftest import check_nonfinite_pattern, randomise_batchnorm  # noqa: E402
-from test_ops_random_configs import LAYOUTS, in_layout  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 TOL = {torch.float64: 1e-10, torch.float32: 5e-5}
@@ -50,8 +49,17 @@ def _kinds(t: torch.Tensor, kinds: bool) -> torch.Tensor:
     return k if kinds else (k > 0).to(torch.int8)
 
 
-def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype, what: str, tol=None, kinds=True,
-          patterns: list | None = None, alternatives: list | None = None):
+def check(
+    actual: torch.Tensor,
+    exact: torch.Tensor,
+    stock: torch.Tensor,
+    dtype,
+    what: str,
+    tol=None,
+    kinds=True,
+    patterns: list | None = None,
+    alternatives: list | None = None,
+):
     """Non-finite elements (NaN, +Inf, -Inf; with kinds=False only which are non-finite) as stock's at the same dtype
     or, elementwise, as one of `patterns` (stock in other layouts or float32: stock's own convolution backends
     differ on NaN x zero padding and within their blocked layouts); finite ones within tol of `exact` (float32/64)
@@ -66,10 +74,15 @@ def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype,
             bad &= ka != _kinds(p, kinds)
         if bad.any():
             at = tuple(bad.nonzero()[0].tolist())
-            raise AssertionError(f"{what}: {int(bad.sum())} elements non-finite unlike stock's in any layout, first "
-                                 f"at {list(at)}: ours {actual[at].item()}, stock {stock[at].item()}")
-    finite = torch.isfinite(actual.detach().cpu()) & torch.isfinite(stock.detach().cpu()) & \
-        torch.isfinite(exact.detach().cpu())
+            raise AssertionError(
+                f"{what}: {int(bad.sum())} elements non-finite unlike stock's in any layout, first "
+                f"at {list(at)}: ours {actual[at].item()}, stock {stock[at].item()}"
+            )
+    finite = (
+        torch.isfinite(actual.detach().cpu())
+        & torch.isfinite(stock.detach().cpu())
+        & torch.isfinite(exact.detach().cpu())
+    )
     if not finite.any():
         return
     a, e = actual.detach().cpu().double()[finite], exact.detach().cpu().double()[finite]
@@ -87,15 +100,19 @@ def check(actual: torch.Tensor, exact: torch.Tensor, stock: torch.Tensor, dtype,
         # once, stock after each op): that element gets the whole gradient or none, and passes it to every input
         # element it reads. A few such elements are allowed.
         over = int(((a - e).abs() > bound).sum())
-        assert over <= max(8, a.numel() // 50), \
+        assert over <= max(8, a.numel() // 50), (
             f"{what}: {over} elements over {BF16_RATIO} x stock's error {stock_err:.3g} + floor (max error {err:.3g})"
+        )
     else:
         # within tol of the largest value, or (ill-conditioned cases: batch statistics of 2 values) at most 4x
         # stock's own error at the same dtype
-        near_alt = any((a - alt.detach().cpu().double()[finite]).abs().max().item() / scale <= (tol or TOL[dtype])
-                       for alt in alternatives or [])
-        assert err / scale <= (tol or TOL[dtype]) or err <= 4 * stock_err or near_alt, \
+        near_alt = any(
+            (a - alt.detach().cpu().double()[finite]).abs().max().item() / scale <= (tol or TOL[dtype])
+            for alt in alternatives or []
+        )
+        assert err / scale <= (tol or TOL[dtype]) or err <= 4 * stock_err or near_alt, (
             f"{what}: max error {err / scale:.3g} of the largest finite value, stock's {stock_err / scale:.3g}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the ops
@@ -175,11 +192,34 @@ def call(fns, op, flags, t):
     g = t.get
     if op == "conv_bn_relu":
         if fns is ops:
-            return ops.conv_bn_relu(t["x"], t["weight"], g("bias"), x_scale=g("scale"), x_shift=g("shift"),
-                                    x_mean=g("mean"), x_pool=flags["pool"], x2=g("x2"), x2_mode=flags["mode"],
-                                    transposed=flags["transposed"], stats=flags["stats"], relu=flags["relu"])
-        return ref.conv_bn_relu(t["x"], g("scale"), g("shift"), flags["pool"], g("x2"), flags["mode"], t["weight"],
-                                g("bias"), flags["transposed"], flags["stats"], flags["relu"], g("mean"))
+            return ops.conv_bn_relu(
+                t["x"],
+                t["weight"],
+                g("bias"),
+                x_scale=g("scale"),
+                x_shift=g("shift"),
+                x_mean=g("mean"),
+                x_pool=flags["pool"],
+                x2=g("x2"),
+                x2_mode=flags["mode"],
+                transposed=flags["transposed"],
+                stats=flags["stats"],
+                relu=flags["relu"],
+            )
+        return ref.conv_bn_relu(
+            t["x"],
+            g("scale"),
+            g("shift"),
+            flags["pool"],
+            g("x2"),
+            flags["mode"],
+            t["weight"],
+            g("bias"),
+            flags["transposed"],
+            flags["stats"],
+            flags["relu"],
+            g("mean"),
+        )
     if op in ("bn_relu", "bn_relu_pool"):
         return getattr(fns, op)(t["y"], t["scale"], t["shift"], g("mean"))
     if op == "avg_pool2x2":
@@ -209,8 +249,9 @@ def run(fns, op, flags, t, cots=None, gen=None):
     if cots is None:
         cots = [torch.randn(outs[i].shape, dtype=torch.float64, generator=gen) for i in live]
     names = list(t)
-    grads = torch.autograd.grad(sum((outs[i].double() * c).sum() for i, c in zip(live, cots)),
-                                [t[k] for k in names], allow_unused=True)
+    grads = torch.autograd.grad(
+        sum((outs[i].double() * c).sum() for i, c in zip(live, cots)), [t[k] for k in names], allow_unused=True
+    )
     return outs, live, cots, dict(zip(names, grads))
 
 
@@ -261,8 +302,17 @@ def test_op_equals_its_stock_composition(case, dtype):
     kinds = not any(torch.isinf(v).any() for v in values.values())
     for i in live:
         assert ours_out[i].dtype == (dtype if ours_out[i].dim() == 4 else ours_out[i].dtype)
-        check(ours_out[i], exact_out[i], stock_out[i], dtype, f"output {i}", tol, kinds=kinds,
-              patterns=[alt[0][i] for alt in alternatives], alternatives=[alt[0][i] for alt in alternatives])
+        check(
+            ours_out[i],
+            exact_out[i],
+            stock_out[i],
+            dtype,
+            f"output {i}",
+            tol,
+            kinds=kinds,
+            patterns=[alt[0][i] for alt in alternatives],
+            alternatives=[alt[0][i] for alt in alternatives],
+        )
     for k in g_exact:
         a, e = g_ours[k], g_exact[k]
         assert (a is None) == (e is None), f"grad {k} on one side only"
@@ -270,22 +320,43 @@ def test_op_equals_its_stock_composition(case, dtype):
             assert a.shape == e.shape and a.dtype == dtype, f"grad {k}: {a.shape} {a.dtype}"
             # values too may be stock's in another layout: which elements a NaN weight reaches through the zero
             # padding differs between ATen's NCHW and channels-last convolutions, and so does the ReLU mask after it
-            check(a, e, g_stock[k], dtype, f"grad {k}", tol, kinds=kinds,
-                  patterns=[alt[1][k] for alt in alternatives], alternatives=[alt[1][k] for alt in alternatives])
+            check(
+                a,
+                e,
+                g_stock[k],
+                dtype,
+                f"grad {k}",
+                tol,
+                kinds=kinds,
+                patterns=[alt[1][k] for alt in alternatives],
+                alternatives=[alt[1][k] for alt in alternatives],
+            )
 
 
 # ------------------------------------------------------------------------------------------------- the UNet
 @st.composite
 def unet_case(draw):
-    cfg = dict(in_channels=draw(st.integers(1, 3)), out_channels=draw(st.integers(1, 3)),
-               base_channels=draw(st.integers(1, 6)), depth=draw(st.integers(1, 3)),
-               pool=draw(st.sampled_from(["avg", "max"])), upsample=draw(st.sampled_from(["transpose", "nearest",
-                                                                                          "bilinear"])))
+    cfg = dict(
+        in_channels=draw(st.integers(1, 3)),
+        out_channels=draw(st.integers(1, 3)),
+        base_channels=draw(st.integers(1, 6)),
+        depth=draw(st.integers(1, 3)),
+        pool=draw(st.sampled_from(["avg", "max"])),
+        upsample=draw(st.sampled_from(["transpose", "nearest", "bilinear"])),
+    )
     shape = (draw(st.integers(1, 3)), cfg["in_channels"], draw(st.integers(1, 24)), draw(st.integers(1, 24)))
-    poison = [(draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from(NONFINITE)))
-              for _ in range(draw(st.integers(0, 2)))]
-    return cfg, shape, poison, draw(st.booleans()), draw(st.sampled_from(["nchw", "channels_last"])), \
-        draw(st.integers(0, 2**31 - 1))
+    poison = [
+        (draw(st.floats(0, 1, exclude_max=True)), draw(st.sampled_from(NONFINITE)))
+        for _ in range(draw(st.integers(0, 2)))
+    ]
+    return (
+        cfg,
+        shape,
+        poison,
+        draw(st.booleans()),
+        draw(st.sampled_from(["nchw", "channels_last"])),
+        draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def _unet_step(net, x, cot):
@@ -348,11 +419,19 @@ def test_unet_equals_its_stock_twin(case, dtype):
     check(ours, exact, stock, dtype, "output", tol, patterns=[stock2], alternatives=[stock2])
     # values may also be stock's in the other layout: max pooling breaks ties (replicate-padded columns) by position,
     # differently in NCHW and channels-last, and unetx runs channels-last on the CPU (found by the long run)
-    check(xu.grad, xr.grad, xs.grad, dtype, "grad input", 10 * tol, kinds, patterns=[xs2.grad],
-          alternatives=[xs2.grad])
+    check(xu.grad, xr.grad, xs.grad, dtype, "grad input", 10 * tol, kinds, patterns=[xs2.grad], alternatives=[xs2.grad])
     for (name, p1), p2, p3, p4 in zip(r.named_parameters(), u.parameters(), s.parameters(), s2.parameters()):
-        check(p2.grad, p1.grad, p3.grad, dtype, f"grad {name}", 20 * tol, kinds, patterns=[p4.grad],
-              alternatives=[p4.grad])
+        check(
+            p2.grad,
+            p1.grad,
+            p3.grad,
+            dtype,
+            f"grad {name}",
+            20 * tol,
+            kinds,
+            patterns=[p4.grad],
+            alternatives=[p4.grad],
+        )
     for (name, b1), b2, b3, b4 in zip(r.named_buffers(), u.buffers(), s.buffers(), s2.buffers()):
         if b1.is_floating_point():
             check(b2, b1, b3, dtype, name, tol, patterns=[b4])

@@ -19,9 +19,11 @@ def _run(code: str) -> str:
 
 
 def test_import_unetx_loads_no_application_dependency():
-    code = ("import sys, unetx, torch; m = unetx.UNet(1, 2, 4, 2); m(torch.randn(1, 1, 8, 8)); "
-            f"print(sorted(n for n in sys.modules if n.split('.')[0] in {APP_DEPENDENCIES!r} "
-            "or n.startswith('unetx.app')))")
+    code = (
+        "import sys, unetx, torch; m = unetx.UNet(1, 2, 4, 2); m(torch.randn(1, 1, 8, 8)); "
+        f"print(sorted(n for n in sys.modules if n.split('.')[0] in {APP_DEPENDENCIES!r} "
+        "or n.startswith('unetx.app')))"
+    )
     assert _run(code) == "[]"
 
 
@@ -49,8 +51,10 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_layers_import_downward_only():
-    forbidden = {"ops": ("unetx.nn", "unetx.app", "unetx.reference", "unetx.bench"),
-                 "nn": ("unetx.app", "unetx.reference", "unetx.bench", "unetx.ops.reference")}
+    forbidden = {
+        "ops": ("unetx.nn", "unetx.app", "unetx.reference", "unetx.bench"),
+        "nn": ("unetx.app", "unetx.reference", "unetx.bench", "unetx.ops.reference"),
+    }
     bad = []
     for layer, names in forbidden.items():
         for path in sorted((PACKAGE / layer).rglob("*.py")):
@@ -59,8 +63,11 @@ def test_layers_import_downward_only():
                     bad.append(f"{path.relative_to(PACKAGE)} imports {name}")
     # production code never imports the references (the plain-PyTorch twin is what nn.unet exports *to*)
     for path in sorted((PACKAGE / "app").rglob("*.py")):
-        bad += [f"{path.relative_to(PACKAGE)} imports {n}" for n in _imports(path)
-                if n.startswith(("unetx.reference", "unetx.ops.reference"))]
+        bad += [
+            f"{path.relative_to(PACKAGE)} imports {n}"
+            for n in _imports(path)
+            if n.startswith(("unetx.reference", "unetx.ops.reference"))
+        ]
     assert not bad, bad
     assert not any(n.startswith("unetx.ops") for n in _imports(PACKAGE / "_extension.py"))
 
@@ -70,6 +77,7 @@ def test_public_names():
     assert unetx.reference.UNet is unetx.nn.reference.UNet
     assert callable(unetx.convert) and callable(unetx.predict_tiled) and callable(unetx.evaluate)
     assert callable(unetx.checkpoint.load_model)
-    assert _run("import runpy, sys; sys.argv = ['unetx', '--version']\n"
-                "try:\n    runpy.run_module('unetx', run_name='__main__')\nexcept SystemExit:\n    pass") \
-        .startswith("unetx ")
+    assert _run(
+        "import runpy, sys; sys.argv = ['unetx', '--version']\n"
+        "try:\n    runpy.run_module('unetx', run_name='__main__')\nexcept SystemExit:\n    pass"
+    ).startswith("unetx ")

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from unetx import losses, metrics
 
 
@@ -95,7 +94,9 @@ def test_mse_and_sum_and_names():
     oh = F.one_hot(t, 2).permute(0, 3, 1, 2).double()
     assert losses.MSELoss()(logits, t).item() == pytest.approx(((p - oh) ** 2).mean().item(), rel=1e-5)
     combined = losses.make_loss("ce+dice")(logits, t)
-    assert combined.item() == pytest.approx((losses.CrossEntropyLoss()(logits, t) + losses.DiceLoss()(logits, t)).item())
+    assert combined.item() == pytest.approx(
+        (losses.CrossEntropyLoss()(logits, t) + losses.DiceLoss()(logits, t)).item()
+    )
     for name in losses.LOSSES:
         k = 1 if name.startswith("bce") else 2
         x = randn(2, k, 4, 4).requires_grad_()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 import unetx
 from conftest import randomise_batchnorm
 from unetx import reference as ref
@@ -38,7 +37,7 @@ def test_matches_reference_train_and_eval(cfg, layout):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
         r, u = r.to(memory_format=torch.channels_last), u.to(memory_format=torch.channels_last)
-    for step in range(3):  # several steps: running statistics must track
+    for _step in range(3):  # several steps: running statistics must track
         for train in (True, False):
             r.train(train)
             u.train(train)
@@ -77,7 +76,9 @@ def test_state_dict_is_identical_and_loads_both_ways():
 def test_seed_design_is_expressible():
     """The study note's network: 3x3 conv+BN+ReLU, avg pooling, dropout 0.02, nearest upsampling + conv,
     concatenated skips, 3-channel output."""
-    m = unetx.UNet(in_channels=1, out_channels=3, base_channels=8, depth=4, pool="avg", upsample="nearest", dropout=0.02)
+    m = unetx.UNet(
+        in_channels=1, out_channels=3, base_channels=8, depth=4, pool="avg", upsample="nearest", dropout=0.02
+    )
     x = torch.randn(2, 1, 64, 48)
     out = m(x)
     assert out.shape == (2, 3, 64, 48)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import unetx
 
 WORKER = Path(__file__).with_name("ddp_model_worker.py")
@@ -20,8 +19,21 @@ def run_torchrun(tmp_path, mode):
     out = tmp_path / f"{mode}.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), str(out), mode],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(WORKER),
+            str(out),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=True)

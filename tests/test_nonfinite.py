@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import unetx
+from conftest import check_close_nonfinite, device_param, randn, randomise_batchnorm, to_layout
 from unetx import ops
 from unetx import reference as ref
-from conftest import check_close_nonfinite, device_param, randn, randomise_batchnorm, to_layout
 
 NAN, INF = float("nan"), float("inf")
 TOL = {torch.float64: 1e-10, torch.float32: 5e-5}
@@ -35,8 +34,14 @@ def poison(t: torch.Tensor, values, gen) -> torch.Tensor:
 def compare(op_call, ref_call, inputs: dict, dtype, device, layout, what):
     """Outputs and the gradients of every input, by autograd through the op and through the reference (float64)."""
     gen = torch.Generator().manual_seed(1)
-    ours_in = {k: None if v is None else to_layout(v.to(device=device, dtype=dtype), layout).requires_grad_()
-               if v.dim() == 4 else v.to(device=device, dtype=dtype).requires_grad_() for k, v in inputs.items()}
+    ours_in = {
+        k: None
+        if v is None
+        else to_layout(v.to(device=device, dtype=dtype), layout).requires_grad_()
+        if v.dim() == 4
+        else v.to(device=device, dtype=dtype).requires_grad_()
+        for k, v in inputs.items()
+    }
     exact_in = {k: None if v is None else v.double().requires_grad_() for k, v in inputs.items()}
     ours, exact = op_call(ours_in), ref_call(exact_in)
     ours = ours if isinstance(ours, tuple) else (ours,)
@@ -46,10 +51,14 @@ def compare(op_call, ref_call, inputs: dict, dtype, device, layout, what):
         check_close_nonfinite(ours[i], exact[i], TOL[dtype], f"{what}: output {i}")
     cots = [randn(*exact[i].shape, gen=gen) for i in live]
     names = [k for k, v in inputs.items() if v is not None]
-    g_ours = torch.autograd.grad(sum((ours[i].double() * c.to(device)).sum() for i, c in zip(live, cots)),
-                                 [ours_in[k] for k in names], allow_unused=True)
-    g_exact = torch.autograd.grad(sum((exact[i] * c).sum() for i, c in zip(live, cots)),
-                                  [exact_in[k] for k in names], allow_unused=True)
+    g_ours = torch.autograd.grad(
+        sum((ours[i].double() * c.to(device)).sum() for i, c in zip(live, cots)),
+        [ours_in[k] for k in names],
+        allow_unused=True,
+    )
+    g_exact = torch.autograd.grad(
+        sum((exact[i] * c).sum() for i, c in zip(live, cots)), [exact_in[k] for k in names], allow_unused=True
+    )
     for k, a, e in zip(names, g_ours, g_exact):
         assert (a is None) == (e is None), f"{what}: grad {k} on one side only"
         if e is not None:
@@ -57,9 +66,11 @@ def compare(op_call, ref_call, inputs: dict, dtype, device, layout, what):
 
 
 def vectors(c, gen, with_mean=True):
-    return dict(scale=torch.rand(c, dtype=torch.float64, generator=gen) + 0.5,
-                shift=randn(c, std=0.5, gen=gen, dtype=torch.float64),
-                mean=randn(c, std=0.3, gen=gen, dtype=torch.float64) if with_mean else None)
+    return dict(
+        scale=torch.rand(c, dtype=torch.float64, generator=gen) + 0.5,
+        shift=randn(c, std=0.5, gen=gen, dtype=torch.float64),
+        mean=randn(c, std=0.3, gen=gen, dtype=torch.float64) if with_mean else None,
+    )
 
 
 @device_param
@@ -71,14 +82,16 @@ def test_elementwise_ops_propagate_like_stock(op, kind, layout, dtype, device):
     gen = torch.Generator().manual_seed(0)
     if op in ("bn_relu", "bn_relu_pool"):
         inputs = dict(y=poison(randn(2, 5, 6, 8, gen=gen, dtype=torch.float64), POISONS[kind], gen), **vectors(5, gen))
-        fns = lambda f: (lambda t: getattr(f, op)(t["y"], t["scale"], t["shift"], t["mean"]))  # noqa: E731
+        fns = lambda f: lambda t: getattr(f, op)(t["y"], t["scale"], t["shift"], t["mean"])
     elif op == "avg_pool2x2":
         inputs = dict(x=poison(randn(2, 3, 6, 8, gen=gen, dtype=torch.float64), POISONS[kind], gen))
-        fns = lambda f: (lambda t: f.avg_pool2x2(t["x"]))  # noqa: E731
+        fns = lambda f: lambda t: f.avg_pool2x2(t["x"])
     else:
-        inputs = dict(skip=poison(randn(2, 3, 6, 8, gen=gen, dtype=torch.float64), POISONS[kind], gen),
-                      x=poison(randn(2, 4, 3, 4, gen=gen, dtype=torch.float64), POISONS[kind], gen))
-        fns = lambda f: (lambda t: f.upsample_concat(t["skip"], t["x"], "bilinear"))  # noqa: E731
+        inputs = dict(
+            skip=poison(randn(2, 3, 6, 8, gen=gen, dtype=torch.float64), POISONS[kind], gen),
+            x=poison(randn(2, 4, 3, 4, gen=gen, dtype=torch.float64), POISONS[kind], gen),
+        )
+        fns = lambda f: lambda t: f.upsample_concat(t["skip"], t["x"], "bilinear")
     compare(fns(ops), fns(ref), inputs, dtype, device, layout, f"{op} {kind}")
 
 
@@ -103,8 +116,9 @@ def test_conv_bn_relu_propagates_like_stock(case, kind, layout, dtype, device):
     gen = torch.Generator().manual_seed(0)
     h, w = 8, 12
     x = poison(randn(2, cin, h, w, gen=gen, dtype=torch.float64, mean=0.3), POISONS[kind], gen)
-    inputs = dict(x=x, **(vectors(cin, gen, act == "mean") if act != "none" else dict(scale=None, shift=None,
-                                                                                           mean=None)))
+    inputs = dict(
+        x=x, **(vectors(cin, gen, act == "mean") if act != "none" else dict(scale=None, shift=None, mean=None))
+    )
     hh, ww = (h // 2, w // 2) if pool else (h, w)
     c2 = 3 if mode else 0
     inputs["x2"] = randn(2, c2, hh // 2, ww // 2, gen=gen, dtype=torch.float64) if mode else None
@@ -115,13 +129,25 @@ def test_conv_bn_relu_propagates_like_stock(case, kind, layout, dtype, device):
     m = mode or "none"
 
     def call_ops(t):
-        return ops.conv_bn_relu(t["x"], t["weight"], t["bias"], x_scale=t["scale"], x_shift=t["shift"],
-                                x_mean=t["mean"], x_pool=pool, x2=t["x2"], x2_mode=m, transposed=transposed,
-                                stats=stats, relu=relu)
+        return ops.conv_bn_relu(
+            t["x"],
+            t["weight"],
+            t["bias"],
+            x_scale=t["scale"],
+            x_shift=t["shift"],
+            x_mean=t["mean"],
+            x_pool=pool,
+            x2=t["x2"],
+            x2_mode=m,
+            transposed=transposed,
+            stats=stats,
+            relu=relu,
+        )
 
     def call_ref(t):
-        return ref.conv_bn_relu(t["x"], t["scale"], t["shift"], pool, t["x2"], m, t["weight"], t["bias"], transposed,
-                                stats, relu, t["mean"])
+        return ref.conv_bn_relu(
+            t["x"], t["scale"], t["shift"], pool, t["x2"], m, t["weight"], t["bias"], transposed, stats, relu, t["mean"]
+        )
 
     compare(call_ops, call_ref, inputs, dtype, device, layout, f"conv_bn_relu {case} {kind}")
 
@@ -169,9 +195,24 @@ def test_fallback_backward_ops_pass_gradients_through_nan_like_autograd(kind):
     out, _, _ = ref.conv_bn_relu(y, None, None, False, None, "none", w, None, False, False, True)
     g_out = randn(*out.shape, gen=gen, dtype=torch.float64)
     expect = torch.autograd.grad((out * g_out).sum(), (y, w))
-    got = ops.FALLBACKS["conv_bn_relu_backward"](g_out, None, None, y.detach(), None, None, False, None, "none",
-                                                 w.detach(), False, False, out.detach(), out.new_empty(0), True,
-                                                 [True, False, True, False])
+    got = ops.FALLBACKS["conv_bn_relu_backward"](
+        g_out,
+        None,
+        None,
+        y.detach(),
+        None,
+        None,
+        False,
+        None,
+        "none",
+        w.detach(),
+        False,
+        False,
+        out.detach(),
+        out.new_empty(0),
+        True,
+        [True, False, True, False],
+    )
     check_close_nonfinite(got[0], expect[0], 1e-12, "conv_bn_relu_backward fallback: grad x")
     check_close_nonfinite(got[4], expect[1], 1e-12, "conv_bn_relu_backward fallback: grad weight")
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_close, device_param, grads_of, leaf, rand, randn
 from torch import nn
-
 from unetx import ops
 from unetx import reference as ref
-from conftest import check_close, device_param, grads_of, leaf, rand, randn
 
 EPS = 1e-5
 
@@ -39,8 +38,9 @@ def two_layers_ops(p: dict, form: str):
         s1, t1, mu1 = p["g1"] * torch.rsqrt(v1 + EPS), p["b1"], m1
     else:
         (s1, t1), mu1 = ref.fold_batch_stats(m1, v1, p["g1"], p["b1"], EPS), None
-    y2, m2, v2 = ops.conv_bn_relu(y1, p["w2"], x_scale=s1, x_shift=t1, x_mean=mu1, x_pool=True, x2=p["x2"],
-                                  x2_mode="nearest")
+    y2, m2, v2 = ops.conv_bn_relu(
+        y1, p["w2"], x_scale=s1, x_shift=t1, x_mean=mu1, x_pool=True, x2=p["x2"], x2_mode="nearest"
+    )
     return ops.bn_relu(y2, p["g2"] * torch.rsqrt(v2 + EPS), p["b2"], m2)
 
 
@@ -55,8 +55,12 @@ def two_layer_params(dtype, device, layout: str, mean_offset: float = 0.0, seed:
     gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = randn(2, 3, 8, 12, dtype=dtype, device=device, gen=gen, mean=mean_offset).contiguous(memory_format=fmt)
-    p = dict(x=x, x2=randn(2, 2, 2, 3, dtype=dtype, device=device, gen=gen).contiguous(memory_format=fmt),
-             w1=weight(5, 3, 3, gen, dtype, device), w2=weight(7, 7, 3, gen, dtype, device))
+    p = dict(
+        x=x,
+        x2=randn(2, 2, 2, 3, dtype=dtype, device=device, gen=gen).contiguous(memory_format=fmt),
+        w1=weight(5, 3, 3, gen, dtype, device),
+        w2=weight(7, 7, 3, gen, dtype, device),
+    )
     p["g1"], p["b1"] = bn_params(5, gen, dtype, device)
     p["g2"], p["b2"] = bn_params(7, gen, dtype, device)
     return {k: leaf(v) for k, v in p.items()}
@@ -74,8 +78,9 @@ def test_gamma_beta_gradients_match_stock_batchnorm(dtype, layout, form, device)
     check_close(z, z_exact, dtype, "output")
     gz = randn(*z.shape, gen=torch.Generator().manual_seed(1)).to(device)
     names = list(p)
-    for k, a, e in zip(names, grads_of([z], [gz], [p[k] for k in names]), grads_of([z_exact], [gz],
-                                                                                       [exact_p[k] for k in names])):
+    for k, a, e in zip(
+        names, grads_of([z], [gz], [p[k] for k in names]), grads_of([z_exact], [gz], [exact_p[k] for k in names])
+    ):
         check_close(a, e, dtype, f"grad {k}")
 
 
@@ -127,19 +132,32 @@ def all_ops_chain(x, w1, g1, b1, w2, g2, b2, w3, b3, wt):
 
 
 def chain_inputs(gen):
-    w = lambda co, ci, k: leaf(weight(co, ci, k, gen, torch.float32, "cpu"))  # noqa: E731
+    w = lambda co, ci, k: leaf(weight(co, ci, k, gen, torch.float32, "cpu"))
     g1, b1 = bn_params(4, gen, torch.float32, "cpu")
     g2, b2 = bn_params(4, gen, torch.float32, "cpu")
-    return [leaf(randn(2, 3, 8, 10, gen=gen)), w(4, 3, 3), leaf(g1), leaf(b1), w(4, 4, 3), leaf(g2), leaf(b2),
-            w(5, 8, 3), leaf(randn(5, gen=gen)), leaf(randn(5, 3, 2, 2, std=0.3, gen=gen))]
+    return [
+        leaf(randn(2, 3, 8, 10, gen=gen)),
+        w(4, 3, 3),
+        leaf(g1),
+        leaf(b1),
+        w(4, 4, 3),
+        leaf(g2),
+        leaf(b2),
+        w(5, 8, 3),
+        leaf(randn(5, gen=gen)),
+        leaf(randn(5, 3, 2, 2, std=0.3, gen=gen)),
+    ]
 
 
 OPS = ("conv_bn_relu", "bn_relu", "bn_relu_pool", "avg_pool2x2", "upsample_concat")
 
 
 def unetx_ops(gm: torch.fx.GraphModule) -> set[str]:
-    return {str(n.target).split(".")[1] for n in gm.graph.nodes
-            if n.op == "call_function" and str(n.target).startswith("unetx.")}
+    return {
+        str(n.target).split(".")[1]
+        for n in gm.graph.nodes
+        if n.op == "call_function" and str(n.target).startswith("unetx.")
+    }
 
 
 def compiled_matches_eager(backend) -> None:

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 import unetx
+from conftest import DEVICES, check_close, leaf, rand, randn, to_layout
+from torch import nn
 from unetx import ops
 from unetx import reference as ref
 from unetx.nn import Act
-from conftest import DEVICES, check_close, leaf, rand, randn, to_layout
 
 
 def chain(x, w1, w2, gamma1, beta1, gamma2, beta2, eps: float = 1e-5):
     """Every op in one graph: conv_bn_relu -> conv_bn_relu (input stage: centred BN+ReLU of the first, 2x2 pool)
     -> bn_relu; then avg_pool2x2 and upsample_concat (bilinear) of that activation."""
     y1, m1, v1 = ops.conv_bn_relu(x, w1, stats=True)
-    y2, m2, v2 = ops.conv_bn_relu(y1, w2, x_scale=gamma1 * torch.rsqrt(v1 + eps), x_shift=beta1, x_mean=m1,
-                                  x_pool=True, stats=True)
+    y2, m2, v2 = ops.conv_bn_relu(
+        y1, w2, x_scale=gamma1 * torch.rsqrt(v1 + eps), x_shift=beta1, x_mean=m1, x_pool=True, stats=True
+    )
     z = ops.bn_relu(y2, gamma2 * torch.rsqrt(v2 + eps), beta2, m2)
     return ops.upsample_concat(z, ops.avg_pool2x2(z), "bilinear"), m2, v2
 
@@ -34,8 +34,10 @@ def test_compile_fullgraph_matches_eager(layout, device):
         to_layout(randn(2, 3, 8, 12, gen=gen, device=device), layout),
         randn(5, 3, 3, 3, std=0.3, gen=gen, device=device),
         randn(7, 5, 3, 3, std=0.2, gen=gen, device=device),
-        rand(5, gen=gen, device=device), randn(5, std=0.5, gen=gen, device=device),
-        rand(7, gen=gen, device=device), randn(7, std=0.5, gen=gen, device=device),
+        rand(5, gen=gen, device=device),
+        randn(5, std=0.5, gen=gen, device=device),
+        rand(7, gen=gen, device=device),
+        randn(7, std=0.5, gen=gen, device=device),
     ]
     eager_in = [leaf(t) for t in inputs]
     compiled_in = [leaf(t) for t in inputs]
@@ -72,7 +74,8 @@ def saved_for_backward(run, params) -> tuple[int, int]:
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     total = sum(sizes.values())
     without = sum(n for ptr, n in sizes.items() if ptr not in param_ptrs)
-    del out, keep
+    del out
+    keep.clear()
     return without, total
 
 
@@ -99,8 +102,10 @@ def test_conv_bn_relu_stack_saves_half_of_stock(device):
     stock_bytes, stock_with_params = saved_for_backward(lambda: stock(x), stock.parameters())
     ratio = ours_bytes / stock_bytes
     ratio_with_params = ours_with_params / stock_with_params
-    print(f"saved for backward: unetx {ours_bytes} B, stock {stock_bytes} B, ratio {ratio:.4f} "
-          f"(with parameters: {ours_with_params} / {stock_with_params} = {ratio_with_params:.4f})")
+    print(
+        f"saved for backward: unetx {ours_bytes} B, stock {stock_bytes} B, ratio {ratio:.4f} "
+        f"(with parameters: {ours_with_params} / {stock_with_params} = {ratio_with_params:.4f})"
+    )
     # Measured (CPU, float32, this exact stack): 2396928 / 4756480 = 0.5039 without parameters (4 y's + the input
     # against 4 x (conv output + ReLU output) + the input), 2425664 / 4784960 = 0.5069 with them.
     assert ratio <= 0.5039 + 0.005

@@ -14,11 +14,10 @@ import random
 
 import pytest
 import torch
+from conftest import device_param
 from torch._subclasses.fake_tensor import FakeTensorMode
-
 from unetx import ops
 from unetx import reference as ref
-from conftest import device_param
 
 N_CONFIGS = 48
 LAYOUTS = ("nchw", "channels_last", "channel_slice", "channel_slice_nchw", "permuted")
@@ -33,9 +32,9 @@ def in_layout(t: torch.Tensor, layout: str, device="cpu") -> torch.Tensor:
     if layout == "channels_last":
         return t.to(device).contiguous(memory_format=torch.channels_last)
     if layout == "channel_slice":  # channels [1, 1 + c) of a channels_last buffer (a concatenation's part)
-        v = torch.empty(n, c + 3, h, w, **like).contiguous(memory_format=torch.channels_last)[:, 1:1 + c]
+        v = torch.empty(n, c + 3, h, w, **like).contiguous(memory_format=torch.channels_last)[:, 1 : 1 + c]
     elif layout == "channel_slice_nchw":  # and width-sliced: no layout is dense
-        v = torch.empty(n, c + 3, h, w + 2, **like)[:, 2:2 + c, :, 1:1 + w]
+        v = torch.empty(n, c + 3, h, w + 2, **like)[:, 2 : 2 + c, :, 1 : 1 + w]
     else:  # NHCW memory
         v = torch.empty(n, h, c, w, **like).permute(0, 2, 1, 3)
     return v.copy_(t)
@@ -110,11 +109,24 @@ class Draw:
         if c2:
             self.tensor("x2", n, c2, hh // f, ww // f)
         wshape = (c + c2, cout, k, k) if self.transposed else (cout, c + c2, k, k)
-        self.tensor("weight", *wshape, std=(k * k * (c + c2)) ** -0.5, layout=r.choice(["nchw", "nchw", "channels_last"]))
+        self.tensor(
+            "weight", *wshape, std=(k * k * (c + c2)) ** -0.5, layout=r.choice(["nchw", "nchw", "channels_last"])
+        )
         if r.random() < 0.5:
             self.tensor("bias", cout)
-        self.desc = dict(x=(n, c, h, w), c2=c2, mode=self.mode, k=k, cout=cout, act=act, pool=self.pool,
-                         transposed=self.transposed, stats=self.stats, relu=self.relu, bias="bias" in self.values)
+        self.desc = dict(
+            x=(n, c, h, w),
+            c2=c2,
+            mode=self.mode,
+            k=k,
+            cout=cout,
+            act=act,
+            pool=self.pool,
+            transposed=self.transposed,
+            stats=self.stats,
+            relu=self.relu,
+            bias="bias" in self.values,
+        )
 
     # ---------------------------------------------------------------------------------------------------- calls
     def inputs(self, dtype, device="cpu", layouts=True) -> dict[str, torch.Tensor]:
@@ -129,11 +141,34 @@ class Draw:
         g = t.get
         if self.op == "conv_bn_relu":
             if fns is ops:
-                return ops.conv_bn_relu(t["x"], t["weight"], g("bias"), x_scale=g("scale"), x_shift=g("shift"),
-                                        x_mean=g("mean"), x_pool=self.pool, x2=g("x2"), x2_mode=self.mode,
-                                        transposed=self.transposed, stats=self.stats, relu=self.relu)
-            return ref.conv_bn_relu(t["x"], g("scale"), g("shift"), self.pool, g("x2"), self.mode, t["weight"],
-                                    g("bias"), self.transposed, self.stats, self.relu, g("mean"))
+                return ops.conv_bn_relu(
+                    t["x"],
+                    t["weight"],
+                    g("bias"),
+                    x_scale=g("scale"),
+                    x_shift=g("shift"),
+                    x_mean=g("mean"),
+                    x_pool=self.pool,
+                    x2=g("x2"),
+                    x2_mode=self.mode,
+                    transposed=self.transposed,
+                    stats=self.stats,
+                    relu=self.relu,
+                )
+            return ref.conv_bn_relu(
+                t["x"],
+                g("scale"),
+                g("shift"),
+                self.pool,
+                g("x2"),
+                self.mode,
+                t["weight"],
+                g("bias"),
+                self.transposed,
+                self.stats,
+                self.relu,
+                g("mean"),
+            )
         if self.op in ("bn_relu", "bn_relu_pool"):
             return getattr(fns, self.op)(t["y"], t["scale"], t["shift"], g("mean"))
         if self.op == "avg_pool2x2":
@@ -143,17 +178,35 @@ class Draw:
     def backward_sample(self, t: dict, outputs: tuple):
         """Arguments of the op's backward op as autograd would pass them, gradients in random layouts."""
         grads = [torch.randn(o.shape, dtype=o.dtype, generator=self.gen) for o in outputs]
-        grads = [in_layout(g, self.r.choice(LAYOUTS), o.device) if o.dim() == 4 else g.to(o.device)
-                 for g, o in zip(grads, outputs)]
+        grads = [
+            in_layout(g, self.r.choice(LAYOUTS), o.device) if o.dim() == 4 else g.to(o.device)
+            for g, o in zip(grads, outputs)
+        ]
         g = t.get
         if self.op == "conv_bn_relu":
             y, mean, _ = outputs
             grad_mean = grads[1] if self.stats and self.r.random() < 0.7 else None
             grad_var = grads[2] if self.stats and self.r.random() < 0.7 else None
             mask = [self.r.random() < 0.8 for _ in range(4)]
-            return "conv_bn_relu_backward", (grads[0], grad_mean, grad_var, t["x"], g("scale"), g("shift"), self.pool,
-                                             g("x2"), self.mode, t["weight"], "bias" in t, self.transposed, y, mean,
-                                             self.relu, mask, g("mean"))
+            return "conv_bn_relu_backward", (
+                grads[0],
+                grad_mean,
+                grad_var,
+                t["x"],
+                g("scale"),
+                g("shift"),
+                self.pool,
+                g("x2"),
+                self.mode,
+                t["weight"],
+                "bias" in t,
+                self.transposed,
+                y,
+                mean,
+                self.relu,
+                mask,
+                g("mean"),
+            )
         if self.op == "bn_relu":
             return "bn_relu_backward", (grads[0], t["y"], t["scale"], t["shift"], g("mean"))
         if self.op == "bn_relu_pool":
@@ -169,8 +222,12 @@ def as_tuple(r) -> tuple:
 
 def metadata(ts) -> list:
     """Shape, dtype and the strides that matter (inductor's assert_size_stride skips size-1 dimensions)."""
-    return [None if t is None else (tuple(t.shape), tuple(s if n > 1 else None for n, s in zip(t.shape, t.stride())),
-                                    t.dtype) for t in ts]
+    return [
+        None
+        if t is None
+        else (tuple(t.shape), tuple(s if n > 1 else None for n, s in zip(t.shape, t.stride())), t.dtype)
+        for t in ts
+    ]
 
 
 def fake_metadata(op, args) -> list:
@@ -199,10 +256,14 @@ def test_random_configuration(device, seed):
         assert err <= tol, f"{what}: output {i} error {err:.3g}"
     cots = [torch.randn(exact[i].shape, dtype=torch.float64, generator=d.gen) for i in live]
     names = list(t)
-    g_ours = torch.autograd.grad(sum((ours[i].double() * c.to(device)).sum() for i, c in zip(live, cots)),
-                                 [t[k] for k in names], allow_unused=True)
-    g_exact = torch.autograd.grad(sum((exact[i] * c).sum() for i, c in zip(live, cots)),
-                                  [exact_in[k] for k in names], allow_unused=True)
+    g_ours = torch.autograd.grad(
+        sum((ours[i].double() * c.to(device)).sum() for i, c in zip(live, cots)),
+        [t[k] for k in names],
+        allow_unused=True,
+    )
+    g_exact = torch.autograd.grad(
+        sum((exact[i] * c).sum() for i, c in zip(live, cots)), [exact_in[k] for k in names], allow_unused=True
+    )
     for k, a, e in zip(names, g_ours, g_exact):
         assert (a is None) == (e is None), f"{what}: grad {k} defined on one side only"
         if e is None:
@@ -229,8 +290,20 @@ def test_conv_output_layout_is_the_fake_impls_for_a_one_by_one_single_channel_in
     """A channels_last x whose pooled input stage is (N, 1, 1, 1): the backend saw an ambiguous layout and wrote y
     in NCHW, the fake impl promised channels_last, and torch.compile failed on the stride assertion."""
     x = in_layout(torch.randn(1, 1, 2, 2, dtype=torch.float64), "channel_slice")
-    args = (x, torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), True, None, "none",
-            torch.randn(1, 4, 2, 2, dtype=torch.float64), None, True, True, False, None)
+    args = (
+        x,
+        torch.ones(1, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        True,
+        None,
+        "none",
+        torch.randn(1, 4, 2, 2, dtype=torch.float64),
+        None,
+        True,
+        True,
+        False,
+        None,
+    )
     op = torch.ops.unetx.conv_bn_relu.default
     assert fake_metadata(op, args) == metadata(op(*args))
 

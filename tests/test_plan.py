@@ -12,14 +12,25 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from unetx import synthetic
 from unetx.app.data import InputError, Sample
 from unetx.app.plan import Fingerprint, choose_crop_depth, fingerprint, format_duration, parse_duration
 
 
-@pytest.mark.parametrize("text,seconds", [("10m", 600), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150),
-                                          ("600", 600), (" 45s ", 45), ("10min", 600), (30, 30)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("10m", 600),
+        ("90s", 90),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("2.5m", 150),
+        ("600", 600),
+        (" 45s ", 45),
+        ("10min", 600),
+        (30, 30),
+    ],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -57,7 +68,7 @@ def test_fingerprint_measures_object_size_and_balance(radius):
 
 def test_crop_and_depth_follow_object_size_and_image_size():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    fp = lambda d, side=1024: Fingerprint(4, 1, (side, side), side, [0.5, 0.5], d)  # noqa: E731
+    fp = lambda d, side=1024: Fingerprint(4, 1, (side, side), side, [0.5, 0.5], d)
     assert choose_crop_depth(fp(10), cpu, None, None) == (128, 4)  # at least 128 px
     assert choose_crop_depth(fp(30), cpu, None, None) == (192, 4)  # ~6 diameters of context
     assert choose_crop_depth(fp(60), cpu, None, None) == (256, 4)  # at most 256 px on a CPU
@@ -75,14 +86,24 @@ def cells(tmp_path_factory):
 
 def _train(*args, timeout=300):
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "unetx", "train", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "unetx", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     return p, time.perf_counter() - t0
 
 
 def _data_args(cells):
-    return ["--images", cells["train_images"], "--masks", cells["train_masks"], "--val-images", cells["val_images"],
-            "--val-masks", cells["val_masks"], "--no-progress"]
+    return [
+        "--images",
+        cells["train_images"],
+        "--masks",
+        cells["train_masks"],
+        "--val-images",
+        cells["val_images"],
+        "--val-masks",
+        cells["val_masks"],
+        "--no-progress",
+    ]
 
 
 def test_time_budget_run_ends_on_time_with_its_plan_shown_and_written(cells, tmp_path):
@@ -139,8 +160,9 @@ def test_resume_keeps_the_plan_and_the_budget_spent(cells, tmp_path):
     assert "planning" not in p.stdout  # no new probe: the run's own plan
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["config"] == first["config"] and last["epoch"] > first["epoch"]
-    assert {k: last["train_args"][k] for k in ("crop", "batch_size", "depth", "patches_per_image")} == \
-        {k: first["train_args"][k] for k in ("crop", "batch_size", "depth", "patches_per_image")}
+    assert {k: last["train_args"][k] for k in ("crop", "batch_size", "depth", "patches_per_image")} == {
+        k: first["train_args"][k] for k in ("crop", "batch_size", "depth", "patches_per_image")
+    }
     assert first["time_spent"] < last["time_spent"] <= 30
     assert (out / "plan.json").read_text() == plan_before
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 import unetx
 from conftest import randomise_batchnorm
 from unetx.app.data import InputError
@@ -80,8 +79,11 @@ def test_strips_cover_the_image_once_in_order():
         assert y0 == y and s.shape[0] == 3 and s.shape[2] == 70 and s.shape[1] <= 96 - 2 * 16
         y += s.shape[1]
     assert y == 300
-    np.testing.assert_allclose(np.concatenate([s for _, s in strips], axis=1),
-                               predict_tiled(m, x, tile=96, overlap=16, blend="gaussian"), atol=0)
+    np.testing.assert_allclose(
+        np.concatenate([s for _, s in strips], axis=1),
+        predict_tiled(m, x, tile=96, overlap=16, blend="gaussian"),
+        atol=0,
+    )
     classes, probs = predict_classes(m, x, tile=96, overlap=16, keep_probabilities=True)
     full = predict_tiled(m, x, tile=96, overlap=16)
     assert np.array_equal(classes, full.argmax(0))

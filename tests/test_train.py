@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from unetx import checkpoint, synthetic
 from unetx.app.cli import encode_mask
 from unetx.app.data import read_image
 from unetx.app.predict import predict_classes
-from unetx.app.training import Trainer, TrainConfig, TrainingError, train, warn_if_bf16_emulated
+from unetx.app.training import TrainConfig, Trainer, TrainingError, train, warn_if_bf16_emulated
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 TINY = dict(base_channels=4, depth=2, crop=32, batch_size=4, progress=False)
@@ -35,9 +34,14 @@ def cells(tmp_path_factory):
 
 
 def config(cells, out, **kw) -> TrainConfig:
-    return TrainConfig(images=str(cells["train_images"]), masks=str(cells["train_masks"]),
-                       val_images=str(cells["val_images"]), val_masks=str(cells["val_masks"]), out=str(out),
-                       **{**TINY, **kw})
+    return TrainConfig(
+        images=str(cells["train_images"]),
+        masks=str(cells["train_masks"]),
+        val_images=str(cells["val_images"]),
+        val_masks=str(cells["val_masks"]),
+        out=str(out),
+        **{**TINY, **kw},
+    )
 
 
 def state(path) -> dict:
@@ -63,9 +67,31 @@ def _cli(args):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_exactly(cells, tmp_path):
-    common = ["--images", cells["train_images"], "--masks", cells["train_masks"], "--val-images", cells["val_images"],
-              "--val-masks", cells["val_masks"], "--epochs", "3", "--patches-per-image", "4", "--base-channels", "4",
-              "--depth", "2", "--crop", "32", "--batch-size", "4", "--no-progress", "--seed", "11"]
+    common = [
+        "--images",
+        cells["train_images"],
+        "--masks",
+        cells["train_masks"],
+        "--val-images",
+        cells["val_images"],
+        "--val-masks",
+        cells["val_masks"],
+        "--epochs",
+        "3",
+        "--patches-per-image",
+        "4",
+        "--base-channels",
+        "4",
+        "--depth",
+        "2",
+        "--crop",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--seed",
+        "11",
+    ]
     killed = tmp_path / "killed"
     cmd, env = _cli(["train", "--out", killed, *common])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -123,8 +149,18 @@ def test_colour_classes_weight_map_amp_channels_last(tmp_path):
         classes[:, 20:] *= 2  # cells on the right are a second class
         Image.fromarray(np.stack([image] * 3, -1)).save(img_dir / f"{i}.png")  # RGB images
         Image.fromarray(colours[classes]).save(msk_dir / f"{i}.png")
-    r = train(images=str(img_dir), masks=str(msk_dir), out=str(tmp_path / "run"), val_fraction=0.25, epochs=1,
-              weight_map=True, loss="ce", amp="on", channels_last=True, **TINY)
+    r = train(
+        images=str(img_dir),
+        masks=str(msk_dir),
+        out=str(tmp_path / "run"),
+        val_fraction=0.25,
+        epochs=1,
+        weight_map=True,
+        loss="ce",
+        amp="on",
+        channels_last=True,
+        **TINY,
+    )
     assert np.isfinite(r["history"]["train_loss"]).all()
     model, ckpt = checkpoint.load_model(r["best_checkpoint"])
     assert ckpt["classes"]["kind"] == "colour" and len(ckpt["classes"]["values"]) == 3
@@ -148,8 +184,13 @@ def test_bfloat16_autocast_warning_follows_the_cpu():
 
 def test_demo_quick_runs_end_to_end(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "unetx", "demo", "--quick", "--out", tmp_path / "demo", "--no-progress"],
-                       capture_output=True, text=True, timeout=600, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "unetx", "demo", "--quick", "--out", tmp_path / "demo", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert re.search(r"held-out Dice \(foreground\) \d\.\d{4}", p.stdout), p.stdout
     assert (tmp_path / "demo" / "run" / "curves.png").is_file()
@@ -158,8 +199,12 @@ def test_demo_quick_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_reaches_dice_090_on_synthetic_cells(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "unetx", "demo", "--out", tmp_path / "demo", "--no-progress"],
-                       capture_output=True, text=True, timeout=1200)
+    p = subprocess.run(
+        [sys.executable, "-m", "unetx", "demo", "--out", tmp_path / "demo", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     dice = float(re.search(r"held-out Dice \(foreground\) (\d\.\d+)", p.stdout).group(1))
     assert dice >= 0.9, p.stdout
@@ -169,8 +214,25 @@ def test_demo_reaches_dice_090_on_synthetic_cells(tmp_path):
 def test_demo_on_isbi_folder(tmp_path):
     if not (ISBI / "train" / "images").is_dir():
         pytest.skip(f"ISBI 2012 data not found at {ISBI}")
-    p = subprocess.run([sys.executable, "-m", "unetx", "demo", "--quick", "--data", ISBI, "--foreground", "dark",
-                        "--out", tmp_path / "demo", "--no-progress"], capture_output=True, text=True, timeout=1200)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unetx",
+            "demo",
+            "--quick",
+            "--data",
+            ISBI,
+            "--foreground",
+            "dark",
+            "--out",
+            tmp_path / "demo",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "25 training / 5 validation images" in p.stdout
     assert re.search(r"held-out Dice \(foreground\) \d\.\d{4}", p.stdout)

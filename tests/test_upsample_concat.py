@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from unetx import ops
-from unetx import reference as ref
 from conftest import (
-    check_against_reference, check_close, device_param, dtype_param, layout_param, leaf, max_err, randn, scale_of,
+    check_against_reference,
+    check_close,
+    device_param,
+    dtype_param,
+    layout_param,
+    leaf,
+    max_err,
+    randn,
+    scale_of,
     to_layout,
 )
+from unetx import ops
+from unetx import reference as ref
 
 MODES = ["none", "nearest", "bilinear"]
 # (N, skip channels, x channels, x height, x width): odd channels, batch 1, odd low-resolution sizes, 1x1
@@ -35,8 +42,12 @@ def make_inputs(shape, mode, dtype, device, layout, seed=0):
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(mode, shape, layout, dtype, device):
     inputs = make_inputs(shape, mode, dtype, device, layout)
-    (out,), _ = check_against_reference(lambda **kw: ops.upsample_concat(**kw, mode=mode),
-                                        lambda **kw: ref.upsample_concat(**kw, mode=mode), inputs, dtype)
+    (out,), _ = check_against_reference(
+        lambda **kw: ops.upsample_concat(**kw, mode=mode),
+        lambda **kw: ref.upsample_concat(**kw, mode=mode),
+        inputs,
+        dtype,
+    )
     assert out.is_contiguous(memory_format=ops.memory_format(inputs["skip"]))
 
 
@@ -46,8 +57,10 @@ def test_matches_reference(mode, shape, layout, dtype, device):
 @pytest.mark.parametrize("mode", MODES)
 def test_fallback_matches_reference_and_kernel(mode, layout, dtype):
     d = {k: v.detach() for k, v in make_inputs(SHAPES[0], mode, dtype, "cpu", layout).items()}
-    fb, kernel = ops.FALLBACKS["upsample_concat"](d["skip"], d["x"], mode), torch.ops.unetx.upsample_concat(
-        d["skip"], d["x"], mode)
+    fb, kernel = (
+        ops.FALLBACKS["upsample_concat"](d["skip"], d["x"], mode),
+        torch.ops.unetx.upsample_concat(d["skip"], d["x"], mode),
+    )
     assert (fb.shape, fb.dtype, fb.stride()) == (kernel.shape, kernel.dtype, kernel.stride())
     g = torch.randn_like(kernel)
     skip_channels = d["skip"].shape[1]
@@ -75,9 +88,11 @@ def test_opcheck(mode, layout, requires_grad, device):
     args = (leaf(d["skip"], requires_grad), leaf(d["x"], requires_grad), mode)
     torch.library.opcheck(torch.ops.unetx.upsample_concat.default, args)
     out = torch.ops.unetx.upsample_concat(d["skip"].detach(), d["x"].detach(), mode)
-    torch.library.opcheck(torch.ops.unetx.upsample_concat_backward.default,
-                          (torch.randn_like(out), d["skip"].shape[1], mode),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.unetx.upsample_concat_backward.default,
+        (torch.randn_like(out), d["skip"].shape[1], mode),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @device_param
@@ -85,6 +100,7 @@ def test_opcheck(mode, layout, requires_grad, device):
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_float64(mode, layout, device):
     d = make_inputs((1, 2, 2, 3, 3), mode, torch.float64, device, layout, seed=1)
-    f = lambda skip, x: ops.upsample_concat(skip, x, mode)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (d["skip"], d["x"]), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=layout == "channels_last")
+    f = lambda skip, x: ops.upsample_concat(skip, x, mode)
+    assert torch.autograd.gradcheck(
+        f, (d["skip"], d["x"]), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=layout == "channels_last"
+    )

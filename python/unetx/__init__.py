@@ -55,6 +55,26 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["UNet", "convert", "predict_tiled", "evaluate", "TrainConfig", "ClassTable", "InputError", "checkpoint",
-           "data", "losses", "metrics", "predict", "synthetic", "ConvBNReLU", "DoubleConv", "app", "nn", "ops",
-           "reference", "build_info", "__version__"]
+__all__ = [
+    "ClassTable",
+    "ConvBNReLU",
+    "DoubleConv",
+    "InputError",
+    "TrainConfig",
+    "UNet",
+    "__version__",
+    "app",
+    "build_info",
+    "checkpoint",
+    "convert",
+    "data",
+    "evaluate",
+    "losses",
+    "metrics",
+    "nn",
+    "ops",
+    "predict",
+    "predict_tiled",
+    "reference",
+    "synthetic",
+]

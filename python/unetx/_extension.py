@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (must come first: it loads libtorch, which the extension links against)
+import torch
 
 _REBUILD = (
     "Rebuild unetx against the torch you have: `pip install --force-reinstall --no-deps .` in the unetx source "
@@ -13,7 +13,9 @@ _REBUILD = (
 try:
     from unetx import _C  # type: ignore[attr-defined]
 except ImportError as e:  # an undefined symbol is what an ABI mismatch looks like
-    raise ImportError(f"unetx: could not load its compiled extension ({e}). torch is {torch.__version__}. {_REBUILD}") from e
+    raise ImportError(
+        f"unetx: could not load its compiled extension ({e}). torch is {torch.__version__}. {_REBUILD}"
+    ) from e
 
 BUILD_INFO: dict = dict(_C.build_info())
 
@@ -22,4 +24,3 @@ if BUILD_INFO["torch_version"] != torch.__version__:
         f"unetx: the extension was built against torch {BUILD_INFO['torch_version']}, but torch {torch.__version__} "
         f"is imported; a C++ extension only works with the torch it was compiled for. {_REBUILD}"
     )
-

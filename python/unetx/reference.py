@@ -23,7 +23,24 @@ from .ops.reference import (
     upsample_concat,
 )
 
-__all__ = ["UPSAMPLE_MODES", "ConvBNReLU", "DoubleConv", "UNet", "UpBlock", "avg_pool2x2", "bn_relu",
-           "bn_relu_backward", "bn_relu_pool", "conv_bn_relu", "conv_bn_relu_backward", "fold_batch_stats",
-           "input_stage", "input_stage_backward", "receptive_margin", "upsample2x", "upsample_concat",
-           "_pool_backward", "_upsample_backward"]
+__all__ = [
+    "UPSAMPLE_MODES",
+    "ConvBNReLU",
+    "DoubleConv",
+    "UNet",
+    "UpBlock",
+    "_pool_backward",
+    "_upsample_backward",
+    "avg_pool2x2",
+    "bn_relu",
+    "bn_relu_backward",
+    "bn_relu_pool",
+    "conv_bn_relu",
+    "conv_bn_relu_backward",
+    "fold_batch_stats",
+    "input_stage",
+    "input_stage_backward",
+    "receptive_margin",
+    "upsample2x",
+    "upsample_concat",
+]

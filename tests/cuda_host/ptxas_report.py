@@ -23,14 +23,35 @@ ROOT = Path(__file__).resolve().parents[2]
 # finishing kernels (one warp per channel over a few partials) are reported but do not gate.
 NOT_HOT = {"sum_partials_kernel", "batch_stats_finish_kernel"}
 # The same device flags as CMakeLists.txt's CUDA compile options.
-NVCC_FLAGS = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
-              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-Xcompiler", "-fPIC"]
+NVCC_FLAGS = [
+    "-std=c++20",
+    "-O3",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-Xcompiler",
+    "-fPIC",
+]
 
 
 def compile_one(nvcc: str, src: Path, arch: str, includes: list[str], abi: str) -> tuple[Path, int, str]:
-    cmd = [nvcc, "-c", str(src), "-o", os.devnull, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DUNETX_WITH_CUDA=1", *NVCC_FLAGS, f"-I{ROOT / 'csrc'}",
-           *[f"-I{i}" for i in includes]]
+    cmd = [
+        nvcc,
+        "-c",
+        str(src),
+        "-o",
+        os.devnull,
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-DUNETX_WITH_CUDA=1",
+        *NVCC_FLAGS,
+        f"-I{ROOT / 'csrc'}",
+        *[f"-I{i}" for i in includes],
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     return src, r.returncode, r.stdout + r.stderr
 
@@ -79,8 +100,9 @@ def main() -> int:
     ap.add_argument("--arch", default="90")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-                                     if os.environ.get("CUDA_HOME") else None)
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+    )
     if not nvcc:
         print("ptxas report: nvcc not found (put the CUDA toolkit's bin on PATH)", file=sys.stderr)
         return 1
@@ -104,11 +126,15 @@ def main() -> int:
     for r in rows:
         r["kernel"], r["targs"] = short(names[r["name"]])
     rows.sort(key=lambda r: (r["kernel"], r["targs"]))
-    lines = [f"nvcc -Xptxas -v, sm_{args.arch}, {len(rows)} kernel instantiations ({nvcc})",
-             f"{'kernel':34} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st':>8} {'spill ld':>8}  template arguments"]
+    lines = [
+        f"nvcc -Xptxas -v, sm_{args.arch}, {len(rows)} kernel instantiations ({nvcc})",
+        f"{'kernel':34} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st':>8} {'spill ld':>8}  template arguments",
+    ]
     for r in rows:
-        lines.append(f"{r['kernel']:34} {r['regs']:>4} {r['smem']:>6} {r['stack']:>5} {r['spill_st']:>8} "
-                     f"{r['spill_ld']:>8}  {r['targs']}")
+        lines.append(
+            f"{r['kernel']:34} {r['regs']:>4} {r['smem']:>6} {r['stack']:>5} {r['spill_st']:>8} "
+            f"{r['spill_ld']:>8}  {r['targs']}"
+        )
     lines.append("")
     lines.append("per kernel: max registers, max shared memory, max stack frame, spill bytes (stores + loads)")
     spilled = []
@@ -116,17 +142,20 @@ def main() -> int:
         rs = [r for r in rows if r["kernel"] == k]
         spill = sum(r["spill_st"] + r["spill_ld"] for r in rs)
         hot = k not in NOT_HOT
-        lines.append(f"  {k:34} regs {max(r['regs'] for r in rs):>3}  smem {max(r['smem'] for r in rs):>5}  "
-                     f"stack {max(r['stack'] for r in rs):>4}  spill {spill:>5}  {'hot' if hot else ''}")
+        lines.append(
+            f"  {k:34} regs {max(r['regs'] for r in rs):>3}  smem {max(r['smem'] for r in rs):>5}  "
+            f"stack {max(r['stack'] for r in rs):>4}  spill {spill:>5}  {'hot' if hot else ''}"
+        )
         if hot and spill:
             spilled.append(k)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-(len({r['kernel'] for r in rows}) + 1):]))
+    print("\n".join(lines[-(len({r["kernel"] for r in rows}) + 1) :]))
     print(f"ptxas report: {args.out}")
     if len({r["kernel"] for r in rows}) < 12:
-        print(f"ptxas report: expected the 12 unetx kernels, found {sorted({r['kernel'] for r in rows})}",
-              file=sys.stderr)
+        print(
+            f"ptxas report: expected the 12 unetx kernels, found {sorted({r['kernel'] for r in rows})}", file=sys.stderr
+        )
         return 1
     if spilled:
         print(f"ptxas report: local-memory spills in hot kernels: {', '.join(spilled)}", file=sys.stderr)

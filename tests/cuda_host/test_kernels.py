@@ -21,16 +21,26 @@ import torch
 
 _BUILD = os.environ.get("UNETX_CUDA_HOST_BUILD")
 if not _BUILD:
-    pytest.skip("the host build of the CUDA kernels: run scripts/cuda-host-check (or set UNETX_CUDA_HOST_BUILD)",
-                allow_module_level=True)
+    pytest.skip(
+        "the host build of the CUDA kernels: run scripts/cuda-host-check (or set UNETX_CUDA_HOST_BUILD)",
+        allow_module_level=True,
+    )
 sys.path.insert(0, _BUILD)
+import unetx  # noqa: E402  (torch.ops.unetx: the CPU kernels)
 import unetx_cuda_host as host  # noqa: E402
-
-import unetx  # noqa: E402,F401  (torch.ops.unetx: the CPU kernels)
-from unetx import reference as ref  # noqa: E402
 from conftest import (  # noqa: E402
-    TOL, check_close, check_vs_stock, dtype_id, grads_of, leaf, max_err, rand, randn, stock_bound, to_layout,
+    check_close,
+    check_vs_stock,
+    dtype_id,
+    grads_of,
+    leaf,
+    max_err,
+    rand,
+    randn,
+    stock_bound,
+    to_layout,
 )
+from unetx import reference as ref  # noqa: E402
 
 HOST = torch.ops.unetx_cuda_host
 CPU = torch.ops.unetx
@@ -166,7 +176,8 @@ def test_bn_relu(with_mean, shape, layout, dtype, launches):
 def test_bn_relu_pool(with_mean, shape, layout, dtype, launches):
     y, s, t, m = act_inputs(shape, dtype, layout, with_mean)
     (z, p), (gz, gp), exact_args, stock_args, exact, stock = compare_op(
-        "bn_relu_pool", ref.bn_relu_pool, [y, s, t, m], 4, dtype)
+        "bn_relu_pool", ref.bn_relu_pool, [y, s, t, m], 4, dtype
+    )
     ours = HOST.bn_relu_pool_backward(gz, gp, y, s, t, m)
     cpu = CPU.bn_relu_pool_backward(gz, gp, y, s, t, m)
     ge = grads_of(exact, [gz, gp], exact_args)
@@ -174,8 +185,12 @@ def test_bn_relu_pool(with_mean, shape, layout, dtype, launches):
     for k, a, b, e, st in zip(["y", "scale", "shift", "mean"], ours, cpu, ge, gs):
         check(a, b, e, st, dtype, f"bn_relu_pool grad {k}")
     expected_kernels(launches, layout, shape, dtype, pool=True)
-    assert ran(launches, "activation_forward_" + ("cl" if layout == "channels_last" else "planar") + "_kernel",
-               POOL="true", ACT="true")
+    assert ran(
+        launches,
+        "activation_forward_" + ("cl" if layout == "channels_last" else "planar") + "_kernel",
+        POOL="true",
+        ACT="true",
+    )
 
 
 @dtype_param
@@ -185,8 +200,9 @@ def test_avg_pool2x2(shape, layout, dtype, launches):
     x, *_ = act_inputs(shape, dtype, layout, False)
     (p,), (g,), exact_args, stock_args, exact, stock = compare_op("avg_pool2x2", ref.avg_pool2x2, [x], 1, dtype)
     ours, cpu = HOST.avg_pool2x2_backward(g), CPU.avg_pool2x2_backward(g)
-    check(ours, cpu, grads_of(exact, [g], exact_args)[0], grads_of(stock, [g], stock_args)[0], dtype,
-          "avg_pool2x2 grad")
+    check(
+        ours, cpu, grads_of(exact, [g], exact_args)[0], grads_of(stock, [g], stock_args)[0], dtype, "avg_pool2x2 grad"
+    )
     # no normalisation: the kernels' ACT = false variants, and nothing to reduce
     expected_kernels(launches, layout, shape, dtype, pool=True, reduce=False)
     assert not ran(launches, "sum_partials_kernel")
@@ -214,9 +230,10 @@ def test_upsample_concat(mode, shape, layout, dtype, launches):
     f = 1 if mode == "none" else 2
     skip = to_layout(randn(n, cs, f * h, f * w, gen=gen).to(dtype), layout)
     x = to_layout(randn(n, cx, h, w, gen=gen).to(dtype), layout)
-    reference = lambda skip, x, mode: ref.upsample_concat(skip, x, mode)  # noqa: E731
-    (out,), (g,), exact_args, stock_args, exact, stock = compare_op("upsample_concat", reference, [skip, x, mode], 2,
-                                                                    dtype)
+    reference = lambda skip, x, mode: ref.upsample_concat(skip, x, mode)
+    (out,), (g,), exact_args, stock_args, exact, stock = compare_op(
+        "upsample_concat", reference, [skip, x, mode], 2, dtype
+    )
     ours, cpu = HOST.upsample_concat_backward(g, cs, mode), CPU.upsample_concat_backward(g, cs, mode)
     ge, gs = grads_of(exact, [g], exact_args[:2]), grads_of(stock, [g], stock_args[:2])
     for k, a, b, e, st in zip(["skip", "x"], ours, cpu, ge, gs):
@@ -252,8 +269,18 @@ def test_upsample_concat_backward_refuses_an_odd_gradient(shape):
 CONV_CASES = {
     # name: (x shape, x2 shape or None, x2 mode, weight shape, transposed, pool, scale, mean, stats, relu)
     "pool-concat-stats": ((2, 8, 8, 12), (2, 8, 2, 3), "nearest", (16, 16, 3, 3), False, True, True, True, True, False),
-    "odd-bilinear-stats": ((1, 5, 6, 6), (1, 3, 3, 3), "bilinear", (7, 8, 3, 3), False, False, True, False, True,
-                           False),
+    "odd-bilinear-stats": (
+        (1, 5, 6, 6),
+        (1, 3, 3, 3),
+        "bilinear",
+        (7, 8, 3, 3),
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+    ),
     "eval-relu": ((2, 4, 6, 8), None, "none", (8, 4, 3, 3), False, False, False, False, False, True),
     "transposed-stats": ((2, 8, 3, 4), None, "none", (8, 4, 2, 2), True, False, True, True, True, False),
 }
@@ -280,13 +307,29 @@ def test_conv_bn_relu(case, layout, dtype, launches):
     shift = randn(c, std=0.5, dtype=vec_dtype, gen=gen) if with_scale else None
     mean = randn(c, std=0.3, dtype=vec_dtype, gen=gen) if with_mean else None
     args = [x, scale, shift, pool, x2, mode, weight, None, transposed, stats, relu, mean]
-    (y, bm, bv), cots, exact_args, stock_args, exact, stock = compare_op("conv_bn_relu", conv_reference, args, 0,
-                                                                        dtype)
+    (y, bm, bv), cots, exact_args, stock_args, exact, stock = compare_op("conv_bn_relu", conv_reference, args, 0, dtype)
     gy = cots[0]
     gm = randn(bm.shape[0], gen=gen).to(bm.dtype) if stats else None
     gv = randn(bv.shape[0], gen=gen).to(bv.dtype) if stats else None
-    bw = [gy, gm, gv, x, scale, shift, pool, x2, mode, weight, False, transposed, y if stats or relu else y[:0],
-          bm, relu, [True, True, True, True], mean]
+    bw = [
+        gy,
+        gm,
+        gv,
+        x,
+        scale,
+        shift,
+        pool,
+        x2,
+        mode,
+        weight,
+        False,
+        transposed,
+        y if stats or relu else y[:0],
+        bm,
+        relu,
+        [True, True, True, True],
+        mean,
+    ]
     ours, cpu = HOST.conv_bn_relu_backward(*bw), CPU.conv_bn_relu_backward(*bw)
     names = ["x", "x_scale", "x_shift", "x2", "weight", "bias", "x_mean"]
     idx = {"x": 0, "x_scale": 1, "x_shift": 2, "x2": 4, "weight": 6, "bias": 7, "x_mean": 11}
@@ -317,13 +360,16 @@ def test_reductions_over_many_blocks(layout, sms, launches, monkeypatch):
     y, s, t, m = act_inputs((2, 3, 16, 20), torch.float32, layout, True, seed=4)
     _, (g,), exact_args, _, exact, _ = compare_op("bn_relu", ref.bn_relu, [y, s, t, m], 4, torch.float32)
     ge = grads_of(exact, [g], exact_args)
-    for k, a, b, e in zip(["y", "scale", "shift", "mean"], HOST.bn_relu_backward(g, y, s, t, m),
-                          CPU.bn_relu_backward(g, y, s, t, m), ge):
+    for k, a, b, e in zip(
+        ["y", "scale", "shift", "mean"], HOST.bn_relu_backward(g, y, s, t, m), CPU.bn_relu_backward(g, y, s, t, m), ge
+    ):
         check(a, b, e, None, torch.float32, f"grad {k}")
-    w = randn(5, 3, 3, 3).contiguous(memory_format=torch.channels_last if layout == "channels_last" else
-                                     torch.contiguous_format)
-    compare_op("conv_bn_relu", conv_reference, [y, s, t, False, None, "none", w, None, False, True, False, m], 0,
-               torch.float32)
+    w = randn(5, 3, 3, 3).contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    )
+    compare_op(
+        "conv_bn_relu", conv_reference, [y, s, t, False, None, "none", w, None, False, True, False, m], 0, torch.float32
+    )
     assert ran(launches, "sum_partials_kernel") and ran(launches, "batch_stats_finish_kernel")
 
 
@@ -333,11 +379,16 @@ def test_every_cuda_kernel_is_covered():
     kernels = set()
     for name in os.listdir(root):
         if name.endswith(".cu"):
-            src = open(os.path.join(root, name)).read()
+            with open(os.path.join(root, name)) as f:
+                src = f.read()
             kernels |= set(re.findall(r"__global__ void __launch_bounds__\(\w+\)\s+(\w+)\(", src))
-    checked = set(re.findall(r"\b(\w+_kernel)\b", open(__file__).read()))
-    checked |= {f"{p}_{s}" for p in ("activation_forward", "activation_backward", "batch_stats", "fold_output_grad")
-                for s in ("planar_kernel", "cl_kernel")}
+    with open(__file__) as f:
+        checked = set(re.findall(r"\b(\w+_kernel)\b", f.read()))
+    checked |= {
+        f"{p}_{s}"
+        for p in ("activation_forward", "activation_backward", "batch_stats", "fold_output_grad")
+        for s in ("planar_kernel", "cl_kernel")
+    }
     assert len(kernels) == 12 and kernels <= checked, sorted(kernels - checked)
 
 
@@ -360,13 +411,15 @@ def test_misaligned_inputs_take_the_scalar_path(layout, dtype, launches):
     choose scalar accesses (the emulation asserts every 16-byte access is aligned), with the same results."""
     y, s, t, m = act_inputs(ACT_SHAPES["vector"], dtype, layout, True)
     compare_op("bn_relu_pool", ref.bn_relu_pool, [offset_by_one(y), s, t, m], 4, dtype)
-    assert vec_width(launches, "activation_forward_" + ("cl" if layout == "channels_last" else "planar")
-                     + "_kernel") == {1}
+    assert vec_width(
+        launches, "activation_forward_" + ("cl" if layout == "channels_last" else "planar") + "_kernel"
+    ) == {1}
     host.reset_kernel_launches()
     gen = torch.Generator().manual_seed(6)
     skip = to_layout(randn(2, 8, 6, 8, gen=gen).to(dtype), layout)
     x = offset_by_one(to_layout(randn(2, 8, 3, 4, gen=gen).to(dtype), layout))
-    compare_op("upsample_concat", lambda skip, x, mode: ref.upsample_concat(skip, x, mode), [skip, x, "bilinear"], 2,
-               dtype)
+    compare_op(
+        "upsample_concat", lambda skip, x, mode: ref.upsample_concat(skip, x, mode), [skip, x, "bilinear"], 2, dtype
+    )
     if layout == "channels_last":  # planar reads x element by element anyway
         assert vec_width(launches, "upsample_forward_kernel") == {1}

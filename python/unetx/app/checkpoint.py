@@ -111,8 +111,9 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def to_dict(model: nn.Module, *, classes: ClassTable, normalize: str = "dtype", loss: str = "ce+dice",
-            epoch: int = 0, **extra) -> dict:
+def to_dict(
+    model: nn.Module, *, classes: ClassTable, normalize: str = "dtype", loss: str = "ce+dice", epoch: int = 0, **extra
+) -> dict:
     """The checkpoint dict of a model (weights copied to the CPU) and its metadata."""
     m = unwrap(model)
     config = getattr(m, "config", None)
@@ -121,9 +122,17 @@ def to_dict(model: nn.Module, *, classes: ClassTable, normalize: str = "dtype", 
     from .. import __version__
 
     state = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-    ckpt = {"format": FORMAT, "unetx_version": __version__, "model": MODEL, "config": dict(config),
-            "state_dict": state, "classes": classes.to_dict(), "normalize": normalize, "loss": loss,
-            "epoch": int(epoch)}
+    ckpt = {
+        "format": FORMAT,
+        "unetx_version": __version__,
+        "model": MODEL,
+        "config": dict(config),
+        "state_dict": state,
+        "classes": classes.to_dict(),
+        "normalize": normalize,
+        "loss": loss,
+        "epoch": int(epoch),
+    }
     ckpt.update(extra)
     return ckpt
 
@@ -154,8 +163,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
         else:
             raise InputError(f"checkpoint {path} is a folder without best.pt or last.pt")
     if not path.exists():
-        raise InputError(f"checkpoint {path} does not exist; give the best.pt or last.pt of a `unetx train` run "
-                         "(or the run's folder)")
+        raise InputError(
+            f"checkpoint {path} does not exist; give the best.pt or last.pt of a `unetx train` run "
+            "(or the run's folder)"
+        )
     if not path.is_file():
         raise InputError(f"checkpoint {path} is not a regular file; give a best.pt or last.pt written by `unetx train`")
     try:
@@ -164,18 +175,24 @@ def load(path: str | Path, map_location="cpu") -> dict:
         # torch's message is mostly advice on weights_only=False, which unetx never uses; keep the global it names
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found is None:
-            raise InputError(f"{path} is not a unetx checkpoint: it is not a PyTorch file, or it is truncated or "
-                             "damaged; give a best.pt or last.pt written by `unetx train`") from None
-        raise InputError(f"{path} is not a unetx checkpoint: it holds Python objects ({found.group(1)}) that are "
-                         "not loaded, for safety; give a best.pt or last.pt written by `unetx train`") from None
+            raise InputError(
+                f"{path} is not a unetx checkpoint: it is not a PyTorch file, or it is truncated or "
+                "damaged; give a best.pt or last.pt written by `unetx train`"
+            ) from None
+        raise InputError(
+            f"{path} is not a unetx checkpoint: it holds Python objects ({found.group(1)}) that are "
+            "not loaded, for safety; give a best.pt or last.pt written by `unetx train`"
+        ) from None
     except MemoryError:
         raise InputError(f"{path} is not a unetx checkpoint: reading it needs more memory than there is") from None
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's problem (random bytes gave
+    except Exception as e:
         # IndexError, EOFError, RuntimeError, zipfile errors, ...): one message naming the file
         first = (str(e).strip().splitlines() or [""])[0][:120]
-        raise InputError(f"{path} is not a unetx checkpoint: it is not a PyTorch file, or it is truncated or damaged "
-                         f"({type(e).__name__}{': ' + first if first else ''}); give a best.pt or last.pt written by "
-                         "`unetx train`") from None
+        raise InputError(
+            f"{path} is not a unetx checkpoint: it is not a PyTorch file, or it is truncated or damaged "
+            f"({type(e).__name__}{': ' + first if first else ''}); give a best.pt or last.pt written by "
+            "`unetx train`"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = type(ckpt).__name__
         if isinstance(ckpt, dict):
@@ -185,8 +202,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
                 what = "a bare state_dict without the model's configuration"
             else:
                 what = f"a dict with keys {sorted(map(str, ckpt))[:6]}"
-        raise InputError(f"{path} is not a unetx checkpoint (format {FORMAT}): it holds {what}; give a best.pt or "
-                         "last.pt written by `unetx train` (a bare state_dict loads with unetx.UNet(...).load_state_dict)")
+        raise InputError(
+            f"{path} is not a unetx checkpoint (format {FORMAT}): it holds {what}; give a best.pt or "
+            "last.pt written by `unetx train` (a bare state_dict loads with unetx.UNet(...).load_state_dict)"
+        )
     missing = [k for k in ("config", "state_dict", "classes", "model", "normalize") if k not in ckpt]
     if missing or ckpt["model"] != MODEL:
         raise InputError(f"{path} is a damaged unetx checkpoint (missing {missing}, model {ckpt.get('model')!r})")
@@ -201,11 +220,13 @@ def load(path: str | Path, map_location="cpu") -> dict:
         problems.append(f"normalize {ckpt['normalize']!r} is not one of {NORMALIZATIONS}")
     try:
         ClassTable.from_dict(ckpt["classes"])
-    except Exception as e:  # noqa: BLE001 - a damaged class table, whatever its damage
+    except Exception as e:
         problems.append(f"its class table is damaged ({type(e).__name__}: {str(e)[:120]})")
     if problems:
-        raise InputError(f"{path} is a damaged unetx checkpoint: {'; '.join(problems)}; give a best.pt or last.pt "
-                         "written by `unetx train`")
+        raise InputError(
+            f"{path} is a damaged unetx checkpoint: {'; '.join(problems)}; give a best.pt or last.pt "
+            "written by `unetx train`"
+        )
     return ckpt
 
 
@@ -215,13 +236,15 @@ def build_model(ckpt: dict, path: str | Path = "checkpoint", sync_bn: bool = Fal
 
     try:
         model = UNet(**ckpt["config"], sync_bn=sync_bn)
-    except Exception as e:  # noqa: BLE001 - whatever an edited config makes the constructor raise
+    except Exception as e:
         raise InputError(f"{path}: cannot build the model from its config {ckpt['config']}: {e}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except Exception as e:  # noqa: BLE001 - wrong shapes, keys or types: the file's problem
-        raise InputError(f"{path}: the weights do not fit the model it describes ({str(e).splitlines()[0][:300]}); "
-                         "the checkpoint is damaged or was edited") from None
+    except Exception as e:
+        raise InputError(
+            f"{path}: the weights do not fit the model it describes ({str(e).splitlines()[0][:300]}); "
+            "the checkpoint is damaged or was edited"
+        ) from None
     return model
 
 

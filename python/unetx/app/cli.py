@@ -30,31 +30,48 @@ TRAIN_HELP = {
     "images": "folder of training images (PNG, JPEG, TIFF; multi-page TIFFs are stacks of slices)",
     "masks": "folder of masks, paired with the images by file stem",
     "out": "run folder for checkpoints, history, curves and overlays",
-    "val_images": "folder of validation images", "val_masks": "folder of validation masks",
+    "val_images": "folder of validation images",
+    "val_masks": "folder of validation masks",
     "val_fraction": "hold out the last round(F*N) training images (name order) for validation",
     "mask_suffix": "mask stem = image stem + this (e.g. _mask)",
-    "mask_mode": "auto | binary | labels | colour", "foreground": "binary masks: bright | dark value is foreground",
+    "mask_mode": "auto | binary | labels | colour",
+    "foreground": "binary masks: bright | dark value is foreground",
     "classes": "number of classes of label-map masks (default: largest value + 1)",
     "class_table": "JSON class table: list of grey values or [r,g,b] colours, or {kind, values, names}",
     "normalize": "image scaling: dtype (by bit depth) | percentile | standardize",
-    "base_channels": "channels of the first level", "depth": "number of poolings", "pool": "avg | max",
-    "upsample": "transpose | nearest | bilinear", "dropout": "dropout before the expanding path",
-    "sync_bn": "batch statistics across processes (DDP)", "epochs": "total epochs", "batch_size": "patches per step",
-    "crop": "training patch size (pixels)", "patches_per_image": "random patches per image per epoch",
-    "lr": "Adam learning rate", "weight_decay": "Adam weight decay",
+    "base_channels": "channels of the first level",
+    "depth": "number of poolings",
+    "pool": "avg | max",
+    "upsample": "transpose | nearest | bilinear",
+    "dropout": "dropout before the expanding path",
+    "sync_bn": "batch statistics across processes (DDP)",
+    "epochs": "total epochs",
+    "batch_size": "patches per step",
+    "crop": "training patch size (pixels)",
+    "patches_per_image": "random patches per image per epoch",
+    "lr": "Adam learning rate",
+    "weight_decay": "Adam weight decay",
     "schedule": "learning-rate schedule: cosine | step | plateau | none",
-    "loss": "ce+dice | ce | dice | bce | bce+dice | mse", "weight_map": "use the U-Net paper's border weight map",
-    "w0": "weight map: border weight w0", "sigma": "weight map: border width sigma (pixels)",
+    "loss": "ce+dice | ce | dice | bce | bce+dice | mse",
+    "weight_map": "use the U-Net paper's border weight map",
+    "w0": "weight map: border weight w0",
+    "sigma": "weight map: border width sigma (pixels)",
     "augment": "augmentation (flips, rotations, elastic, intensity)",
-    "elastic": "probability of elastic deformation", "elastic_sigma": "elastic displacement std (pixels)",
-    "brightness": "brightness jitter", "contrast": "contrast jitter",
-    "amp": "mixed precision: auto (CUDA) | on | off", "channels_last": "channels-last memory format",
-    "seed": "random seed (weights, patches, augmentation)", "workers": "DataLoader worker processes",
-    "device": "auto | cpu | cuda | cuda:N", "val_every": "validate every N epochs",
+    "elastic": "probability of elastic deformation",
+    "elastic_sigma": "elastic displacement std (pixels)",
+    "brightness": "brightness jitter",
+    "contrast": "contrast jitter",
+    "amp": "mixed precision: auto (CUDA) | on | off",
+    "channels_last": "channels-last memory format",
+    "seed": "random seed (weights, patches, augmentation)",
+    "workers": "DataLoader worker processes",
+    "device": "auto | cpu | cuda | cuda:N",
+    "val_every": "validate every N epochs",
     "val_tile": "validation images larger than this run by overlap-tile",
-    "overlays": "validation overlay PNGs to write", "progress": "progress bars",
+    "overlays": "validation overlay PNGs to write",
+    "progress": "progress bars",
     "time": "time budget, e.g. 10m, 90s, 1h: the run (validation and checkpoints included) ends within it, the "
-            "plan picks every option not given for it; with neither --time nor --epochs: 10m on a CPU, 30m on a GPU",
+    "plan picks every option not given for it; with neither --time nor --epochs: 10m on a CPU, 30m on a GPU",
 }
 RESUME_OVERRIDES = ("epochs", "time", "device", "workers", "progress")
 
@@ -65,9 +82,16 @@ def _train_choices() -> dict:
     from .losses import LOSSES
     from .training import AMP_MODES, SCHEDULES
 
-    return {"mask_mode": MASK_MODES, "foreground": POLARITIES, "normalize": NORMALIZATIONS, "pool": ("avg", "max"),
-            "upsample": ("transpose", "nearest", "bilinear"), "schedule": SCHEDULES, "loss": LOSSES,
-            "amp": AMP_MODES}
+    return {
+        "mask_mode": MASK_MODES,
+        "foreground": POLARITIES,
+        "normalize": NORMALIZATIONS,
+        "pool": ("avg", "max"),
+        "upsample": ("transpose", "nearest", "bilinear"),
+        "schedule": SCHEDULES,
+        "loss": LOSSES,
+        "amp": AMP_MODES,
+    }
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -82,8 +106,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         # default None everywhere: only the options actually given are passed on (and checked against --resume)
         if isinstance(default, bool):
             if default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=None,
-                               help=helptext)
+                p.add_argument(
+                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=None, help=helptext
+                )
             else:
                 p.add_argument(flag, dest=f.name, action="store_true", default=None, help=helptext)
             continue
@@ -91,8 +116,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if f.name in ("classes", "patches_per_image"):
             kind = int
         p.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices.get(f.name), help=helptext)
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint (with --epochs to extend it)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (with --epochs to extend it)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -106,9 +134,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         extra = sorted(set(given) - set(RESUME_OVERRIDES))
         if extra:
-            raise InputError(f"with --resume the run's own options are used; only "
-                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may be given "
-                             f"(got {', '.join('--' + k.replace('_', '-') for k in extra)})")
+            raise InputError(
+                f"with --resume the run's own options are used; only "
+                f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may be given "
+                f"(got {', '.join('--' + k.replace('_', '-') for k in extra)})"
+            )
         Trainer.from_run_dir(args.resume, started=started, **given).run()
         return 0
     Trainer(TrainConfig(**given), plan_given=set(given), started=started).run()
@@ -131,10 +161,18 @@ def _check_output_dir(path: Path, option: str = "--output") -> Path:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt written by `unetx train`")
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
-    p.add_argument("--overlap", type=int, default=None,
-                   help="context pixels on each side of a tile (default: the network's receptive margin, exact)")
-    p.add_argument("--blend", choices=("crop", "gaussian"), default="crop",
-                   help="keep tile centres (crop) or blend overlapping centres with a Gaussian window")
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="context pixels on each side of a tile (default: the network's receptive margin, exact)",
+    )
+    p.add_argument(
+        "--blend",
+        choices=("crop", "gaussian"),
+        default="crop",
+        help="keep tile centres (crop) or blend overlapping centres with a Gaussian window",
+    )
     p.add_argument("--tta", action="store_true", help="average over the 4 flips (test-time augmentation)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -147,8 +185,10 @@ def _check_model_options(args) -> None:
     if args.tile < 1:
         raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
     if args.overlap is not None and args.overlap < 0:
-        raise InputError(f"--overlap must be >= 0 pixels of context per side, got {args.overlap}; leave it out for "
-                         "the network's receptive margin")
+        raise InputError(
+            f"--overlap must be >= 0 pixels of context per side, got {args.overlap}; leave it out for "
+            "the network's receptive margin"
+        )
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be a positive number of tiles, got {args.batch_size}")
 
@@ -165,9 +205,11 @@ def _load(args) -> tuple:
     m = model_multiple(model)
     need = 2 * (-(-overlap // m) * m) + m
     if args.tile < need:
-        raise InputError(f"--tile {args.tile} is too small for this network (depth {model.config['depth']}) with "
-                         f"--overlap {overlap}: a tile needs at least {need} pixels; use --tile {max(need, 256)} "
-                         "or lower --overlap")
+        raise InputError(
+            f"--tile {args.tile} is too small for this network (depth {model.config['depth']}) with "
+            f"--overlap {overlap}: a tile needs at least {need} pixels; use --tile {max(need, 256)} "
+            "or lower --overlap"
+        )
     return model, ckpt, overlap
 
 
@@ -193,8 +235,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = checkpoint.class_table(ckpt)
     pairs = read_images(args.input)
     in_ch = model.config["in_channels"]
-    bad = [f"{p.image_path.name} has {p.image.shape[-1]} channels" for p in pairs
-           if p.image.shape[-1] != in_ch and not (p.image.shape[-1] == 1 and in_ch == 3)]
+    bad = [
+        f"{p.image_path.name} has {p.image.shape[-1]} channels"
+        for p in pairs
+        if p.image.shape[-1] != in_ch and not (p.image.shape[-1] == 1 and in_ch == 3)
+    ]
     if bad:
         raise InputError(f"the model takes {in_ch}-channel images: " + "; ".join(bad))
     out.mkdir(parents=True, exist_ok=True)
@@ -202,9 +247,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     written = 0
     for pair in pairs:
         for name, k in _slices(pair):
-            classes, probs = predict_classes(model, pair.image[k], tile=args.tile, overlap=overlap, blend=args.blend,
-                                             tta=args.tta, batch_size=args.batch_size, normalize=ckpt["normalize"],
-                                             amp=args.amp, progress=args.progress, keep_probabilities=args.probabilities)
+            classes, probs = predict_classes(
+                model,
+                pair.image[k],
+                tile=args.tile,
+                overlap=overlap,
+                blend=args.blend,
+                tta=args.tta,
+                batch_size=args.batch_size,
+                normalize=ckpt["normalize"],
+                amp=args.amp,
+                progress=args.progress,
+                keep_probabilities=args.probabilities,
+            )
             save_png(encode_mask(classes, table, args.mask_values), out / f"{name}_mask.png")
             if probs is not None:
                 for c, plane in enumerate(probs):
@@ -219,8 +274,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 img = image_to_chw(pair.image[k][::step, ::step], pair.image.shape[-1], ckpt["normalize"], name)
                 save_png(comparison(img, classes[::step, ::step]), out / f"{name}_overlay.png")
             written += 1
-    print(f"unetx predict: {written} image{'s' * (written != 1)} segmented in {time.perf_counter() - t0:.1f}s "
-          f"(tile {args.tile}, overlap {overlap}, {args.blend}{', TTA' if args.tta else ''}); masks in {out}")
+    print(
+        f"unetx predict: {written} image{'s' * (written != 1)} segmented in {time.perf_counter() - t0:.1f}s "
+        f"(tile {args.tile}, overlap {overlap}, {args.blend}{', TTA' if args.tta else ''}); masks in {out}"
+    )
     return 0
 
 
@@ -240,7 +297,7 @@ def print_table(rows: list[dict]) -> None:
     width = max(12, max(len(str(r["name"])) for r in rows))
     print(f"{'image':<{width}}  " + "  ".join(f"{k:>{max(len(k), 8)}}" for k in keys[1:]))
     for r in rows:
-        print(f"{str(r['name']):<{width}}  " + "  ".join(f"{r[k]:>{max(len(k), 8)}.4f}" for k in keys[1:]))
+        print(f"{r['name']!s:<{width}}  " + "  ".join(f"{r[k]:>{max(len(k), 8)}.4f}" for k in keys[1:]))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -267,9 +324,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"--csv {csv_path}: the folder {csv_path.parent} does not exist")
     model, ckpt, overlap = _load(args)
     table = checkpoint.class_table(ckpt)
-    result = evaluate(model, args.images, args.masks, classes=table, normalize=ckpt["normalize"],
-                      mask_suffix=args.mask_suffix, tile=args.tile, overlap=overlap, blend=args.blend, tta=args.tta,
-                      batch_size=args.batch_size, amp=args.amp, progress=args.progress)
+    result = evaluate(
+        model,
+        args.images,
+        args.masks,
+        classes=table,
+        normalize=ckpt["normalize"],
+        mask_suffix=args.mask_suffix,
+        tile=args.tile,
+        overlap=overlap,
+        blend=args.blend,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        amp=args.amp,
+        progress=args.progress,
+    )
     rows = result.rows
     mean, pooled = result.summary()
     print_table(rows + [mean, pooled])
@@ -300,9 +369,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"the demo output folder {out} is a file; choose another --out")
     _check_output_dir(out, "--out")
-    if out.exists() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).exists():
-            raise InputError(f"{out} exists and was not made by `unetx demo`; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        raise InputError(f"{out} exists and was not made by `unetx demo`; choose another --out")
     quick = args.quick
     t0 = started = time.perf_counter()
     from .plan import parse_duration
@@ -314,17 +382,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out.mkdir(parents=True)
         (out / DEMO_MARKER).write_text("made by unetx demo; deleted by the next demo run into this folder\n")
         size = 64 if quick else 128
-        paths = synthetic.write_dataset(out / "data", n_train=8 if quick else 24, n_val=2 if quick else 6,
-                                        size=size, large=160 if quick else 640, seed=args.seed)
-        print(f"unetx demo: synthetic cell images written to {out / 'data'} "
-              f"({'8' if quick else '24'} training, {'2' if quick else '6'} held-out, 1 large)")
-        cfg = TrainConfig(images=str(paths["train_images"]), masks=str(paths["train_masks"]),
-                          val_images=str(paths["val_images"]), val_masks=str(paths["val_masks"]),
-                          out=str(out / "run"), lr=3e-3, seed=args.seed, device=args.device,
-                          progress=not args.no_progress, elastic=0.3)
+        paths = synthetic.write_dataset(
+            out / "data",
+            n_train=8 if quick else 24,
+            n_val=2 if quick else 6,
+            size=size,
+            large=160 if quick else 640,
+            seed=args.seed,
+        )
+        print(
+            f"unetx demo: synthetic cell images written to {out / 'data'} "
+            f"({'8' if quick else '24'} training, {'2' if quick else '6'} held-out, 1 large)"
+        )
+        cfg = TrainConfig(
+            images=str(paths["train_images"]),
+            masks=str(paths["train_masks"]),
+            val_images=str(paths["val_images"]),
+            val_masks=str(paths["val_masks"]),
+            out=str(out / "run"),
+            lr=3e-3,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+            elastic=0.3,
+        )
         if quick:  # a wiring check: every size fixed and tiny, nothing to plan
-            fixed = dict(base_channels=8, depth=3, epochs=args.epochs or 2, batch_size=8, crop=64,
-                         patches_per_image=2)
+            fixed = dict(base_channels=8, depth=3, epochs=args.epochs or 2, batch_size=8, crop=64, patches_per_image=2)
         else:  # the same planner as `unetx train`, for the demo's time budget (or its --epochs)
             fixed = {"epochs": args.epochs} if args.epochs else {}
             cfg.time = None if args.epochs else args.time
@@ -337,12 +420,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         (out / DEMO_MARKER).write_text("made by unetx demo; deleted by the next demo run into this folder\n")
-        cfg = TrainConfig(images=str(images), masks=str(masks), val_fraction=args.val_fraction, out=str(out / "run"),
-                          foreground=args.foreground, lr=1e-3, seed=args.seed, device=args.device,
-                          progress=not args.no_progress)
+        cfg = TrainConfig(
+            images=str(images),
+            masks=str(masks),
+            val_fraction=args.val_fraction,
+            out=str(out / "run"),
+            foreground=args.foreground,
+            lr=1e-3,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+        )
         if quick:
-            fixed = dict(base_channels=8, depth=3, epochs=args.epochs or 1, batch_size=4, crop=128,
-                         patches_per_image=1)
+            fixed = dict(base_channels=8, depth=3, epochs=args.epochs or 1, batch_size=4, crop=128, patches_per_image=1)
         else:
             fixed = {"epochs": args.epochs} if args.epochs else {}
             cfg.time = None if args.epochs else args.time
@@ -361,8 +451,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .metrics import foreground_mean
 
     val = trainer.data.val
-    held_out = evaluate(model, [torch.from_numpy(s.image) for s in val], [s.target for s in val], classes=table,
-                        names=[s.name for s in val], tile=4096)
+    held_out = evaluate(
+        model,
+        [torch.from_numpy(s.image) for s in val],
+        [s.target for s in val],
+        classes=table,
+        names=[s.name for s in val],
+        tile=4096,
+    )
     per_image = held_out.per_image_foreground_dice()
 
     pred_dir = out / "predictions"
@@ -374,11 +470,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for f in list_images(images_dir)[: 1 if quick else 2]:
             arr = read_image(f)[0]
             t1 = time.perf_counter()
-            classes, _ = predict_classes(model, arr, tile=384 if model.config["depth"] <= 3 else 512,
-                                         normalize=ckpt["normalize"])
+            classes, _ = predict_classes(
+                model, arr, tile=384 if model.config["depth"] <= 3 else 512, normalize=ckpt["normalize"]
+            )
             dt = time.perf_counter() - t1
-            save_png(comparison(image_to_chw(arr, arr.shape[-1], ckpt["normalize"], f.name), classes),
-                     pred_dir / f"{f.stem}_overlay.png")
+            save_png(
+                comparison(image_to_chw(arr, arr.shape[-1], ckpt["normalize"], f.name), classes),
+                pred_dir / f"{f.stem}_overlay.png",
+            )
             save_png(encode_mask(classes, table, "auto"), pred_dir / f"{f.stem}_mask.png")
             line = f"{f.name} ({arr.shape[1]}x{arr.shape[0]}, overlap-tile {dt:.1f}s)"
             if masks_dir is not None:
@@ -389,9 +488,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             large_lines.append(line)
     fg = held_out.foreground_dice()
     print()
-    print(f"unetx demo: held-out Dice ({', '.join(table.names[1:]) or table.names[0]}) {fg:.4f} over all pixels of "
-          f"{len(per_image)} images (per image {min(per_image):.4f}..{max(per_image):.4f})"
-          + (" [>= 0.9: good]" if fg >= 0.9 else " [below 0.9]"))
+    print(
+        f"unetx demo: held-out Dice ({', '.join(table.names[1:]) or table.names[0]}) {fg:.4f} over all pixels of "
+        f"{len(per_image)} images (per image {min(per_image):.4f}..{max(per_image):.4f})"
+        + (" [>= 0.9: good]" if fg >= 0.9 else " [below 0.9]")
+    )
     for c, name in enumerate(table.names):
         print(f"  class {c} {name}: Dice {held_out.dice()[c]:.4f}, IoU {held_out.iou()[c]:.4f}")
     for line in large_lines:
@@ -420,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unetx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train on folders of images and masks (torchrun for multiple processes)",
-                       argument_default=None)
+    p = sub.add_parser(
+        "train", help="train on folders of images and masks (torchrun for multiple processes)", argument_default=None
+    )
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -431,8 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the masks, probabilities and overlays")
     p.add_argument("--probabilities", action="store_true", help="also write per-class probability PNGs (0..255)")
     p.add_argument("--no-overlays", dest="overlays", action="store_false", help="do not write overlay PNGs")
-    p.add_argument("--mask-values", choices=("auto", "index", "original"), default="auto",
-                   help="mask PNG values: auto (binary 0/255, else class index), index, original (training values)")
+    p.add_argument(
+        "--mask-values",
+        choices=("auto", "index", "original"),
+        default="auto",
+        help="mask PNG values: auto (binary 0/255, else class index), index, original (training values)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="per-image and mean Dice/IoU per class against masks")
@@ -444,14 +550,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="train on synthetic cells (or --data DIR) and show the result")
-    p.add_argument("--data", default=None, help="a dataset folder (train/images + train/masks) instead of synthetic data")
+    p.add_argument(
+        "--data", default=None, help="a dataset folder (train/images + train/masks) instead of synthetic data"
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--time", default="90s",
-                   help="training time budget, planned as by `unetx train --time` (default 90s)")
+    p.add_argument(
+        "--time", default="90s", help="training time budget, planned as by `unetx train --time` (default 90s)"
+    )
     p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of a time budget")
     p.add_argument("--val-fraction", type=float, default=1 / 6, help="with --data: held-out fraction (default 1/6)")
-    p.add_argument("--foreground", choices=("bright", "dark"), default="bright",
-                   help="with --data: binary mask polarity (ISBI membranes: dark)")
+    p.add_argument(
+        "--foreground",
+        choices=("bright", "dark"),
+        default="bright",
+        help="with --data: binary mask polarity (ISBI membranes: dark)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a tiny version (seconds), for tests")
@@ -489,17 +602,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unetx {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # the system refused a read or write (permissions, disk full, ...): not unetx's bug
-        print(f"unetx {args.command}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-              file=sys.stderr)
+        print(
+            f"unetx {args.command}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+            file=sys.stderr,
+        )
         return 1
-    except Exception as e:  # noqa: BLE001 - no traceback for a user; a developer sets UNETX_TRACEBACK=1
+    except Exception as e:
         if os.environ.get("UNETX_TRACEBACK"):
             raise
         where = traceback.extract_tb(e.__traceback__)[-1]
         text = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"unetx {args.command}: internal error: {type(e).__name__}{': ' + text if text else ''} (at "
-              f"{Path(where.filename).name}:{where.lineno}); this is a bug in unetx, please report it with the "
-              "command line (UNETX_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"unetx {args.command}: internal error: {type(e).__name__}{': ' + text if text else ''} (at "
+            f"{Path(where.filename).name}:{where.lineno}); this is a bug in unetx, please report it with the "
+            "command line (UNETX_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

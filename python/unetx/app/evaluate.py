@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -49,8 +49,11 @@ class Evaluation:
         keys = [k for k in self.rows[0] if k != "name"]
         mean = {"name": "mean (per image)", **{k: float(np.mean([r[k] for r in self.rows])) for k in keys}}
         d, j = self.dice(), self.iou()
-        pooled = {"name": "all pixels", **{f"dice_{n}": float(d[c]) for c, n in enumerate(self.names)},
-                  **{f"iou_{n}": float(j[c]) for c, n in enumerate(self.names)}}
+        pooled = {
+            "name": "all pixels",
+            **{f"dice_{n}": float(d[c]) for c, n in enumerate(self.names)},
+            **{f"iou_{n}": float(j[c]) for c, n in enumerate(self.names)},
+        }
         return mean, pooled
 
 
@@ -59,10 +62,19 @@ def slice_names(name: str, slices: int) -> list[str]:
     return [name] if slices == 1 else [f"{name}_{k:03d}" for k in range(slices)]
 
 
-def evaluate(model, images: str | Path | Sequence, masks: str | Path | Sequence, *, classes: ClassTable | None = None,
-             normalize: str = "dtype", names: Sequence[str] | None = None, mask_suffix: str = "",
-             **predict_kw) -> Evaluation:
-    """Predict every image with `model` (overlap-tile, `unetx.app.predict.predict_classes`) and score it against its mask.
+def evaluate(
+    model,
+    images: str | Path | Sequence,
+    masks: str | Path | Sequence,
+    *,
+    classes: ClassTable | None = None,
+    normalize: str = "dtype",
+    names: Sequence[str] | None = None,
+    mask_suffix: str = "",
+    **predict_kw,
+) -> Evaluation:
+    """Predict every image with `model` (overlap-tile, `unetx.app.predict.predict_classes`) and score it against
+    its mask.
 
     images, masks: two folders (paired by file stem; masks are encoded by `classes`, the model's ClassTable, and
     every bad mask is reported before any prediction runs), or two sequences: images as (H, W[, C]) arrays or
@@ -87,8 +99,9 @@ def evaluate(model, images: str | Path | Sequence, masks: str | Path | Sequence,
     return _result(metrics, classes)
 
 
-def _evaluate_folders(model, images, masks, table: ClassTable, normalize: str, mask_suffix: str,
-                      **predict_kw) -> Evaluation:
+def _evaluate_folders(
+    model, images, masks, table: ClassTable, normalize: str, mask_suffix: str, **predict_kw
+) -> Evaluation:
     pairs = pair_files(images, masks, mask_suffix)
     in_ch = model.config["in_channels"]
     problems = []

@@ -1,9 +1,9 @@
 """Segmentation losses as small composable modules. Every loss is called as `loss(logits, target, weight=None)`:
 
-    logits (N, K, H, W): K = number of classes (softmax), or K = 1 for a binary sigmoid output;
-    target (N, H, W) int64 class indices; weight (N, H, W) optional per-pixel weights (the U-Net paper's weight map).
+logits (N, K, H, W): K = number of classes (softmax), or K = 1 for a binary sigmoid output;
+target (N, H, W) int64 class indices; weight (N, H, W) optional per-pixel weights (the U-Net paper's weight map).
 
-    loss = unetx.losses.make_loss("ce+dice")     # the default: cross-entropy plus soft Dice
+loss = unetx.losses.make_loss("ce+dice")     # the default: cross-entropy plus soft Dice
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def num_output_channels(loss: str, num_classes: int) -> int:
     """The network's output channels for a loss: one sigmoid channel for BCE (binary only), else one per class."""
     if loss.startswith("bce"):
         if num_classes != 2:
-            raise ValueError(f"loss '{loss}' is for two classes (one sigmoid output); the masks have {num_classes} "
-                             "classes: use 'ce' or 'ce+dice'")
+            raise ValueError(
+                f"loss '{loss}' is for two classes (one sigmoid output); the masks have {num_classes} "
+                "classes: use 'ce' or 'ce+dice'"
+            )
         return 1
     return num_classes
 

@@ -67,8 +67,13 @@ class SegmentationMetrics:
     def update(self, pred, target, name: str | None = None) -> np.ndarray:
         c = confusion_counts(pred, target, self.num_classes)
         self.counts += c
-        self.per_image.append({"name": name if name is not None else str(len(self.per_image)),
-                               "dice": dice_from_counts(c), "iou": iou_from_counts(c)})
+        self.per_image.append(
+            {
+                "name": name if name is not None else str(len(self.per_image)),
+                "dice": dice_from_counts(c),
+                "iou": iou_from_counts(c),
+            }
+        )
         return c
 
     def add_counts(self, counts: np.ndarray) -> None:

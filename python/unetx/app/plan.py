@@ -25,9 +25,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -94,9 +94,11 @@ class Fingerprint:
 
     def summary(self) -> str:
         fr = ", ".join(f"{100 * f:.0f}%" for f in self.class_fractions)
-        return (f"{self.images} images, {self.channels} channel{'s' * (self.channels > 1)}, median "
-                f"{self.median_size[1]}x{self.median_size[0]} px (smallest side {self.min_side}), classes {fr}, "
-                f"objects ~{self.object_diameter:.0f} px across")
+        return (
+            f"{self.images} images, {self.channels} channel{'s' * (self.channels > 1)}, median "
+            f"{self.median_size[1]}x{self.median_size[0]} px (smallest side {self.min_side}), classes {fr}, "
+            f"objects ~{self.object_diameter:.0f} px across"
+        )
 
 
 def fingerprint(samples: Sequence[Sample], num_classes: int, max_masks: int = 32) -> Fingerprint:
@@ -116,9 +118,14 @@ def fingerprint(samples: Sequence[Sample], num_classes: int, max_masks: int = 32
                 diameters.append(np.sqrt(4 * areas[areas >= 4] / math.pi))
     d = np.concatenate(diameters) if diameters else np.array([])
     h, w = np.median(sizes, axis=0)
-    return Fingerprint(images=len(samples), channels=int(samples[0].image.shape[0]), median_size=(int(h), int(w)),
-                       min_side=int(sizes.min()), class_fractions=(counts / max(counts.sum(), 1)).round(4).tolist(),
-                       object_diameter=float(np.percentile(d, 75)) if d.size else float(sizes.min()) / 4)
+    return Fingerprint(
+        images=len(samples),
+        channels=int(samples[0].image.shape[0]),
+        median_size=(int(h), int(w)),
+        min_side=int(sizes.min()),
+        class_fractions=(counts / max(counts.sum(), 1)).round(4).tolist(),
+        object_diameter=float(np.percentile(d, 75)) if d.size else float(sizes.min()) / 4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -136,21 +143,30 @@ class Plan:
     def lines(self) -> list[str]:
         fp = Fingerprint(**{**self.fingerprint, "median_size": tuple(self.fingerprint["median_size"])})
         v = self.values
-        src = lambda k: "" if k in self.planned else " (given)"  # noqa: E731
+        src = lambda k: "" if k in self.planned else " (given)"
         out = [f"data: {fp.summary()}"]
         if self.probe:
-            out.append("probe: " + "; ".join(f"base {p['base_channels']}: {p['step_s']:.2f} s/step"
-                                             + (f" ({p['data_s']:.2f} s of it patches)" if "data_s" in p else "")
-                                             for p in self.probe))
-        net = (f"network: base {v['base_channels']}{src('base_channels')}, depth {v['depth']}{src('depth')}; "
-               f"patches {v['crop']} px{src('crop')} x {v['batch_size']}{src('batch_size')} per step, "
-               f"{v['patches_per_image']} per image per epoch{src('patches_per_image')}")
+            out.append(
+                "probe: "
+                + "; ".join(
+                    f"base {p['base_channels']}: {p['step_s']:.2f} s/step"
+                    + (f" ({p['data_s']:.2f} s of it patches)" if "data_s" in p else "")
+                    for p in self.probe
+                )
+            )
+        net = (
+            f"network: base {v['base_channels']}{src('base_channels')}, depth {v['depth']}{src('depth')}; "
+            f"patches {v['crop']} px{src('crop')} x {v['batch_size']}{src('batch_size')} per step, "
+            f"{v['patches_per_image']} per image per epoch{src('patches_per_image')}"
+        )
         out.append(net)
         if self.budget_s is not None and self.step_s is not None:
-            out.append(f"budget {format_duration(self.budget_s)}: ~{self.steps} steps of ~{self.step_s:.2f} s, "
-                       f"epochs of ~{EPOCH_SECONDS:.0f} s until the time is up, validation every {v['val_every']} "
-                       f"epoch{'s' * (v['val_every'] > 1)}{src('val_every')} (~{self.val_s:.1f} s each); "
-                       "learning rate: cosine over the budget")
+            out.append(
+                f"budget {format_duration(self.budget_s)}: ~{self.steps} steps of ~{self.step_s:.2f} s, "
+                f"epochs of ~{EPOCH_SECONDS:.0f} s until the time is up, validation every {v['val_every']} "
+                f"epoch{'s' * (v['val_every'] > 1)}{src('val_every')} (~{self.val_s:.1f} s each); "
+                "learning rate: cosine over the budget"
+            )
         elif self.budget_s is not None:
             out.append(f"budget {format_duration(self.budget_s)}: epochs until the time is up (not probed)")
         else:
@@ -184,8 +200,9 @@ def choose_crop_depth(fp: Fingerprint, device: torch.device, crop: int | None, d
     return crop, depth
 
 
-def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int, amp_dtype,
-                budget_s: float | None) -> dict:
+def _probe_step(
+    cfg, data, device, base: int, crop: int, depth: int, batch: int, amp_dtype, budget_s: float | None
+) -> dict:
     """Seconds per training step (forward, loss, backward, Adam) and per eval pixel, on random data of the
     planned shape: the network's cost does not depend on the pixel values. On a CPU the probe runs 2 patches a
     step and scales to `batch` (a CPU step's time grows with its pixels), so that it costs little of a short
@@ -193,19 +210,29 @@ def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int,
     planned_batch = batch
     if device.type == "cpu":
         batch = min(batch, 2)
-    from .losses import make_loss, num_output_channels
     from ..nn import UNet
+    from .losses import make_loss, num_output_channels
 
     torch.manual_seed(0)
-    model = UNet(in_channels=data.channels, out_channels=num_output_channels(cfg.loss, data.table.num_classes),
-                 base_channels=base, depth=depth, pool=cfg.pool, upsample=cfg.upsample, dropout=cfg.dropout).to(device)
+    model = UNet(
+        in_channels=data.channels,
+        out_channels=num_output_channels(cfg.loss, data.table.num_classes),
+        base_channels=base,
+        depth=depth,
+        pool=cfg.pool,
+        upsample=cfg.upsample,
+        dropout=cfg.dropout,
+    ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = make_loss(cfg.loss)
     x = torch.randn(batch, data.channels, crop, crop, device=device)
     y = torch.randint(0, data.table.num_classes, (batch, crop, crop), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else torch.autocast(device.type, enabled=False))
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else torch.autocast(device.type, enabled=False)
+    )
 
     def step():
         with autocast:
@@ -236,16 +263,26 @@ def _probe_step(cfg, data, device, base: int, crop: int, depth: int, batch: int,
         model(x)
         sync()
     eval_px_s = (time.perf_counter() - t0) / (batch * crop * crop)
-    return {"base_channels": base, "crop": crop, "depth": depth, "batch_size": planned_batch, "step_s": step_s,
-            "eval_s_per_px": eval_px_s, "peak_bytes": peak}
+    return {
+        "base_channels": base,
+        "crop": crop,
+        "depth": depth,
+        "batch_size": planned_batch,
+        "step_s": step_s,
+        "eval_s_per_px": eval_px_s,
+        "peak_bytes": peak,
+    }
 
 
 def _patch_seconds(cfg, data, crop: int, n: int = 4) -> float:
     """Seconds to cut and augment one training patch, as the run's PatchDataset does."""
     from .data import Augment, PatchDataset
 
-    aug = (Augment(elastic=cfg.elastic, elastic_sigma=cfg.elastic_sigma, brightness=cfg.brightness,
-                   contrast=cfg.contrast) if cfg.augment else None)
+    aug = (
+        Augment(elastic=cfg.elastic, elastic_sigma=cfg.elastic_sigma, brightness=cfg.brightness, contrast=cfg.contrast)
+        if cfg.augment
+        else None
+    )
     ds = PatchDataset(data.train, crop, aug, 1, cfg.seed)
     t0 = time.perf_counter()
     for i in range(n):
@@ -253,16 +290,25 @@ def _patch_seconds(cfg, data, crop: int, n: int = 4) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float | None, amp_dtype=None,
-              log=print, measure: bool = True) -> Plan:
+def make_plan(
+    cfg,
+    given: set[str],
+    data,
+    device: torch.device,
+    budget_s: float | None,
+    amp_dtype=None,
+    log=print,
+    measure: bool = True,
+) -> Plan:
     """Fill the planned fields of `cfg` not named in `given` (in place) and return the plan.
 
     budget_s None: an epoch-count run (cfg.epochs); the plan still sizes the network and patches for the device.
     measure False (torchrun: every process must reach the same plan): the fingerprint's rules alone, the narrowest
     width, and epochs of one pass over the images' area until the time is up."""
     fp = fingerprint(data.train, data.table.num_classes)
-    crop, depth = choose_crop_depth(fp, device, cfg.crop if "crop" in given else None,
-                                    cfg.depth if "depth" in given else None)
+    crop, depth = choose_crop_depth(
+        fp, device, cfg.crop if "crop" in given else None, cfg.depth if "depth" in given else None
+    )
     if "batch_size" in given:
         batch = cfg.batch_size
     elif device.type == "cuda":
@@ -270,12 +316,15 @@ def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float 
     else:
         batch = int(min(16, max(2, round(CPU_PIXELS_PER_STEP / crop**2))))
     widths = [cfg.base_channels] if "base_channels" in given else ([32, 64] if device.type == "cuda" else [16, 32])
-    need_probe = measure and (budget_s is not None or len(widths) > 1
-                              or (device.type == "cuda" and "batch_size" not in given))
+    need_probe = measure and (
+        budget_s is not None or len(widths) > 1 or (device.type == "cuda" and "batch_size" not in given)
+    )
     probe: list[dict] = []
     if need_probe:
-        log(f"unetx train: planning: probing {'up to ' * (len(widths) > 1)}{len(widths)} "
-            f"network{'s' * (len(widths) > 1)} on {device} ...")
+        log(
+            f"unetx train: planning: probing {'up to ' * (len(widths) > 1)}{len(widths)} "
+            f"network{'s' * (len(widths) > 1)} on {device} ..."
+        )
         for base in widths:
             if probe and budget_s is not None and budget_s * 0.85 / (probe[-1]["step_s"] * 3) < MIN_STEPS:
                 break  # a wider network (~3x the step time) could not get its MIN_STEPS: not worth probing
@@ -329,7 +378,18 @@ def make_plan(cfg, given: set[str], data, device: torch.device, budget_s: float 
         else:
             setattr(cfg, k, v)
     values.update({k: getattr(cfg, k) for k in PLANNED if k not in values})
-    planned = [k for k in PLANNED if k not in given and (k in ("crop", "depth", "batch_size", "base_channels")
-                                                         or budget_s is not None)]
-    return Plan(budget_s=budget_s, values=values, planned=planned, fingerprint=asdict(fp), probe=probe,
-                step_s=step_s, val_s=val_s, steps=steps)
+    planned = [
+        k
+        for k in PLANNED
+        if k not in given and (k in ("crop", "depth", "batch_size", "base_channels") or budget_s is not None)
+    ]
+    return Plan(
+        budget_s=budget_s,
+        values=values,
+        planned=planned,
+        fingerprint=asdict(fp),
+        probe=probe,
+        step_s=step_s,
+        val_s=val_s,
+        steps=steps,
+    )

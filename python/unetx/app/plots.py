@@ -10,8 +10,21 @@ from PIL import Image
 from .checkpoint import atomic_write
 
 # class 0 (background) is left uncoloured; the rest cycle through distinguishable colours
-PALETTE = np.array([(0, 0, 0), (255, 48, 48), (48, 200, 255), (255, 210, 0), (120, 255, 80), (200, 80, 255),
-                    (255, 140, 0), (0, 255, 180), (255, 100, 200), (150, 150, 255)], dtype=np.float32)
+PALETTE = np.array(
+    [
+        (0, 0, 0),
+        (255, 48, 48),
+        (48, 200, 255),
+        (255, 210, 0),
+        (120, 255, 80),
+        (200, 80, 255),
+        (255, 140, 0),
+        (0, 255, 180),
+        (255, 100, 200),
+        (150, 150, 255),
+    ],
+    dtype=np.float32,
+)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
@@ -85,8 +98,9 @@ def save_curves(history: dict, path: str | Path, class_names: list[str] | None =
         if key.startswith(("val_dice_", "val_iou_")):
             vals = np.asarray(history[key], dtype=np.float64)
             if np.isfinite(vals).any():
-                ax2.plot(epochs, vals, marker="o", ms=3, ls="-" if "dice" in key else "--",
-                         label=key.removeprefix("val_"))
+                ax2.plot(
+                    epochs, vals, marker="o", ms=3, ls="-" if "dice" in key else "--", label=key.removeprefix("val_")
+                )
     ax2.set_xlabel("epoch")
     ax2.set_ylim(0, 1)
     ax2.set_title("validation Dice / IoU per class")

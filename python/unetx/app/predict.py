@@ -19,8 +19,8 @@ O(tile x width), not O(height x width x classes).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -77,9 +77,11 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int =
     overlap = -(-int(overlap) // m) * m
     need = 2 * overlap + m
     if tile < need:
-        raise InputError(f"tile {tile} is too small: with {overlap} pixels of context on each side (overlap) and "
-                         f"a network that pools to 1/{m}, a tile needs at least {need} pixels; "
-                         f"use --tile {max(need, 2 * need)} or a smaller --overlap")
+        raise InputError(
+            f"tile {tile} is too small: with {overlap} pixels of context on each side (overlap) and "
+            f"a network that pools to 1/{m}, a tile needs at least {need} pixels; "
+            f"use --tile {max(need, 2 * need)} or a smaller --overlap"
+        )
     longest = max(height, width)
     tile = min(tile // m * m, -(-(longest + 2 * overlap) // m) * m)
     core = tile - 2 * overlap
@@ -106,12 +108,12 @@ def _window(plan: TilePlan) -> np.ndarray:
     """Per-pixel blending weight of a tile: 0 on the context border, 1 (crop) or a Gaussian (gaussian) on the core."""
     w1 = np.zeros(plan.tile, dtype=np.float64)
     if plan.blend == "crop":
-        w1[plan.overlap: plan.overlap + plan.core] = 1.0
+        w1[plan.overlap : plan.overlap + plan.core] = 1.0
     else:
         c = np.arange(plan.core) - (plan.core - 1) / 2
         sigma = plan.core / 4
         # floored so pixels covered by one tile only (near the image edge) keep a usable weight
-        w1[plan.overlap: plan.overlap + plan.core] = np.maximum(np.exp(-c**2 / (2 * sigma**2)), 1e-3)
+        w1[plan.overlap : plan.overlap + plan.core] = np.maximum(np.exp(-(c**2) / (2 * sigma**2)), 1e-3)
     return np.outer(w1, w1).astype(np.float32)
 
 
@@ -135,9 +137,19 @@ def _as_image(image) -> tuple[np.ndarray | Tensor, bool]:
 
 
 @torch.inference_mode()
-def predict_strips(model: nn.Module, image, tile: int = 512, overlap: int | None = None, blend: str = "crop",
-                   tta: bool = False, batch_size: int = 4, normalize: str = "dtype", output: str = "probabilities",
-                   amp: bool = False, progress: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+def predict_strips(
+    model: nn.Module,
+    image,
+    tile: int = 512,
+    overlap: int | None = None,
+    blend: str = "crop",
+    tta: bool = False,
+    batch_size: int = 4,
+    normalize: str = "dtype",
+    output: str = "probabilities",
+    amp: bool = False,
+    progress: bool = False,
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first row, (K, rows, W) float32 strip) from top to bottom, covering the image once.
 
     image: a float tensor (C, H, W) used as is, or a numpy array (H, W) / (H, W, C) as read from a file, converted
@@ -172,7 +184,7 @@ def predict_strips(model: nn.Module, image, tile: int = 512, overlap: int | None
                 cols = _reflect_index(np.arange(x - plan.overlap, x - plan.overlap + plan.tile), w)
                 tiles.append((x, rows, cols))
             for i in range(0, len(tiles), batch_size):
-                chunk = tiles[i: i + batch_size]
+                chunk = tiles[i : i + batch_size]
                 batch = torch.stack([_tile_tensor(img, r, cc, is_tensor, normalize, in_ch) for _, r, cc in chunk])
                 out = _run(model, batch.to(device), tta, amp, output).cpu().numpy()
                 if band is None:
@@ -225,9 +237,19 @@ def _run(model: nn.Module, x: Tensor, tta: bool, amp: bool, output: str) -> Tens
     return acc / 4
 
 
-def predict_tiled(model: nn.Module, image, tile: int = 512, overlap: int | None = None, blend: str = "crop",
-                  tta: bool = False, batch_size: int = 4, normalize: str = "dtype", output: str = "probabilities",
-                  amp: bool = False, progress: bool = False) -> np.ndarray:
+def predict_tiled(
+    model: nn.Module,
+    image,
+    tile: int = 512,
+    overlap: int | None = None,
+    blend: str = "crop",
+    tta: bool = False,
+    batch_size: int = 4,
+    normalize: str = "dtype",
+    output: str = "probabilities",
+    amp: bool = False,
+    progress: bool = False,
+) -> np.ndarray:
     """The whole image's (K, H, W) float32 probabilities (or logits) by overlap-tile; see `predict_strips`.
 
     For a binary sigmoid model K is 2 (background, foreground). The model is run in eval mode and left in the
@@ -235,12 +257,22 @@ def predict_tiled(model: nn.Module, image, tile: int = 512, overlap: int | None 
     """
     img, _ = _as_image(image)
     result = None
-    for y, strip in predict_strips(model, image, tile=tile, overlap=overlap, blend=blend, tta=tta,
-                                   batch_size=batch_size, normalize=normalize, output=output, amp=amp,
-                                   progress=progress):
+    for y, strip in predict_strips(
+        model,
+        image,
+        tile=tile,
+        overlap=overlap,
+        blend=blend,
+        tta=tta,
+        batch_size=batch_size,
+        normalize=normalize,
+        output=output,
+        amp=amp,
+        progress=progress,
+    ):
         if result is None:
             result = np.empty((strip.shape[0], img.shape[0], img.shape[1]), dtype=np.float32)
-        result[:, y: y + strip.shape[1]] = strip
+        result[:, y : y + strip.shape[1]] = strip
     return result
 
 
@@ -257,8 +289,8 @@ def predict_classes(model: nn.Module, image, **kw) -> tuple[np.ndarray, list[np.
         if classes is None:
             classes = np.empty((h, w), dtype=np.uint8 if strip.shape[0] <= 256 else np.int16)
             probs = [np.empty((h, w), dtype=np.uint8) for _ in range(strip.shape[0])] if keep else None
-        classes[y: y + strip.shape[1]] = strip.argmax(0)
+        classes[y : y + strip.shape[1]] = strip.argmax(0)
         if keep:
             for k, plane in enumerate(probs):
-                plane[y: y + strip.shape[1]] = np.clip(np.rint(strip[k] * 255), 0, 255).astype(np.uint8)
+                plane[y : y + strip.shape[1]] = np.clip(np.rint(strip[k] * 255), 0, 255).astype(np.uint8)
     return classes, probs

@@ -17,8 +17,9 @@ from PIL import Image
 from scipy import ndimage
 
 
-def cells(height: int, width: int, rng: np.random.Generator, radius: tuple[float, float] = (6.0, 16.0),
-          fill: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def cells(
+    height: int, width: int, rng: np.random.Generator, radius: tuple[float, float] = (6.0, 16.0), fill: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image: (H, W) uint8 image and (H, W) uint8 mask (255 = cell, 0 = background)."""
     labels = _blobs(height, width, rng, radius, fill)
     # a pixel next to another cell's pixel is background: touching cells stay separate objects
@@ -33,7 +34,9 @@ def cells(height: int, width: int, rng: np.random.Generator, radius: tuple[float
     img = img + 0.08 * texture * (labels > 0)
     # a darker rim inside every cell, strongest at its edge
     dist = ndimage.distance_transform_edt(labels > 0) if n else np.zeros((height, width))
-    edge_to_other = ndimage.distance_transform_edt(~inner_border) if inner_border.any() else np.full((height, width), 99.0)
+    edge_to_other = (
+        ndimage.distance_transform_edt(~inner_border) if inner_border.any() else np.full((height, width), 99.0)
+    )
     rim = np.exp(-np.minimum(dist, edge_to_other) / 1.5) * (labels > 0)
     img = img - 0.3 * rim * img
     # a nucleus-like darker spot in some cells
@@ -119,8 +122,9 @@ def _nuclei(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def write_dataset(root: str | Path, n_train: int = 24, n_val: int = 6, size: int = 128, large: int = 512,
-                  seed: int = 0) -> dict[str, Path]:
+def write_dataset(
+    root: str | Path, n_train: int = 24, n_val: int = 6, size: int = 128, large: int = 512, seed: int = 0
+) -> dict[str, Path]:
     """Write train/, val/ and large/ folders (images/ and masks/ as PNG) and return their paths."""
     root = Path(root)
     rng = np.random.default_rng(seed)

@@ -38,7 +38,34 @@ from .runner import machine_info, run
 from .table import format_table, not_measured_table, plot, summary
 from .workloads import _LAYOUT_LABEL, LAYOUTS, WORKLOADS, BenchConfigError, Form, Workload, default_forms
 
-__all__ = ["LAYOUTS", "WORKLOADS", "BenchConfigError", "Case", "ConvRecorder", "Form", "Workload", "add_arguments",
-           "build_parser", "conv_replay", "default_forms", "format_profile", "format_table", "machine_info", "main",
-           "median", "median_ms", "not_measured_table", "peak_allocated", "plot", "profile_step", "record_convs",
-           "run", "run_args", "saved_bytes", "summary", "time_interleaved", "_LAYOUT_LABEL", "_inputs"]
+__all__ = [
+    "LAYOUTS",
+    "WORKLOADS",
+    "_LAYOUT_LABEL",
+    "BenchConfigError",
+    "Case",
+    "ConvRecorder",
+    "Form",
+    "Workload",
+    "_inputs",
+    "add_arguments",
+    "build_parser",
+    "conv_replay",
+    "default_forms",
+    "format_profile",
+    "format_table",
+    "machine_info",
+    "main",
+    "median",
+    "median_ms",
+    "not_measured_table",
+    "peak_allocated",
+    "plot",
+    "profile_step",
+    "record_convs",
+    "run",
+    "run_args",
+    "saved_bytes",
+    "summary",
+    "time_interleaved",
+]

@@ -7,22 +7,26 @@ import json
 import os
 import sys
 
-
 from ..nn.common import check_config
 from .runner import run
 from .table import format_table
 from .workloads import WORKLOADS, BenchConfigError
 
-
-DESCRIPTION = ("Time and measure unetx.UNet against the same network in stock PyTorch (eager NCHW, channels_last, "
-               "torch.compile) and print one markdown table, ratios first.")
+DESCRIPTION = (
+    "Time and measure unetx.UNet against the same network in stock PyTorch (eager NCHW, channels_last, "
+    "torch.compile) and print one markdown table, ratios first."
+)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `unetx bench` options, on any parser (a CLI subcommand's, or build_parser's)."""
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
-                    help="a named workload (default: CPU-S on cpu, GPU-L on cuda); the options below override it")
+    ap.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default=None,
+        help="a named workload (default: CPU-S on cpu, GPU-L on cuda); the options below override it",
+    )
     ap.add_argument("--size", type=int, default=None, help="image height and width (CPU-S: 256)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (CPU-S: 4)")
     ap.add_argument("--in-channels", type=int, default=None)
@@ -31,10 +35,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--pool", choices=["avg", "max"], default=None)
     ap.add_argument("--upsample", choices=["transpose", "nearest", "bilinear"], default=None)
-    ap.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
-                    help="autocast dtype (default: float32, no autocast)")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time torch.compile forms (minutes of compilation on a small CPU)")
+    ap.add_argument(
+        "--autocast",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="autocast dtype (default: float32, no autocast)",
+    )
+    ap.add_argument(
+        "--compile", action="store_true", help="also time torch.compile forms (minutes of compilation on a small CPU)"
+    )
     ap.add_argument("--max-autotune", action="store_true", help="with --compile, add torch.compile max-autotune")
     ap.add_argument("--compile-unetx", action="store_true", help="with --compile, also unetx under torch.compile")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported (default 3)")
@@ -58,8 +67,11 @@ def run_args(args: argparse.Namespace) -> int:
     """Run `unetx bench` from parsed arguments (see add_arguments); prints the table. Returns the exit code."""
     for name in ("size", "batch", "rounds", "threads"):
         _positive(getattr(args, name), "--" + name)
-    cfg = {k: getattr(args, k) for k in ("in_channels", "out_channels", "base_channels", "depth", "pool", "upsample")
-           if getattr(args, k) is not None}
+    cfg = {
+        k: getattr(args, k)
+        for k in ("in_channels", "out_channels", "base_channels", "depth", "pool", "upsample")
+        if getattr(args, k) is not None
+    }
     if cfg:
         base = WORKLOADS[args.workload or ("CPU-S" if args.device == "cpu" else "GPU-L")].config
         try:
@@ -69,16 +81,29 @@ def run_args(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     tasks = ("train", "eval") if args.task == "both" else (args.task,)
     try:
-        result = run(args.device, args.size, workload=args.workload, batch=args.batch, config=cfg or None,
-                     autocast=args.autocast, compile=args.compile, max_autotune=args.max_autotune,
-                     compile_unetx=args.compile_unetx, rounds=args.rounds,
-                     threads=args.threads, tasks=tasks, log=log)
+        result = run(
+            args.device,
+            args.size,
+            workload=args.workload,
+            batch=args.batch,
+            config=cfg or None,
+            autocast=args.autocast,
+            compile=args.compile,
+            max_autotune=args.max_autotune,
+            compile_unetx=args.compile_unetx,
+            rounds=args.rounds,
+            threads=args.threads,
+            tasks=tasks,
+            log=log,
+        )
     except BenchConfigError as e:
         raise SystemExit(str(e)) from None
     m = result["machine"]
     if not args.quiet:
-        print(f"{result['workload']}: {result['description']}\n{m.get('gpu') or m['cpu']} ({m['cores']} CPU cores, "
-              f"{m['threads']} threads), torch {m['torch']}, medians of {args.rounds} interleaved rounds\n")
+        print(
+            f"{result['workload']}: {result['description']}\n{m.get('gpu') or m['cpu']} ({m['cores']} CPU cores, "
+            f"{m['threads']} threads), torch {m['torch']}, medians of {args.rounds} interleaved rounds\n"
+        )
     print(format_table(result), flush=True)
     if args.json:
         tmp = args.json + ".tmp"
@@ -90,4 +115,3 @@ def run_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "unetx bench") -> int:
     return run_args(build_parser(prog).parse_args(argv))
-

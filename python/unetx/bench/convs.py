@@ -4,7 +4,7 @@ here and not in the package's layers."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -46,9 +46,16 @@ class ConvRecorder(TorchDispatchMode):
         if func is torch.ops.unetx.conv_bn_relu.default:
             a = _bind(func, args, kwargs or {})
             shape, fmt, x = self._conv_input(a)
-            self.forward.append(dict(shape=shape, fmt=fmt, dtype=x.dtype, weight=a["weight"].detach(),
-                                     bias=None if a["bias"] is None else a["bias"].detach(),
-                                     transposed=a["transposed"]))
+            self.forward.append(
+                dict(
+                    shape=shape,
+                    fmt=fmt,
+                    dtype=x.dtype,
+                    weight=a["weight"].detach(),
+                    bias=None if a["bias"] is None else a["bias"].detach(),
+                    transposed=a["transposed"],
+                )
+            )
             self._out_fmt[a["weight"].data_ptr()] = suggest_memory_format(out[0])
         elif func is torch.ops.unetx.conv_bn_relu_backward.default:
             a = _bind(func, args, kwargs or {})
@@ -59,10 +66,19 @@ class ConvRecorder(TorchDispatchMode):
             # the gradient in the layout the forward produced y in: what the convolution needs, whatever layout
             # the gradient arrives in (a conversion on the way is overhead above this floor)
             grad_fmt = self._out_fmt.get(a["weight"].data_ptr(), suggest_memory_format(g))
-            self.backward.append(dict(shape=shape, fmt=fmt, dtype=x.dtype, weight=a["weight"].detach(),
-                                      grad_shape=tuple(g.shape), grad_fmt=grad_fmt,
-                                      has_bias=a["has_bias"], transposed=a["transposed"],
-                                      mask=[need_input, mask[2], a["has_bias"] and mask[3]]))
+            self.backward.append(
+                dict(
+                    shape=shape,
+                    fmt=fmt,
+                    dtype=x.dtype,
+                    weight=a["weight"].detach(),
+                    grad_shape=tuple(g.shape),
+                    grad_fmt=grad_fmt,
+                    has_bias=a["has_bias"],
+                    transposed=a["transposed"],
+                    mask=[need_input, mask[2], a["has_bias"] and mask[3]],
+                )
+            )
         return out
 
 
@@ -78,15 +94,29 @@ def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
     for r in rec.forward:
         k = r["weight"].shape[-1]
         stride, pad = ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
-        fwd.append((_randn(r["shape"], r["fmt"], r["dtype"], device), r["weight"].clone(), r["bias"], stride, pad,
-                    r["transposed"]))
+        fwd.append(
+            (
+                _randn(r["shape"], r["fmt"], r["dtype"], device),
+                r["weight"].clone(),
+                r["bias"],
+                stride,
+                pad,
+                r["transposed"],
+            )
+        )
     for r in reversed(rec.backward):
         k = r["weight"].shape[-1]
         stride, pad = ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
-        out_ch = r["weight"].shape[1] if r["transposed"] else r["weight"].shape[0]
-        bwd.append((_randn(r["grad_shape"], r["grad_fmt"], r["dtype"], device),
-                    _randn(r["shape"], r["fmt"], r["dtype"], device), r["weight"].clone(), r["has_bias"],
-                    r["transposed"], r["mask"]))
+        bwd.append(
+            (
+                _randn(r["grad_shape"], r["grad_fmt"], r["dtype"], device),
+                _randn(r["shape"], r["fmt"], r["dtype"], device),
+                r["weight"].clone(),
+                r["has_bias"],
+                r["transposed"],
+                r["mask"],
+            )
+        )
     none = torch.empty(0, device=device)
 
     def run() -> None:
@@ -97,8 +127,24 @@ def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
             # unetx's own channels-last weight gradient, csrc/cpu/conv_weight_grad.cpp), on an input with no
             # input stage and an output gradient with nothing to fold: the op's convolution work alone
             for g, a, wt, has_bias, tr, mask in bwd:
-                torch.ops.unetx.conv_bn_relu_backward(g, None, None, a, None, None, False, None, "none", wt, has_bias,
-                                                      tr, none, none, False, [mask[0], False, mask[1], mask[2]])
+                torch.ops.unetx.conv_bn_relu_backward(
+                    g,
+                    None,
+                    None,
+                    a,
+                    None,
+                    None,
+                    False,
+                    None,
+                    "none",
+                    wt,
+                    has_bias,
+                    tr,
+                    none,
+                    none,
+                    False,
+                    [mask[0], False, mask[1], mask[2]],
+                )
         _sync(device)
 
     return run
@@ -110,6 +156,8 @@ def record_convs(case: Case) -> ConvRecorder:
     with rec:
         case.step()
     if not rec.forward:
-        raise RuntimeError(f"unetx bench: recorded no unetx convolutions in {case.form.name} on {case.device}; "
-                           "is this a unetx eager form?")
+        raise RuntimeError(
+            f"unetx bench: recorded no unetx convolutions in {case.form.name} on {case.device}; "
+            "is this a unetx eager form?"
+        )
     return rec

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from .cases import Case
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int | dict[str, int] = 1,
-                     log: Callable[[str], None] | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], None]],
+    rounds: int,
+    warmup: int | dict[str, int] = 1,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds per call of each fn: `warmup` untimed calls each (an int, or one per name; the first call
     compiles), then `rounds` rounds
     that call every fn once, the order rotating each round so no fn always runs right after the same other.
@@ -29,7 +33,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: in
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             t0 = time.perf_counter()
             fns[name]()

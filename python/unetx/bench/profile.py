@@ -9,10 +9,14 @@ import torch
 from .cases import Case, _inputs
 from .workloads import WORKLOADS, Form
 
-
-_CATEGORY_ORDER = ("convolution (oneDNN; unetx weight-gradient GEMMs)", "unetx ops' own work (kernels, copies)",
-                   "stock BatchNorm / ReLU / pool / cat / upsample", "optimizer (Adam step)", "loss",
-                   "everything else (autograd, Python, zero_grad)")
+_CATEGORY_ORDER = (
+    "convolution (oneDNN; unetx weight-gradient GEMMs)",
+    "unetx ops' own work (kernels, copies)",
+    "stock BatchNorm / ReLU / pool / cat / upsample",
+    "optimizer (Adam step)",
+    "loss",
+    "everything else (autograd, Python, zero_grad)",
+)
 _ELSE = _CATEGORY_ORDER[-1]
 
 
@@ -44,8 +48,15 @@ def _category(name: str, ancestors: list[str]) -> str:
     return _ELSE
 
 
-def profile_step(workload: str = "CPU-S", impl: str = "unetx", layout: str = "channels_last", task: str = "train",
-                 top: int = 15, threads: int | None = None, warmup: int = 2) -> dict:
+def profile_step(
+    workload: str = "CPU-S",
+    impl: str = "unetx",
+    layout: str = "channels_last",
+    task: str = "train",
+    top: int = 15,
+    threads: int | None = None,
+    warmup: int = 2,
+) -> dict:
     """torch.profiler on one step of a named workload: wall time, self time per category, top ops by self time.
 
     unetx's kernels run inside its ops (no separate profiler events): their time is the self time of
@@ -76,17 +87,29 @@ def profile_step(workload: str = "CPU-S", impl: str = "unetx", layout: str = "ch
             p = p.cpu_parent
         cats[_category(e.name, anc)] += e.self_cpu_time_total / 1e3
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    rows = [dict(name=e.key, self_ms=e.self_cpu_time_total / 1e3, calls=e.count, total_ms=e.cpu_time_total / 1e3)
-            for e in ops[:top]]
-    return dict(workload=workload, form=Form(impl, layout).name, task=task, wall_ms=wall * 1e3,
-                unprofiled_ms=unprofiled * 1e3, self_total_ms=sum(cats.values()), categories=cats, top=rows,
-                threads=torch.get_num_threads())
+    rows = [
+        dict(name=e.key, self_ms=e.self_cpu_time_total / 1e3, calls=e.count, total_ms=e.cpu_time_total / 1e3)
+        for e in ops[:top]
+    ]
+    return dict(
+        workload=workload,
+        form=Form(impl, layout).name,
+        task=task,
+        wall_ms=wall * 1e3,
+        unprofiled_ms=unprofiled * 1e3,
+        self_total_ms=sum(cats.values()),
+        categories=cats,
+        top=rows,
+        threads=torch.get_num_threads(),
+    )
 
 
 def format_profile(p: dict) -> str:
-    s = (f"**{p['form']}**, one {p['task']} step of {p['workload']}: {p['wall_ms']:.0f} ms under the profiler "
-         f"({p['unprofiled_ms']:.0f} ms unprofiled, {p['threads']} threads).\n\n"
-         "| Where the time goes | self ms | share |\n|---|---|---|\n")
+    s = (
+        f"**{p['form']}**, one {p['task']} step of {p['workload']}: {p['wall_ms']:.0f} ms under the profiler "
+        f"({p['unprofiled_ms']:.0f} ms unprofiled, {p['threads']} threads).\n\n"
+        "| Where the time goes | self ms | share |\n|---|---|---|\n"
+    )
     tot = p["self_total_ms"] or 1.0
     for k, v in p["categories"].items():
         if v > 0:

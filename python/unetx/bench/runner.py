@@ -7,8 +7,8 @@ import datetime as _dt
 import os
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
-from typing import Callable
 
 import torch
 
@@ -20,19 +20,25 @@ from .workloads import _LAYOUT_LABEL, LAYOUTS, WORKLOADS, BenchConfigError, Form
 
 def machine_info(device: str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), os=f"{platform.system()} {platform.release()}")
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        os=f"{platform.system()} {platform.release()}",
+    )
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     with contextlib.suppress(Exception):
         from ..ops import build_info
+
         bi = build_info()
         info["unetx_build"] = {k: bi[k] for k in ("compiler", "cuda", "cuda_kernels_enabled") if k in bi}
     return info
@@ -44,19 +50,32 @@ def _loadavg() -> list[float] | None:
     return None
 
 
-def run(device: str = "cpu", size: int | None = None, *, workload: str | None = None, batch: int | None = None,
-        config: dict | None = None, autocast: str | None = None, compile: bool = False, max_autotune: bool = False,
-        compile_unetx: bool = False, rounds: int = 5, threads: int | None = None,
-        tasks: tuple[str, ...] = ("train", "eval"),
-        log: Callable[[str], None] | None = None) -> dict:
+def run(
+    device: str = "cpu",
+    size: int | None = None,
+    *,
+    workload: str | None = None,
+    batch: int | None = None,
+    config: dict | None = None,
+    autocast: str | None = None,
+    compile: bool = False,
+    max_autotune: bool = False,
+    compile_unetx: bool = False,
+    rounds: int = 5,
+    threads: int | None = None,
+    tasks: tuple[str, ...] = ("train", "eval"),
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Measure one workload: every form of every task, memory, and the convolution floor. Returns a JSON-able dict
     (see format_table). `workload` names one of WORKLOADS (default: CPU-S on cpu, GPU-L on cuda); size, batch,
     config and autocast override its fields (the result is then named "custom")."""
     if device not in ("cpu", "cuda"):
         raise BenchConfigError(f"unetx bench: device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise BenchConfigError("unetx bench: --device cuda asked for, but torch.cuda.is_available() is False on this "
-                               "machine; use --device cpu")
+        raise BenchConfigError(
+            "unetx bench: --device cuda asked for, but torch.cuda.is_available() is False on this "
+            "machine; use --device cpu"
+        )
     name = workload or ("CPU-S" if device == "cpu" else "GPU-L")
     if name not in WORKLOADS:
         raise BenchConfigError(f"unetx bench: unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")
@@ -74,10 +93,21 @@ def run(device: str = "cpu", size: int | None = None, *, workload: str | None = 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     say = log or (lambda s: None)
     dev = torch.device(device)
-    result: dict = dict(workload=w.name, description=w.describe(), config=asdict(w), machine=machine_info(device),
-                        date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                        command=" ".join([os.path.basename(sys.executable)] + sys.argv), rounds=rounds,
-                        loadavg_before=_loadavg(), compile=compile, tasks={}, saved={}, peak={}, convs={})
+    result: dict = dict(
+        workload=w.name,
+        description=w.describe(),
+        config=asdict(w),
+        machine=machine_info(device),
+        date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        rounds=rounds,
+        loadavg_before=_loadavg(),
+        compile=compile,
+        tasks={},
+        saved={},
+        peak={},
+        convs={},
+    )
     result["machine"]["threads"] = torch.get_num_threads()
     state, x, target = _inputs(w)
 
@@ -95,8 +125,12 @@ def run(device: str = "cpu", size: int | None = None, *, workload: str | None = 
         warm = {n: (2 if c.form.compile else 1) for n, c in cases.items()}
         samples, first = time_interleaved(fns, rounds, warmup=warm, log=say)
         result["tasks"][task] = {
-            n: dict(median_s=median(s), samples=s, first_call_s=first[n],
-                    **({"form": asdict(cases[n].form)} if n in cases else {"floor_of": f"unetx eager {n.split()[-1]}"}))
+            n: dict(
+                median_s=median(s),
+                samples=s,
+                first_call_s=first[n],
+                **({"form": asdict(cases[n].form)} if n in cases else {"floor_of": f"unetx eager {n.split()[-1]}"}),
+            )
             for n, s in samples.items()
         }
         result["convs"][task] = {lay: n for lay, n in floors.items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-
 from .workloads import WORKLOADS, Form
 
 
@@ -41,56 +40,99 @@ def summary(result: dict) -> list[dict]:
             continue
         ratio = s[1] / u[1]
         ratio_min = _best(entries, "stock", "min_s")[1] / _best(entries, "unetx", "min_s")[1]
-        others = [f"{n.removeprefix('stock ')} {_fmt_s(e['median_s'])}" for n, e in entries.items()
-                  if e.get("form", {}).get("impl") == "stock" and n != s[0]]
-        others += [f"{n} {_fmt_s(e['median_s'])}" for n, e in entries.items()
-                   if e.get("form", {}).get("impl") == "unetx" and n != u[0]]
+        others = [
+            f"{n.removeprefix('stock ')} {_fmt_s(e['median_s'])}"
+            for n, e in entries.items()
+            if e.get("form", {}).get("impl") == "stock" and n != s[0]
+        ]
+        others += [
+            f"{n} {_fmt_s(e['median_s'])}"
+            for n, e in entries.items()
+            if e.get("form", {}).get("impl") == "unetx" and n != u[0]
+        ]
         text = f"**{ratio:.2f}x** " + ("faster" if ratio >= 1 else "(slower)") + f"; min {ratio_min:.2f}x"
-        rows.append(dict(measure=label[task], ratio=ratio, ratio_min=ratio_min, ratio_text=text,
-                         target=f">= {targets[task]}x" if task in targets else "-",
-                         met=(ratio >= targets[task]) if task in targets else None,
-                         unetx=f"{_fmt_s(u[1])}, min {_fmt_s(min(entries[u[0]]['samples']))} "
-                               f"({u[0].removeprefix('unetx ')})",
-                         stock=f"{_fmt_s(s[1])}, min {_fmt_s(min(entries[s[0]]['samples']))} "
-                               f"({s[0].removeprefix('stock ')})", others="; ".join(others)))
+        rows.append(
+            dict(
+                measure=label[task],
+                ratio=ratio,
+                ratio_min=ratio_min,
+                ratio_text=text,
+                target=f">= {targets[task]}x" if task in targets else "-",
+                met=(ratio >= targets[task]) if task in targets else None,
+                unetx=f"{_fmt_s(u[1])}, min {_fmt_s(min(entries[u[0]]['samples']))} ({u[0].removeprefix('unetx ')})",
+                stock=f"{_fmt_s(s[1])}, min {_fmt_s(min(entries[s[0]]['samples']))} ({s[0].removeprefix('stock ')})",
+                others="; ".join(others),
+            )
+        )
     saved = result.get("saved", {})
     su, ss = saved.get(Form("unetx", "nchw").name, {}), saved.get(Form("stock", "nchw").name, {})
     if "activations" in su and "activations" in ss:
-        for key, what, target in (("activations", "activations only", 0.5 if on_cpu else None),
-                                  ("with_parameters", "incl. parameters", None)):
+        for key, what, target in (
+            ("activations", "activations only", 0.5 if on_cpu else None),
+            ("with_parameters", "incl. parameters", None),
+        ):
             r = su[key] / ss[key]
-            others = [f"{n.removeprefix('stock ')} {_fmt_b(v[key])}" for n, v in saved.items()
-                      if n.startswith("stock") and n != Form("stock", "nchw").name and key in v]
-            rows.append(dict(measure=f"Bytes saved for backward, {what}", ratio=r, ratio_text=f"**{r:.2f}x**",
-                             target=f"<= {target}x" if target else "-", met=(r <= target) if target else None,
-                             unetx=_fmt_b(su[key]) + " (eager)", stock=_fmt_b(ss[key]) + " (eager)",
-                             others="; ".join(others)))
+            others = [
+                f"{n.removeprefix('stock ')} {_fmt_b(v[key])}"
+                for n, v in saved.items()
+                if n.startswith("stock") and n != Form("stock", "nchw").name and key in v
+            ]
+            rows.append(
+                dict(
+                    measure=f"Bytes saved for backward, {what}",
+                    ratio=r,
+                    ratio_text=f"**{r:.2f}x**",
+                    target=f"<= {target}x" if target else "-",
+                    met=(r <= target) if target else None,
+                    unetx=_fmt_b(su[key]) + " (eager)",
+                    stock=_fmt_b(ss[key]) + " (eager)",
+                    others="; ".join(others),
+                )
+            )
     for task in ("train", "eval"):
         entries = result["tasks"].get(task)
         floors = result.get("convs", {}).get(task)
         if not entries or not floors:
             continue
-        eager = [(n, e["median_s"]) for n, e in entries.items()
-                 if e.get("form", {}).get("impl") == "unetx" and e["form"]["compile"] is None]
+        eager = [
+            (n, e["median_s"])
+            for n, e in entries.items()
+            if e.get("form", {}).get("impl") == "unetx" and e["form"]["compile"] is None
+        ]
         n, t = min(eager, key=lambda v: v[1])
         fe = entries[floors[entries[n]["form"]["layout"]]]
         floor = fe["median_s"]
         r = t / floor
         r_min = min(entries[n]["samples"]) / min(fe["samples"])
         what = "Training step" if task == "train" else "Eval forward"
-        rows.append(dict(measure=f"{what} / its convolutions alone", ratio=r,
-                         ratio_text=f"**{r:.2f}**; min {r_min:.2f}",
-                         target="<= 1.05" if task == "train" and on_cpu else "-",
-                         met=(r <= 1.05) if task == "train" and on_cpu else None,
-                         unetx=f"{_fmt_s(t)} ({n.removeprefix('unetx ')})",
-                         stock=f"its convolutions alone {_fmt_s(floor)}",
-                         others="the convolution calls of unetx's step replayed alone (same shapes, layouts, kernels)"))
+        rows.append(
+            dict(
+                measure=f"{what} / its convolutions alone",
+                ratio=r,
+                ratio_text=f"**{r:.2f}**; min {r_min:.2f}",
+                target="<= 1.05" if task == "train" and on_cpu else "-",
+                met=(r <= 1.05) if task == "train" and on_cpu else None,
+                unetx=f"{_fmt_s(t)} ({n.removeprefix('unetx ')})",
+                stock=f"its convolutions alone {_fmt_s(floor)}",
+                others="the convolution calls of unetx's step replayed alone (same shapes, layouts, kernels)",
+            )
+        )
     if result.get("peak"):
         pu = min((b, n) for n, b in result["peak"].items() if n.startswith("unetx"))
         ps = min((b, n) for n, b in result["peak"].items() if n.startswith("stock"))
         r = pu[0] / ps[0]
-        rows.append(dict(measure="Peak allocated, training step", ratio=r, ratio_text=f"**{r:.2f}x**", target="-",
-                         met=None, unetx=f"{_fmt_b(pu[0])} ({pu[1]})", stock=f"{_fmt_b(ps[0])} ({ps[1]})", others=""))
+        rows.append(
+            dict(
+                measure="Peak allocated, training step",
+                ratio=r,
+                ratio_text=f"**{r:.2f}x**",
+                target="-",
+                met=None,
+                unetx=f"{_fmt_b(pu[0])} ({pu[1]})",
+                stock=f"{_fmt_b(ps[0])} ({ps[1]})",
+                others="",
+            )
+        )
     return rows
 
 
@@ -104,20 +146,34 @@ def format_table(results: dict | list[dict]) -> str:
     for res in results:
         for r in summary(res):
             met = "" if r["met"] is None else (" met" if r["met"] else " **not met**")
-            cells = ([res["workload"]] if many else []) + [r["measure"], r["ratio_text"], r["target"] + met, r["unetx"],
-                                                             r["stock"], r["others"]]
+            cells = ([res["workload"]] if many else []) + [
+                r["measure"],
+                r["ratio_text"],
+                r["target"] + met,
+                r["unetx"],
+                r["stock"],
+                r["others"],
+            ]
             out += "| " + " | ".join(cells) + " |\n"
     return out
 
 
 def not_measured_table(name: str, why: str) -> str:
     w = WORKLOADS[name]
-    return (f"{name}: {w.describe()} — **not measured** ({why}).\n\n"
-            "| Measure | unetx vs stock | Target | unetx (best form) | stock PyTorch (best form) | other forms |\n"
-            "|---|---|---|---|---|---|\n"
-            + "".join(f"| {m} | not measured | - | not measured | not measured | |\n"
-                      for m in ("Training step (fwd + loss + bwd + Adam)", "Eval forward (no_grad)",
-                                "Bytes saved for backward, activations only", "Peak allocated, training step")))
+    return (
+        f"{name}: {w.describe()} — **not measured** ({why}).\n\n"
+        "| Measure | unetx vs stock | Target | unetx (best form) | stock PyTorch (best form) | other forms |\n"
+        "|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {m} | not measured | - | not measured | not measured | |\n"
+            for m in (
+                "Training step (fwd + loss + bwd + Adam)",
+                "Eval forward (no_grad)",
+                "Bytes saved for backward, activations only",
+                "Peak allocated, training step",
+            )
+        )
+    )
 
 
 def plot(results: dict | list[dict], path: str) -> None:
@@ -130,14 +186,21 @@ def plot(results: dict | list[dict], path: str) -> None:
 
     results = [results] if isinstance(results, dict) else list(results)
     ncols = 1 + max(len(r["tasks"]) for r in results)
-    fig, grid = plt.subplots(len(results), ncols, figsize=(5.5 * ncols + 1.5, 4.4 * len(results)), squeeze=False,
-                             gridspec_kw=dict(width_ratios=[1] + [1.3] * (ncols - 1)))
+    fig, grid = plt.subplots(
+        len(results),
+        ncols,
+        figsize=(5.5 * ncols + 1.5, 4.4 * len(results)),
+        squeeze=False,
+        gridspec_kw=dict(width_ratios=[1] + [1.3] * (ncols - 1)),
+    )
     for result, axes in zip(results, grid):
         _plot_row(result, axes)
     m = results[0]["machine"]
     where = m.get("gpu") or m["cpu"]
-    fig.suptitle(f"unetx vs stock PyTorch: {where}, {m['threads']} CPU threads, torch {m['torch']}, "
-                 f"{results[0]['date'][:10]}", fontsize=10)
+    fig.suptitle(
+        f"unetx vs stock PyTorch: {where}, {m['threads']} CPU threads, torch {m['torch']}, {results[0]['date'][:10]}",
+        fontsize=10,
+    )
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
@@ -148,13 +211,23 @@ def plot(results: dict | list[dict], path: str) -> None:
 def _plot_row(result: dict, axes) -> None:
     rows = summary(result)
     ax = axes[0]
-    labels = [r["measure"].replace(" (fwd + loss + bwd + Adam)", "").replace(" (no_grad)", "")
-              .replace("Bytes saved for backward, ", "saved: ") for r in rows]
+    labels = [
+        r["measure"]
+        .replace(" (fwd + loss + bwd + Adam)", "")
+        .replace(" (no_grad)", "")
+        .replace("Bytes saved for backward, ", "saved: ")
+        for r in rows
+    ]
     colors = ["tab:green" if r["met"] else ("tab:red" if r["met"] is False else "tab:gray") for r in rows]
     ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
     for i, r in enumerate(rows):
-        ax.text(r["ratio"], i, f" {r['ratio']:.2f}" + (f"  (target {r['target']})" if r["target"] != "-" else ""),
-                va="center", fontsize=8)
+        ax.text(
+            r["ratio"],
+            i,
+            f" {r['ratio']:.2f}" + (f"  (target {r['target']})" if r["target"] != "-" else ""),
+            va="center",
+            fontsize=8,
+        )
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
@@ -167,8 +240,10 @@ def _plot_row(result: dict, axes) -> None:
         entries = sorted(result["tasks"][task].items(), key=lambda kv: kv[1]["median_s"])
         names = [n for n, _ in entries]
         vals = [e["median_s"] for _, e in entries]
-        col = ["tab:gray" if "convolutions" in n else ("tab:blue" if n.startswith("unetx") else "tab:orange")
-               for n in names]
+        col = [
+            "tab:gray" if "convolutions" in n else ("tab:blue" if n.startswith("unetx") else "tab:orange")
+            for n in names
+        ]
         ax.barh(range(len(vals)), vals, color=col)
         for i, v in enumerate(vals):
             ax.text(v, i, " " + _fmt_s(v), va="center", fontsize=8)
@@ -176,5 +251,6 @@ def _plot_row(result: dict, axes) -> None:
         ax.invert_yaxis()
         ax.set_xlim(0, max(vals) * 1.3)
         ax.set_xlabel("seconds per call (median)")
-        ax.set_title(f"{result['workload']} {task}: unetx (blue), stock (orange), convolutions alone (gray)",
-                     fontsize=8)
+        ax.set_title(
+            f"{result['workload']} {task}: unetx (blue), stock (orange), convolutions alone (gray)", fontsize=8
+        )

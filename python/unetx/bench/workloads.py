@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-
-
 class BenchConfigError(ValueError):
     """A benchmark asked for something this machine or configuration cannot run (the message says what)."""
 
@@ -25,13 +23,21 @@ class Workload:
     def describe(self) -> str:
         c = self.config
         prec = f"{self.autocast} autocast" if self.autocast else "float32"
-        return (f"UNet({c['in_channels']}->{c['out_channels']}, base {c['base_channels']}, depth {c['depth']}, "
-                f"{c['pool']} pool, {c['upsample']} upsampling), batch {self.batch}, {self.size}x{self.size}, {prec}")
+        return (
+            f"UNet({c['in_channels']}->{c['out_channels']}, base {c['base_channels']}, depth {c['depth']}, "
+            f"{c['pool']} pool, {c['upsample']} upsampling), batch {self.batch}, {self.size}x{self.size}, {prec}"
+        )
 
 
 def _unet_config(in_channels=1, out_channels=2, base_channels=32, depth=4, pool="avg", upsample="transpose") -> dict:
-    return dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels, depth=depth, pool=pool,
-                upsample=upsample)
+    return dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        base_channels=base_channels,
+        depth=depth,
+        pool=pool,
+        upsample=upsample,
+    )
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -65,8 +71,9 @@ class Form:
         return f"{self.impl} {how} {_LAYOUT_LABEL[self.layout]}"
 
 
-def default_forms(task: str, compile: bool, max_autotune: bool = False, compile_unetx: bool = False,
-                  device: str = "cpu") -> list[Form]:
+def default_forms(
+    task: str, compile: bool, max_autotune: bool = False, compile_unetx: bool = False, device: str = "cpu"
+) -> list[Form]:
     """The forms measured for task ("train" | "eval"): both implementations eager in both layouts; with compile,
     stock torch.compile (and, for eval, torch.compile with freezing). On the CPU inductor runs its convolutions in
     channels_last whatever the input layout (graph.decide_layout_opt), so there one input layout (NCHW, what a
@@ -75,7 +82,7 @@ def default_forms(task: str, compile: bool, max_autotune: bool = False, compile_
     forms = [Form(i, lay) for i in ("stock", "unetx") for lay in LAYOUTS]
     if compile:
         for mode in ["default"] + (["max-autotune"] if max_autotune else []):
-            for lay in (("nchw",) if device == "cpu" else LAYOUTS):
+            for lay in ("nchw",) if device == "cpu" else LAYOUTS:
                 forms.append(Form("stock", lay, mode))
                 if task == "eval":
                     forms.append(Form("stock", lay, mode, freezing=True))

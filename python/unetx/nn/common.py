@@ -37,7 +37,9 @@ def check_input(x: Tensor, in_channels: int, who: str = "UNet") -> None:
     if not x.is_floating_point():
         raise TypeError(f"{who}: expected a floating-point input, got {x.dtype}; convert with x.float()")
     if x.shape[1] != in_channels:
-        raise ValueError(f"{who}: expected {in_channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{who}: expected {in_channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+        )
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:

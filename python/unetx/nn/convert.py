@@ -86,8 +86,15 @@ def _fusable_conv(conv) -> bool:
         return False
     k = _pair(conv.kernel_size)
     pad = conv.padding if conv.padding == "same" else _pair(conv.padding)
-    return (k[0] == k[1] and k[0] % 2 == 1 and _pair(conv.stride) == (1, 1) and _pair(conv.dilation) == (1, 1)
-            and conv.groups == 1 and conv.padding_mode == "zeros" and (pad == "same" or pad == (k[0] // 2, k[0] // 2)))
+    return (
+        k[0] == k[1]
+        and k[0] % 2 == 1
+        and _pair(conv.stride) == (1, 1)
+        and _pair(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and (pad == "same" or pad == (k[0] // 2, k[0] // 2))
+    )
 
 
 def _is_bn(mod, conv) -> bool:
@@ -105,15 +112,20 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
 def _is_avg_pool2x2(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         p = modules.get(node.target)
-        return (type(p) is nn.AvgPool2d and _pair(p.kernel_size) == (2, 2) and _pair(p.stride or 2) == (2, 2)
-                and _pair(p.padding) == (0, 0) and not p.ceil_mode and p.divisor_override is None)
+        return (
+            type(p) is nn.AvgPool2d
+            and _pair(p.kernel_size) == (2, 2)
+            and _pair(p.stride or 2) == (2, 2)
+            and _pair(p.padding) == (0, 0)
+            and not p.ceil_mode
+            and p.divisor_override is None
+        )
     if node.op == "call_function" and node.target is F.avg_pool2d:
         extra = dict(node.kwargs)
         args = list(node.args[1:])
         kernel = args[0] if args else extra.pop("kernel_size", None)
         stride = args[1] if len(args) > 1 else extra.pop("stride", None)
-        return (_pair(kernel) == (2, 2) and (stride is None or _pair(stride) == (2, 2)) and len(args) <= 2
-                and not extra)
+        return _pair(kernel) == (2, 2) and (stride is None or _pair(stride) == (2, 2)) and len(args) <= 2 and not extra
     return False
 
 
@@ -148,7 +160,7 @@ def _fuse(gm: fx.GraphModule) -> bool:
             fn = conv_bn_relu_pending
             if src in pending:  # the previous fused layer feeds this one directly
                 act = pending[src]
-            elif (src.op == "call_function" and src.target is _avg_pool2x2 and src.args[0] in pending):
+            elif src.op == "call_function" and src.target is _avg_pool2x2 and src.args[0] in pending:
                 act, fn = pending[src.args[0]], _pooled_conv_bn_relu
             else:
                 act = graph.call_function(Act, (src,))

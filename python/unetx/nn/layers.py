@@ -47,8 +47,9 @@ class ConvBNReLU(nn.Module):
     `unetx.nn.reference.ConvBNReLU`: same constructor, same state_dict, same outputs and gradients, same running
     statistics (momentum, unbiased running variance, num_batches_tracked, momentum=None as cumulative average)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False,
-                 sync_bn: bool = False):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False, sync_bn: bool = False
+    ):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.bn = nn.BatchNorm2d(out_channels)
@@ -62,8 +63,15 @@ class ConvBNReLU(nn.Module):
         return conv_bn_relu_pending(x, self.conv, self.bn, pool, x2, x2_mode, sync_bn=self.sync_bn)
 
 
-def conv_bn_relu_pending(x: Act, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: bool = False, x2: Tensor | None = None,
-                         x2_mode: str = "none", sync_bn: bool = False) -> Act:
+def conv_bn_relu_pending(
+    x: Act,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    pool: bool = False,
+    x2: Tensor | None = None,
+    x2_mode: str = "none",
+    sync_bn: bool = False,
+) -> Act:
     """Conv2d -> BatchNorm2d -> ReLU of stock modules' parameters on the fused op, BatchNorm semantics included
     (batch statistics and running-stat updates in training, folded running statistics in eval)."""
     # under torch.autocast the op casts its data to the autocast dtype itself (unetx.ops.autocast)
@@ -71,8 +79,18 @@ def conv_bn_relu_pending(x: Act, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: bool
     gamma = bn.weight if bn.affine else torch.ones(bn.num_features, device=weight.device, dtype=torch.float32)
     beta = bn.bias if bn.affine else torch.zeros_like(gamma)
     if bn.training or bn.running_mean is None:
-        y, mean, var = ops.conv_bn_relu(xy, weight, bias, x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
-                                        x_pool=pool, x2=x2, x2_mode=x2_mode, stats=True)
+        y, mean, var = ops.conv_bn_relu(
+            xy,
+            weight,
+            bias,
+            x_scale=x.scale,
+            x_shift=x.shift,
+            x_mean=x.mean,
+            x_pool=pool,
+            x2=x2,
+            x2_mode=x2_mode,
+            stats=True,
+        )
         count = y.numel() // y.shape[1]
         if sync_bn and bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             mean, var = _sync_batch_stats(mean, var, count)
@@ -86,8 +104,19 @@ def conv_bn_relu_pending(x: Act, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: bool
     b = beta - bn.running_mean * s
     if conv.bias is not None:
         b = b + conv.bias * s
-    y, _, _ = ops.conv_bn_relu(xy, w, b, x_scale=x.scale, x_shift=x.shift, x_mean=x.mean,
-                               x_pool=pool, x2=x2, x2_mode=x2_mode, stats=False, relu=True)
+    y, _, _ = ops.conv_bn_relu(
+        xy,
+        w,
+        b,
+        x_scale=x.scale,
+        x_shift=x.shift,
+        x_mean=x.mean,
+        x_pool=pool,
+        x2=x2,
+        x2_mode=x2_mode,
+        stats=False,
+        relu=True,
+    )
     return Act(y)
 
 

@@ -68,8 +68,13 @@ class UNet(nn.Module):
         super().__init__()
         check_config(in_channels, out_channels, base_channels, depth, pool, upsample, dropout)
         self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, base_channels=base_channels, depth=depth,
-            pool=pool, upsample=upsample, dropout=float(dropout),
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            depth=depth,
+            pool=pool,
+            upsample=upsample,
+            dropout=float(dropout),
         )
         ch = [base_channels * 2**i for i in range(depth + 1)]
         self.encoder = nn.ModuleList(DoubleConv(in_channels if i == 0 else ch[i - 1], ch[i]) for i in range(depth))

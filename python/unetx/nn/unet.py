@@ -29,8 +29,16 @@ class UpBlock(nn.Module):
             # a 1x1 conv commutes with the upsampling: convolve at the low resolution, upsample inside the
             # next layer's input stage (the fused upsample_concat), never materialising the upsampled tensor.
             conv, x2_mode = self.up[1], self.mode
-        u, _, _ = ops.conv_bn_relu(x.y, conv.weight, conv.bias, x_scale=x.scale, x_shift=x.shift,
-                                   x_mean=x.mean, transposed=self.mode == "transpose", stats=False)
+        u, _, _ = ops.conv_bn_relu(
+            x.y,
+            conv.weight,
+            conv.bias,
+            x_scale=x.scale,
+            x_shift=x.shift,
+            x_mean=x.mean,
+            transposed=self.mode == "transpose",
+            stats=False,
+        )
         return self.conv.pending(skip, x2=u, x2_mode=x2_mode)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
@@ -53,20 +61,39 @@ class UNet(nn.Module):
     (`to_reference()`, `UNet.from_reference(m)`).
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 2, base_channels: int = 64, depth: int = 4,
-                 pool: str = "avg", upsample: str = "transpose", dropout: float = 0.0, sync_bn: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        base_channels: int = 64,
+        depth: int = 4,
+        pool: str = "avg",
+        upsample: str = "transpose",
+        dropout: float = 0.0,
+        sync_bn: bool = False,
+    ):
         super().__init__()
         check_config(in_channels, out_channels, base_channels, depth, pool, upsample, dropout)
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-                           depth=depth, pool=pool, upsample=upsample, dropout=float(dropout))
+        self.config = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            depth=depth,
+            pool=pool,
+            upsample=upsample,
+            dropout=float(dropout),
+        )
         self.sync_bn = sync_bn
         ch = [base_channels * 2**i for i in range(depth + 1)]
         self.encoder = nn.ModuleList(
-            DoubleConv(in_channels if i == 0 else ch[i - 1], ch[i], sync_bn=sync_bn) for i in range(depth))
+            DoubleConv(in_channels if i == 0 else ch[i - 1], ch[i], sync_bn=sync_bn) for i in range(depth)
+        )
         self.pool = nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)
         self.bottleneck = DoubleConv(ch[depth - 1], ch[depth], sync_bn=sync_bn)
         self.dropout = nn.Dropout(dropout)
-        self.decoder = nn.ModuleList(UpBlock(ch[i + 1], ch[i], upsample, sync_bn=sync_bn) for i in reversed(range(depth)))
+        self.decoder = nn.ModuleList(
+            UpBlock(ch[i + 1], ch[i], upsample, sync_bn=sync_bn) for i in reversed(range(depth))
+        )
         self.head = nn.Conv2d(ch[0], out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,8 +122,9 @@ class UNet(nn.Module):
             a = Act(self.dropout(a.materialize()))
         for up, skip in zip(self.decoder, reversed(skips)):
             a = up.pending(a, skip)
-        logits, _, _ = ops.conv_bn_relu(a.y, self.head.weight, self.head.bias, x_scale=a.scale, x_shift=a.shift, x_mean=a.mean,
-                                        stats=False)
+        logits, _, _ = ops.conv_bn_relu(
+            a.y, self.head.weight, self.head.bias, x_scale=a.scale, x_shift=a.shift, x_mean=a.mean, stats=False
+        )
         return logits[..., :h, :w].contiguous(memory_format=out_format)
 
     # ----------------------------------------------------------------------------- plain-PyTorch twin
@@ -107,10 +135,12 @@ class UNet(nn.Module):
         return m.to(next(self.parameters()).device).train(self.training)
 
     @classmethod
-    def from_reference(cls, m: nn.Module, sync_bn: bool = False) -> "UNet":
+    def from_reference(cls, m: nn.Module, sync_bn: bool = False) -> UNet:
         cfg = getattr(m, "config", None)
         if not isinstance(cfg, dict):
-            raise TypeError(f"UNet.from_reference: expected a unetx.reference.UNet (with .config), got {type(m).__name__}")
+            raise TypeError(
+                f"UNet.from_reference: expected a unetx.reference.UNet (with .config), got {type(m).__name__}"
+            )
         u = cls(**cfg, sync_bn=sync_bn)
         u.load_state_dict(m.state_dict())
         return u.to(next(m.parameters()).device).train(m.training)
@@ -126,7 +156,8 @@ def _check_state_dict(model: nn.Module, state_dict, strict: bool) -> None:
     for k, v in state_dict.items():
         if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(
-                f"UNet.load_state_dict: '{k}' has shape {tuple(v.shape)} in the state_dict but {tuple(own[k].shape)} in "
+                f"UNet.load_state_dict: '{k}' has shape {tuple(v.shape)} in the state_dict but "
+                f"{tuple(own[k].shape)} in "
                 f"this model ({model.config}); the weights come from a UNet with a different configuration"
             )
     if strict:

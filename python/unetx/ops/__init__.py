@@ -23,5 +23,16 @@ from .bn_relu import bn_relu, bn_relu_pool
 from .conv_bn_relu import conv_bn_relu
 from .upsample_concat import upsample_concat
 
-__all__ = ["FALLBACKS", "autocast", "avg_pool2x2", "bn_relu", "bn_relu_pool", "build_info", "conv_bn_relu",
-           "cuda_kernels_enabled", "memory_format", "reference", "upsample_concat"]
+__all__ = [
+    "FALLBACKS",
+    "autocast",
+    "avg_pool2x2",
+    "bn_relu",
+    "bn_relu_pool",
+    "build_info",
+    "conv_bn_relu",
+    "cuda_kernels_enabled",
+    "memory_format",
+    "reference",
+    "upsample_concat",
+]

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .._extension import BUILD_INFO, _C
+from .._extension import _C, BUILD_INFO
 from . import avg_pool2x2, bn_relu, conv_bn_relu, upsample_concat
 
 FALLBACKS = {**conv_bn_relu.FALLBACKS, **bn_relu.FALLBACKS, **avg_pool2x2.FALLBACKS, **upsample_concat.FALLBACKS}
@@ -17,7 +17,7 @@ if BUILD_INFO["cuda"] and os.environ.get("UNETX_CUDA_KERNELS", "0") == "1":
     _cuda_kernels = bool(_C.register_cuda_kernels())
 
 _fallback_lib = torch.library.Library("unetx", "IMPL")
-for _key in (("MPS", "XPU") if _cuda_kernels else ("CUDA", "MPS", "XPU")):
+for _key in ("MPS", "XPU") if _cuda_kernels else ("CUDA", "MPS", "XPU"):
     for _name, _fn in FALLBACKS.items():
         _fallback_lib.impl(_name, _fn, _key)
 

@@ -25,14 +25,20 @@ _lib = torch.library.Library("unetx", "IMPL")
 
 def _eligible(t, device_type: str) -> bool:
     # as ATen's autocast: float64 is never cast, nor a tensor on another device type
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+    return (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.dtype != torch.float64
         and t.device.type == device_type
+    )
 
 
 def _lower_precision(args: tuple, device_type: str, indices: tuple[int, ...]) -> tuple:
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(a.to(dtype) if i in indices and _eligible(a, device_type) and a.dtype != dtype else a
-                 for i, a in enumerate(args))
+    return tuple(
+        a.to(dtype) if i in indices and _eligible(a, device_type) and a.dtype != dtype else a
+        for i, a in enumerate(args)
+    )
 
 
 def _promote(args: tuple, device_type: str, indices: tuple[int, ...]) -> tuple:
@@ -42,8 +48,10 @@ def _promote(args: tuple, device_type: str, indices: tuple[int, ...]) -> tuple:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    return tuple(a.to(dtype) if i in indices and _eligible(a, device_type) and a.dtype != dtype else a
-                 for i, a in enumerate(args))
+    return tuple(
+        a.to(dtype) if i in indices and _eligible(a, device_type) and a.dtype != dtype else a
+        for i, a in enumerate(args)
+    )
 
 
 # op -> (how it casts, the positions of the tensors it casts)

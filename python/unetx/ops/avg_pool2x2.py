@@ -36,7 +36,9 @@ def _avg_pool_backward(ctx, grad):
     return _ops.avg_pool2x2_backward(grad)
 
 
-torch.library.register_autograd("unetx::avg_pool2x2", _avg_pool_backward, setup_context=lambda ctx, inputs, output: None)
+torch.library.register_autograd(
+    "unetx::avg_pool2x2", _avg_pool_backward, setup_context=lambda ctx, inputs, output: None
+)
 
 
 def _fb_avg_pool2x2(x):

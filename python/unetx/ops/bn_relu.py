@@ -6,12 +6,22 @@ tests: tests/test_bn_relu.py; bench: bench/bench_ops.py.
 
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 from . import reference as ref
-from ._common import _check_4d, _check_devices, _check_even, _check_grad, _check_vector, _empty, _layout, _ops, \
-    _pooled, _warn_fallback
+from ._common import (
+    _check_4d,
+    _check_devices,
+    _check_even,
+    _check_grad,
+    _check_vector,
+    _empty,
+    _layout,
+    _ops,
+    _pooled,
+    _warn_fallback,
+)
 
 
 def bn_relu(y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor | None = None) -> Tensor:

@@ -11,8 +11,21 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from ._common import _acc_dtype, _check_4d, _check_devices, _check_even, _check_grad, _check_mode, _check_same, \
-    _check_vector, _empty, _layout, _ops, _shape, _warn_fallback
+from ._common import (
+    _acc_dtype,
+    _check_4d,
+    _check_devices,
+    _check_even,
+    _check_grad,
+    _check_mode,
+    _check_same,
+    _check_vector,
+    _empty,
+    _layout,
+    _ops,
+    _shape,
+    _warn_fallback,
+)
 
 
 def conv_bn_relu(
@@ -66,21 +79,32 @@ def _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, t
     if x2 is not None:
         _check_4d(x2, op, "x2")
         _check_same(op, "x", x, "x2", x2)
-        torch._check(x2.shape[0] == n and f * x2.shape[2] == h and f * x2.shape[3] == w,
-                     lambda: f"{op}: x2 of shape {_shape(x2)} upsampled {f}x does not match the skip input's spatial "
-                             f"size [{n}, *, {h}, {w}]")
+        torch._check(
+            x2.shape[0] == n and f * x2.shape[2] == h and f * x2.shape[3] == w,
+            lambda: (
+                f"{op}: x2 of shape {_shape(x2)} upsampled {f}x does not match the skip input's spatial "
+                f"size [{n}, *, {h}, {w}]"
+            ),
+        )
         c2 = x2.shape[1]
     torch._check(weight.dim() == 4, lambda: f"{op}: expected a 4-D weight, got shape {_shape(weight)}")
     _check_same(op, "x", x, "weight", weight)
     k = weight.shape[3]
     torch._check(weight.shape[2] == k, lambda: f"{op}: expected a square kernel, got weight {_shape(weight)}")
     in_ch, out_ch = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
-    torch._check(in_ch == c1 + c2, lambda: f"{op}: weight {_shape(weight)} expects {in_ch} input channels, but x has "
-                                           f"{c1}" + (f" and x2 has {c2}" if c2 else "") + f" (total {c1 + c2})")
+    torch._check(
+        in_ch == c1 + c2,
+        lambda: (
+            f"{op}: weight {_shape(weight)} expects {in_ch} input channels, but x has "
+            f"{c1}" + (f" and x2 has {c2}" if c2 else "") + f" (total {c1 + c2})"
+        ),
+    )
     torch._check(transposed or k % 2 == 1, lambda: f"{op}: 'same' convolution needs an odd kernel size, got {k}")
     if bias is not None:
-        torch._check(bias.dim() == 1 and bias.shape[0] == out_ch,
-                     lambda: f"{op}: expected bias of shape [{out_ch}], got {_shape(bias)}")
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == out_ch,
+            lambda: f"{op}: expected bias of shape [{out_ch}], got {_shape(bias)}",
+        )
         _check_same(op, "x", x, "bias", bias)
     if x_mean is not None:
         torch._check(x_scale is not None, lambda: f"{op}: x_mean needs x_scale and x_shift")
@@ -114,8 +138,25 @@ def _(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, transposed, stats,
 
 
 @torch.library.register_fake("unetx::conv_bn_relu_backward")
-def _(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight, has_bias, transposed, y, mean,
-      relu, output_mask, x_mean=None):
+def _(
+    grad_y,
+    grad_mean,
+    grad_var,
+    x,
+    x_scale,
+    x_shift,
+    x_pool,
+    x2,
+    x2_mode,
+    weight,
+    has_bias,
+    transposed,
+    y,
+    mean,
+    relu,
+    output_mask,
+    x_mean=None,
+):
     out = _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, None, transposed, x_mean)
     _args_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, weight, transposed, y, mean, relu, out)
     fmt = _layout(x)
@@ -158,8 +199,23 @@ def _conv_bn_relu_backward(ctx, grad_y, grad_mean, grad_var):
     if mean is None:
         mean = grad_y.new_empty(0)
     gx, gs, gt, gx2, gw, gb, gm = _ops.conv_bn_relu_backward(
-        grad_y, grad_mean if stats else None, grad_var if stats else None, x, x_scale, x_shift, x_pool, x2, x2_mode,
-        weight, has_bias, transposed, y, mean, relu, mask, x_mean,
+        grad_y,
+        grad_mean if stats else None,
+        grad_var if stats else None,
+        x,
+        x_scale,
+        x_shift,
+        x_pool,
+        x2,
+        x2_mode,
+        weight,
+        has_bias,
+        transposed,
+        y,
+        mean,
+        relu,
+        mask,
+        x_mean,
     )
     return (gx, gs, gt, None, gx2, None, gw, gb, None, None, None, gm)[: len(ctx.needs_input_grad)]
 
@@ -180,14 +236,33 @@ def _fb_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, bias, tra
     if not stats:
         return y, y.new_empty(0), y.new_empty(0)
     if y.numel() // y.shape[1] <= 1:  # as the kernels and nn.BatchNorm2d
-        raise ValueError(f"unetx.conv_bn_relu: Expected more than 1 value per channel when training, got input size "
-                         f"{list(y.shape)} (batch statistics need batch * height * width > 1)")
+        raise ValueError(
+            f"unetx.conv_bn_relu: Expected more than 1 value per channel when training, got input size "
+            f"{list(y.shape)} (batch statistics need batch * height * width > 1)"
+        )
     var, mean = torch.var_mean(y.to(_acc_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
     return y, mean, var
 
 
-def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, x_pool, x2, x2_mode, weight,
-                              has_bias, transposed, y, mean, relu, output_mask, x_mean=None):
+def _fb_conv_bn_relu_backward(
+    grad_y,
+    grad_mean,
+    grad_var,
+    x,
+    x_scale,
+    x_shift,
+    x_pool,
+    x2,
+    x2_mode,
+    weight,
+    has_bias,
+    transposed,
+    y,
+    mean,
+    relu,
+    output_mask,
+    x_mean=None,
+):
     out = _args_conv_bn_relu(x, x_scale, x_shift, x_pool, x2, x2_mode, weight, None, transposed, x_mean)
     _args_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, weight, transposed, y, mean, relu, out)
     # Mixed precision (bfloat16 data, float32 statistics and vectors): the reference promotes part of the
@@ -195,10 +270,24 @@ def _fb_conv_bn_relu_backward(grad_y, grad_mean, grad_var, x, x_scale, x_shift, 
     dt = x.dtype
     for v in (x_scale, x_shift, x_mean, grad_mean, grad_var, mean if mean.numel() else None):
         dt = dt if v is None else torch.promote_types(dt, v.dtype)
-    up = lambda t: None if t is None else t.to(dt)  # noqa: E731
+    up = lambda t: None if t is None else t.to(dt)
     gx, gs, gt, gx2, gw, gb, gm = ref.conv_bn_relu_backward(
-        up(grad_y), grad_mean, grad_var, up(x), x_scale, x_shift, x_pool, up(x2), x2_mode, up(weight), has_bias,
-        transposed, up(y) if y.numel() else y, mean, relu, x_mean,
+        up(grad_y),
+        grad_mean,
+        grad_var,
+        up(x),
+        x_scale,
+        x_shift,
+        x_pool,
+        up(x2),
+        x2_mode,
+        up(weight),
+        has_bias,
+        transposed,
+        up(y) if y.numel() else y,
+        mean,
+        relu,
+        x_mean,
     )
     gw = torch.empty_like(weight).copy_(gw) if output_mask[2] else None
     gb = gb.to(weight.dtype).contiguous() if (output_mask[3] and gb is not None) else None

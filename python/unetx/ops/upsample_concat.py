@@ -27,19 +27,27 @@ def _args_upsample_concat(skip: Tensor, x: Tensor, mode: str) -> None:
     _check_4d(skip, op, "skip")
     _check_4d(x, op, "x")
     _check_same(op, "skip", skip, "x", x)
-    torch._check(skip.shape[0] == x.shape[0] and skip.shape[2] == f * x.shape[2] and skip.shape[3] == f * x.shape[3],
-                 lambda: f"{op}: skip {_shape(skip)} does not match x {_shape(x)} upsampled {f}x (expected skip of "
-                         f"shape [{x.shape[0]}, *, {f * x.shape[2]}, {f * x.shape[3]}])")
+    torch._check(
+        skip.shape[0] == x.shape[0] and skip.shape[2] == f * x.shape[2] and skip.shape[3] == f * x.shape[3],
+        lambda: (
+            f"{op}: skip {_shape(skip)} does not match x {_shape(x)} upsampled {f}x (expected skip of "
+            f"shape [{x.shape[0]}, *, {f * x.shape[2]}, {f * x.shape[3]}])"
+        ),
+    )
 
 
 def _args_upsample_concat_backward(grad: Tensor, skip_channels: int, mode: str) -> int:
     op = "unetx.upsample_concat_backward"
     f = _check_mode(mode, op)
     _check_4d(grad, op, "grad")
-    torch._check(0 <= skip_channels <= grad.shape[1],
-                 lambda: f"{op}: skip_channels={skip_channels} out of range for grad {_shape(grad)}")
-    torch._check(grad.shape[2] % f == 0 and grad.shape[3] % f == 0,
-                 lambda: f"{op}: grad {_shape(grad)} must have an even height and width for 2x upsampling")
+    torch._check(
+        0 <= skip_channels <= grad.shape[1],
+        lambda: f"{op}: skip_channels={skip_channels} out of range for grad {_shape(grad)}",
+    )
+    torch._check(
+        grad.shape[2] % f == 0 and grad.shape[3] % f == 0,
+        lambda: f"{op}: grad {_shape(grad)} must have an even height and width for 2x upsampling",
+    )
     return f
 
 
@@ -68,7 +76,9 @@ def _upsample_concat_backward(ctx, grad):
     return gs, gx, None
 
 
-torch.library.register_autograd("unetx::upsample_concat", _upsample_concat_backward, setup_context=_upsample_concat_setup)
+torch.library.register_autograd(
+    "unetx::upsample_concat", _upsample_concat_backward, setup_context=_upsample_concat_setup
+)
 
 
 def _fb_upsample_concat(skip, x, mode):

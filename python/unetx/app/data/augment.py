@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-
 @dataclass
 class Augment:
     """Random augmentation of a training patch, identical for image, mask and weight map (intensity: image only).
@@ -46,12 +45,21 @@ class Augment:
             b = rng.uniform(-self.brightness, self.brightness)
             mean = image.mean(axis=(1, 2), keepdims=True)
             image = (image - mean) * c + mean + b
-        return (np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target),
-                None if weight is None else np.ascontiguousarray(weight, dtype=np.float32))
+        return (
+            np.ascontiguousarray(image, dtype=np.float32),
+            np.ascontiguousarray(target),
+            None if weight is None else np.ascontiguousarray(weight, dtype=np.float32),
+        )
 
 
-def elastic_deform(image: np.ndarray, target: np.ndarray, weight: np.ndarray | None, rng: np.random.Generator,
-                   sigma: float = 10.0, grid: int = 3):
+def elastic_deform(
+    image: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None,
+    rng: np.random.Generator,
+    sigma: float = 10.0,
+    grid: int = 3,
+):
     """The U-Net paper's elastic deformation of a (C, H, W) image with its (H, W) mask (nearest) and weights."""
     from scipy import ndimage
 

@@ -4,14 +4,13 @@ masks themselves (lossy JPEG masks included)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from ..errors import InputError
-
 
 MAX_CLASSES = 64  # a "mask" with more distinct values than this is almost surely an image
 MASK_MODES = ("auto", "binary", "labels", "colour")
@@ -44,8 +43,11 @@ class ClassTable:
         if self.kind != "colour" and not all(isinstance(v, int) for v in self.values):
             raise InputError(f"a {self.kind} class table needs integer grey values, got {self.values}")
         if not self.names:
-            self.names = (["background", "foreground"] if self.kind == "binary"
-                          else [f"class{i}" for i in range(len(self.values))])
+            self.names = (
+                ["background", "foreground"]
+                if self.kind == "binary"
+                else [f"class{i}" for i in range(len(self.values))]
+            )
         if len(self.names) != len(self.values):
             raise InputError(f"class table has {len(self.values)} values but {len(self.names)} names")
 
@@ -54,23 +56,26 @@ class ClassTable:
         return len(self.values)
 
     @classmethod
-    def binary(cls, background: int = 0, foreground: int = 255) -> "ClassTable":
+    def binary(cls, background: int = 0, foreground: int = 255) -> ClassTable:
         return cls("binary", [background, foreground])
 
     @classmethod
-    def labels(cls, num_classes: int) -> "ClassTable":
+    def labels(cls, num_classes: int) -> ClassTable:
         return cls("labels", list(range(num_classes)))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "values": [list(v) if isinstance(v, tuple) else v for v in self.values],
-                "names": list(self.names)}
+        return {
+            "kind": self.kind,
+            "values": [list(v) if isinstance(v, tuple) else v for v in self.values],
+            "names": list(self.names),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClassTable":
+    def from_dict(cls, d: dict) -> ClassTable:
         return cls(d["kind"], list(d["values"]), list(d.get("names") or []))
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ClassTable":
+    def from_json(cls, path: str | Path) -> ClassTable:
         """A JSON class table: {"kind": "colour", "values": [[0,0,0],[255,0,0]], "names": [...]}, or a bare list
         of values (colour triples or grey values; grey values 0..K-1 make a label table)."""
         try:
@@ -81,8 +86,10 @@ class ClassTable:
             if all(isinstance(v, list) for v in d):
                 d = {"kind": "colour", "values": d}
             else:
-                d = {"kind": "labels" if d == list(range(len(d))) else "binary" if len(d) == 2 else "labels",
-                     "values": d}
+                d = {
+                    "kind": "labels" if d == list(range(len(d))) else "binary" if len(d) == 2 else "labels",
+                    "values": d,
+                }
         if not isinstance(d, dict) or "values" not in d:
             raise InputError(f"class table {path}: expected a list of values or an object with 'values'")
         if d.get("kind") == "labels" and d["values"] != list(range(len(d["values"]))):
@@ -105,10 +112,11 @@ class ClassTable:
     def encode(self, mask: np.ndarray, name: str = "mask", lossy: bool = False) -> np.ndarray:
         """(H, W, C) mask values -> (H, W) class indices (uint8/int16). Values outside the table are an error,
         except for lossy files (JPEG), whose pixels go to the nearest table value."""
-        if self.kind != "colour" and mask.shape[-1] == 3:
-            if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
-                raise InputError(f"mask {name} is colour but the classes are grey values {self.values}; "
-                                 "give a colour class table (--class-table) or grey masks")
+        if self.kind != "colour" and mask.shape[-1] == 3 and not _is_grey(mask):
+            raise InputError(
+                f"mask {name} is colour but the classes are grey values {self.values}; "
+                "give a colour class table (--class-table) or grey masks"
+            )
         keys, table = self._keys(mask)
         order = np.argsort(table)
         sorted_table = table[order]
@@ -127,10 +135,14 @@ class ClassTable:
         shown = [self._show(int(k)) for k in unknown[:8]]
         more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
         if self.kind == "labels":
-            return (f"mask {name} has class values {shown}{more} but the model has {self.num_classes} classes "
-                    f"(0..{self.num_classes - 1}); train with --classes {int(unknown.max()) + 1} or fix the mask")
-        return (f"mask {name} has values {shown}{more} that are not in the class table {self.values} "
-                f"({self.kind}, {self.num_classes} classes); fix the mask or give a class table that lists them")
+            return (
+                f"mask {name} has class values {shown}{more} but the model has {self.num_classes} classes "
+                f"(0..{self.num_classes - 1}); train with --classes {int(unknown.max()) + 1} or fix the mask"
+            )
+        return (
+            f"mask {name} has values {shown}{more} that are not in the class table {self.values} "
+            f"({self.kind}, {self.num_classes} classes); fix the mask or give a class table that lists them"
+        )
 
     def _show(self, key: int):
         return (key >> 16, (key >> 8) & 255, key & 255) if self.kind == "colour" else key
@@ -140,6 +152,11 @@ class ClassTable:
         lut = np.array(self.values)
         out = lut[classes]
         return out.astype(np.uint8 if out.max(initial=0) <= 255 else np.uint16)
+
+
+def _is_grey(mask: np.ndarray) -> bool:
+    """An (H, W, 3) mask whose three channels are equal."""
+    return np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])
 
 
 def _lossy_grey_values(m: np.ndarray) -> np.ndarray:
@@ -156,9 +173,14 @@ def _lossy_grey_values(m: np.ndarray) -> np.ndarray:
     return np.sort(np.array(kept, dtype=vals.dtype))
 
 
-def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foreground: str = "bright",
-                      num_classes: int | None = None, names: Sequence[str] | None = None,
-                      lossy: Sequence[bool] | None = None) -> ClassTable:
+def infer_class_table(
+    masks: Iterable[np.ndarray],
+    mode: str = "auto",
+    foreground: str = "bright",
+    num_classes: int | None = None,
+    names: Sequence[str] | None = None,
+    lossy: Sequence[bool] | None = None,
+) -> ClassTable:
     """The class table of a set of masks ((slices, H, W, C) arrays as from `read_image(mask=True)`).
 
     mode "binary": the two values present, foreground the brighter (or the darker with foreground="dark");
@@ -183,8 +205,10 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
             flat = m.reshape(-1, 3).astype(np.int64)
             packed = np.unique((flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2])
             if len(packed) > MAX_CLASSES:
-                raise InputError(f"{name} has {len(packed)} distinct colours: more than {MAX_CLASSES}, so it is "
-                                 "probably an image, not a mask (or a lossy JPEG); give masks with one colour per class")
+                raise InputError(
+                    f"{name} has {len(packed)} distinct colours: more than {MAX_CLASSES}, so it is "
+                    "probably an image, not a mask (or a lossy JPEG); give masks with one colour per class"
+                )
             new = [(int(k >> 16), int((k >> 8) & 255), int(k & 255)) for k in packed]
             colours.update(new)
             for v in new:
@@ -193,16 +217,22 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
             vals = _lossy_grey_values(m) if (lossy is not None and lossy[i]) else np.unique(m[..., 0])
             if not np.issubdtype(vals.dtype, np.integer):
                 if not np.all(vals == np.round(vals)):
-                    raise InputError(f"{name} holds non-integer values {vals[:5].tolist()}; masks must hold integer "
-                                     "class values or colours")
+                    raise InputError(
+                        f"{name} holds non-integer values {vals[:5].tolist()}; masks must hold integer "
+                        "class values or colours"
+                    )
                 vals = vals.astype(np.int64)
             if len(vals) > limit:
                 if num_classes is not None:
-                    raise InputError(f"{name} has {len(vals)} distinct grey values, more than --classes {num_classes}; "
-                                     f"give --classes {int(vals.max()) + 1} or fix the mask")
-                raise InputError(f"{name} has {len(vals)} distinct grey values: more than {MAX_CLASSES}, so it is "
-                                 "probably an image, not a mask; for a label map with that many classes give "
-                                 f"--classes {int(vals.max()) + 1}")
+                    raise InputError(
+                        f"{name} has {len(vals)} distinct grey values, more than --classes {num_classes}; "
+                        f"give --classes {int(vals.max()) + 1} or fix the mask"
+                    )
+                raise InputError(
+                    f"{name} has {len(vals)} distinct grey values: more than {MAX_CLASSES}, so it is "
+                    "probably an image, not a mask; for a label map with that many classes give "
+                    f"--classes {int(vals.max()) + 1}"
+                )
             grey.update(int(v) for v in vals)
             colours.update((int(v),) * 3 for v in vals)
             for v in vals:
@@ -226,16 +256,22 @@ def infer_class_table(masks: Iterable[np.ndarray], mode: str = "auto", foregroun
             raise InputError(f"label masks hold negative values {values[:5]} {where(values[:1])}")
         k = num_classes if num_classes is not None else max(values[-1] + 1, 2)
         if values[-1] >= k:
-            raise InputError(f"the masks hold class values up to {values[-1]} {where(values[-1:])} but --classes "
-                             f"is {k}; use --classes {values[-1] + 1}")
+            raise InputError(
+                f"the masks hold class values up to {values[-1]} {where(values[-1:])} but --classes "
+                f"is {k}; use --classes {values[-1] + 1}"
+            )
         if num_classes is None and values[-1] >= MAX_CLASSES:
-            raise InputError(f"the masks hold {len(values)} grey values up to {values[-1]} {where(values[-1:])}; as "
-                             f"label maps that would be {values[-1] + 1} classes. Give --classes {values[-1] + 1}, a "
-                             "class table (--class-table) listing the values, or masks with values 0..K-1")
+            raise InputError(
+                f"the masks hold {len(values)} grey values up to {values[-1]} {where(values[-1:])}; as "
+                f"label maps that would be {values[-1] + 1} classes. Give --classes {values[-1] + 1}, a "
+                "class table (--class-table) listing the values, or masks with values 0..K-1"
+            )
         return ClassTable.labels(k)
     if len(values) > 2:
-        raise InputError(f"binary masks must hold two values, these hold {len(values)}: {values[:8]} "
-                         f"{where(values[:8])}; use --mask-mode labels for label maps, or fix the masks")
+        raise InputError(
+            f"binary masks must hold two values, these hold {len(values)}: {values[:8]} "
+            f"{where(values[:8])}; use --mask-mode labels for label maps, or fix the masks"
+        )
     if len(values) < 2:
         only = values[0] if values else None
         if only is None:

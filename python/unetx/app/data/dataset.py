@@ -3,7 +3,7 @@ number of DataLoader workers or processes."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,8 +13,7 @@ from .augment import Augment
 from .samples import Sample
 
 
-def random_crop(image: np.ndarray, target: np.ndarray, weight: np.ndarray | None, size: int,
-                rng: np.random.Generator):
+def random_crop(image: np.ndarray, target: np.ndarray, weight: np.ndarray | None, size: int, rng: np.random.Generator):
     """A size x size window at a random position; a side shorter than `size` is first mirror-padded (reflect)."""
     _, h, w = image.shape
     ph, pw = max(size - h, 0), max(size - w, 0)
@@ -38,8 +37,14 @@ class PatchDataset(torch.utils.data.Dataset):
     Call `set_epoch(e)` before each epoch. Items: (image (C, s, s) float32, target (s, s) int64, weight (s, s) float32).
     """
 
-    def __init__(self, samples: Sequence[Sample], crop: int | None = 256, augment: Augment | None = None,
-                 patches_per_image: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        crop: int | None = 256,
+        augment: Augment | None = None,
+        patches_per_image: int = 1,
+        seed: int = 0,
+    ):
         if not samples:
             raise InputError("no training samples")
         if crop is not None and crop < 1:
@@ -69,9 +74,11 @@ class PatchDataset(torch.utils.data.Dataset):
             image, target, weight = self.augment(image, target, weight, rng)
         if weight is None:
             weight = np.ones(target.shape, dtype=np.float32)
-        return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                torch.from_numpy(np.ascontiguousarray(target).astype(np.int64)),
-                torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+        return (
+            torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(target).astype(np.int64)),
+            torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
+        )
 
 
 def default_patches_per_image(samples: Sequence[Sample], crop: int | None) -> int:

@@ -11,7 +11,6 @@ from PIL import Image
 
 from ..errors import InputError
 
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 NORMALIZATIONS = ("dtype", "percentile", "standardize")
@@ -44,8 +43,10 @@ def read_image(path: str | Path, mask: bool = False) -> np.ndarray:
             arr = _read_pillow(path, mask)
     except InputError:
         raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the file's problem; say which file
-        raise InputError(f"cannot read {path}: {type(e).__name__}: {e} (the file is corrupt, truncated or not an image)") from None
+    except Exception as e:
+        raise InputError(
+            f"cannot read {path}: {type(e).__name__}: {e} (the file is corrupt, truncated or not an image)"
+        ) from None
     if arr.size == 0:
         raise InputError(f"{path} holds an empty image (shape {arr.shape})")
     if arr.dtype.kind in "fc":
@@ -53,8 +54,10 @@ def read_image(path: str | Path, mask: bool = False) -> np.ndarray:
         if bad.any():  # NaN/Inf would make the whole batch's statistics NaN (training) or the prediction garbage
             s, y, x, _ = (int(i) for i in np.argwhere(bad)[0])
             where = f"row {y}, column {x}" + (f" of slice {s}" if arr.shape[0] > 1 else "")
-            raise InputError(f"{path} holds {int(bad.sum())} non-finite pixel value{'s' * (int(bad.sum()) > 1)} "
-                             f"(NaN or Inf), the first at {where}; replace them (e.g. with 0) in the file")
+            raise InputError(
+                f"{path} holds {int(bad.sum())} non-finite pixel value{'s' * (int(bad.sum()) > 1)} "
+                f"(NaN or Inf), the first at {where}; replace them (e.g. with 0) in the file"
+            )
     return arr
 
 
@@ -88,7 +91,7 @@ def _read_tiff(path: Path) -> np.ndarray:
         arr = series.asarray()
         axes = series.axes
     if arr.ndim != len(axes):  # tifffile squeezes length-1 axes from the data but not always from axes
-        axes = axes[-arr.ndim:]
+        axes = axes[-arr.ndim :]
     channel = next((i for i, a in enumerate(axes) if a in "SC" and arr.shape[i] in (1, 2, 3, 4)), None)
     if "Y" not in axes or "X" not in axes:
         raise InputError(f"cannot read {path}: TIFF axes {axes!r} have no Y and X")
@@ -139,8 +142,9 @@ def list_images(folder: str | Path, what: str = "images") -> list[Path]:
         raise InputError(f"the {what} folder {folder} does not exist")
     if not folder.is_dir():
         raise InputError(f"the {what} folder {folder} is a file, not a folder")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise InputError(f"the {what} folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     return files

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -71,16 +71,20 @@ def pair_files(images: str | Path, masks: str | Path, mask_suffix: str = "") -> 
         if img is None or msk is None:
             continue
         if img.shape[1:3] != msk.shape[1:3]:
-            problems.append(f"{ip.name} is {img.shape[2]}x{img.shape[1]} but its mask {mp.name} is "
-                            f"{msk.shape[2]}x{msk.shape[1]} (width x height)")
+            problems.append(
+                f"{ip.name} is {img.shape[2]}x{img.shape[1]} but its mask {mp.name} is "
+                f"{msk.shape[2]}x{msk.shape[1]} (width x height)"
+            )
             continue
         if img.shape[0] != msk.shape[0] and msk.shape[0] != 1:
             problems.append(f"{ip.name} has {img.shape[0]} slices but its mask {mp.name} has {msk.shape[0]}")
             continue
         pairs.append(Pair(stem, ip, mp, img, msk))
     if problems:
-        raise InputError(f"cannot pair the images in {images} with the masks in {masks} "
-                         f"({len(problems)} problem{'s' * (len(problems) > 1)}):\n  - " + "\n  - ".join(problems))
+        raise InputError(
+            f"cannot pair the images in {images} with the masks in {masks} "
+            f"({len(problems)} problem{'s' * (len(problems) > 1)}):\n  - " + "\n  - ".join(problems)
+        )
     return pairs
 
 
@@ -100,6 +104,7 @@ def read_images(inputs: str | Path | Sequence[str | Path]) -> list[Pair]:
         except InputError as e:
             problems.append(str(e))
     if problems:
-        raise InputError(f"cannot read {len(problems)} input file{'s' * (len(problems) > 1)}:\n  - "
-                         + "\n  - ".join(problems))
+        raise InputError(
+            f"cannot read {len(problems)} input file{'s' * (len(problems) > 1)}:\n  - " + "\n  - ".join(problems)
+        )
     return pairs

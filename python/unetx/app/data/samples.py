@@ -4,8 +4,8 @@ class frequencies and the U-Net paper's weight map."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -36,13 +36,20 @@ def image_to_chw(arr: np.ndarray, channels: int, normalize: str, name: str) -> n
         if c == 1:
             arr = np.repeat(arr, channels, axis=-1)
         else:
-            raise InputError(f"{name} has {c} channels but the model takes {channels}; convert the image "
-                             f"(e.g. to {'greyscale' if channels == 1 else 'RGB'})")
+            raise InputError(
+                f"{name} has {c} channels but the model takes {channels}; convert the image "
+                f"(e.g. to {'greyscale' if channels == 1 else 'RGB'})"
+            )
     return np.ascontiguousarray(np.moveaxis(to_float(arr, normalize), -1, 0))
 
 
-def load_samples(pairs: Sequence[Pair], table: ClassTable, channels: int | None = None, normalize: str = "dtype",
-                 weight_map: dict | None = None) -> list[Sample]:
+def load_samples(
+    pairs: Sequence[Pair],
+    table: ClassTable,
+    channels: int | None = None,
+    normalize: str = "dtype",
+    weight_map: dict | None = None,
+) -> list[Sample]:
     """Samples (one per image, or per slice of a stack) with masks encoded by `table`; every bad mask is listed.
 
     weight_map: None, or keyword arguments of `unet_weight_map` plus "class_weights" (the paper's loss weights).
@@ -83,9 +90,11 @@ def balancing_weights(frequencies: np.ndarray) -> list[float]:
     return np.clip(w, 0.1, 10.0).tolist()
 
 
-def unet_weight_map(target: np.ndarray, class_weights: Sequence[float] | None = None, w0: float = 10.0,
-                    sigma: float = 5.0) -> np.ndarray:
-    """The U-Net paper's loss weights (Ronneberger et al. 2015, eq. 2): w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)).
+def unet_weight_map(
+    target: np.ndarray, class_weights: Sequence[float] | None = None, w0: float = 10.0, sigma: float = 5.0
+) -> np.ndarray:
+    """The U-Net paper's loss weights (Ronneberger et al. 2015, eq. 2):
+    w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)).
 
     d1, d2: distances to the nearest and second-nearest object, where objects are the connected components of
     the non-background classes (class > 0); the border term applies to background pixels, so the thin gaps between

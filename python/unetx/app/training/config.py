@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 from ..errors import InputError
 from ..losses import LOSSES
 from ..plan import parse_duration
@@ -86,21 +85,27 @@ class TrainConfig:
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.crop < 2**self.depth:
-            raise InputError(f"--crop {self.crop} is smaller than the network's downsampling factor 2**depth = "
-                             f"{2**self.depth}; use --crop {4 * 2**self.depth} or more, or a smaller --depth")
+            raise InputError(
+                f"--crop {self.crop} is smaller than the network's downsampling factor 2**depth = "
+                f"{2**self.depth}; use --crop {4 * 2**self.depth} or more, or a smaller --depth"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if (self.val_images is None) != (self.val_masks is None):
             raise InputError("give both --val-images and --val-masks, or neither")
         if self.val_images is not None and self.val_fraction > 0:
             raise InputError("give either validation folders or --val-fraction, not both")
-        for name, ok, need in (("lr", lambda v: v > 0, "a finite number > 0 (e.g. 1e-3)"),
-                               ("weight_decay", lambda v: v >= 0, ">= 0"),
-                               ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-                               ("elastic", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-                               ("elastic_sigma", lambda v: v >= 0, ">= 0"), ("brightness", lambda v: v >= 0, ">= 0"),
-                               ("contrast", lambda v: v >= 0, ">= 0"), ("w0", lambda v: v >= 0, ">= 0"),
-                               ("sigma", lambda v: v > 0, "a positive number of pixels")):
+        for name, ok, need in (
+            ("lr", lambda v: v > 0, "a finite number > 0 (e.g. 1e-3)"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("elastic", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+            ("elastic_sigma", lambda v: v >= 0, ">= 0"),
+            ("brightness", lambda v: v >= 0, ">= 0"),
+            ("contrast", lambda v: v >= 0, ">= 0"),
+            ("w0", lambda v: v >= 0, ">= 0"),
+            ("sigma", lambda v: v > 0, "a positive number of pixels"),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise InputError(f"--{name.replace('_', '-')} must be {need}, got {v!r}")
@@ -111,8 +116,10 @@ class TrainConfig:
         if self.seed >= 2**32:
             raise InputError(f"--seed must be below 2**32, got {self.seed}")
         if self.val_tile < 2**self.depth:
-            raise InputError(f"--val-tile {self.val_tile} is smaller than the network's downsampling factor "
-                             f"2**depth = {2**self.depth}")
+            raise InputError(
+                f"--val-tile {self.val_tile} is smaller than the network's downsampling factor "
+                f"2**depth = {2**self.depth}"
+            )
         if not self.images or not self.masks:
             raise InputError("--images and --masks are required (folders of training images and masks)")
         if self.time is not None:

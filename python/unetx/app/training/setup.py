@@ -11,8 +11,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import (LOSSY_SUFFIXES, Augment, ClassTable, PatchDataset, Sample, balancing_weights, class_frequencies,
-                    default_patches_per_image, image_channels, infer_class_table, load_samples, pair_files, unet_weight_map)
+from ..data import (
+    LOSSY_SUFFIXES,
+    Augment,
+    ClassTable,
+    PatchDataset,
+    Sample,
+    balancing_weights,
+    class_frequencies,
+    default_patches_per_image,
+    image_channels,
+    infer_class_table,
+    load_samples,
+    pair_files,
+    unet_weight_map,
+)
 from ..errors import InputError
 from ..losses import num_output_channels
 from .config import RUN_FILES, TrainConfig
@@ -53,8 +66,10 @@ def check_run_dir(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"the output folder {out} is a file; choose another --out")
     if not resume and (out / "last.pt").exists():
-        raise InputError(f"{out} already holds a run (last.pt); continue it with `unetx train --resume {out}` or "
-                         "choose another --out (nothing was overwritten)")
+        raise InputError(
+            f"{out} already holds a run (last.pt); continue it with `unetx train --resume {out}` or "
+            "choose another --out (nothing was overwritten)"
+        )
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe.is_dir():
         raise InputError(f"the output folder {out} cannot be made: {probe} is a file; choose another --out")
@@ -73,12 +88,18 @@ def prepare_data(cfg: TrainConfig, table: ClassTable | None = None, channels: in
                 table = ClassTable("binary", table.values[::-1], table.names)
         else:
             both = pairs + val_pairs
-            table = infer_class_table([p.mask for p in both], cfg.mask_mode, cfg.foreground, cfg.classes,
-                                      names=[p.mask_path.name for p in both],
-                                      lossy=[p.mask_path.suffix.lower() in LOSSY_SUFFIXES for p in both])
+            table = infer_class_table(
+                [p.mask for p in both],
+                cfg.mask_mode,
+                cfg.foreground,
+                cfg.classes,
+                names=[p.mask_path.name for p in both],
+                lossy=[p.mask_path.suffix.lower() in LOSSY_SUFFIXES for p in both],
+            )
     if cfg.classes is not None and table.num_classes != cfg.classes:
-        raise InputError(f"--classes {cfg.classes} but the masks / class table have {table.num_classes} classes "
-                         f"({table.values})")
+        raise InputError(
+            f"--classes {cfg.classes} but the masks / class table have {table.num_classes} classes ({table.values})"
+        )
     channels = channels or image_channels(pairs + val_pairs)
     samples = load_samples(pairs, table, channels, cfg.normalize)
     val = load_samples(val_pairs, table, channels, cfg.normalize) if val_pairs else []
@@ -101,14 +122,21 @@ def build_model(cfg: TrainConfig, data: RunData, resume_ckpt: dict | None = None
 
     try:
         out_ch = num_output_channels(cfg.loss, data.table.num_classes)
-        model = UNet(in_channels=data.channels, out_channels=out_ch, base_channels=cfg.base_channels,
-                     depth=cfg.depth, pool=cfg.pool, upsample=cfg.upsample, dropout=cfg.dropout, sync_bn=cfg.sync_bn)
+        model = UNet(
+            in_channels=data.channels,
+            out_channels=out_ch,
+            base_channels=cfg.base_channels,
+            depth=cfg.depth,
+            pool=cfg.pool,
+            upsample=cfg.upsample,
+            dropout=cfg.dropout,
+            sync_bn=cfg.sync_bn,
+        )
     except ValueError as e:
         raise InputError(str(e)) from None
     if resume_ckpt is not None:
         if resume_ckpt["config"] != model.config:
-            raise InputError(f"the checkpoint's model {resume_ckpt['config']} differs from the options' "
-                             f"{model.config}")
+            raise InputError(f"the checkpoint's model {resume_ckpt['config']} differs from the options' {model.config}")
         model.load_state_dict(resume_ckpt["state_dict"])
     return model
 
@@ -140,13 +168,17 @@ def warn_if_bf16_emulated(device: torch.device) -> None:
     measured ~17x slower per pixel than float32 on a 2-core AVX2 EPYC, for unetx and stock PyTorch alike."""
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     if device.type == "cpu" and supported is not None and not supported():
-        warnings.warn("--amp on the CPU: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bfloat16 "
-                      "convolutions are emulated and much slower than float32 (about 17x measured on an AVX2 EPYC); "
-                      "use float32 here (train --amp off; predict without --amp)", stacklevel=3)
+        warnings.warn(
+            "--amp on the CPU: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bfloat16 "
+            "convolutions are emulated and much slower than float32 (about 17x measured on an AVX2 EPYC); "
+            "use float32 here (train --amp off; predict without --amp)",
+            stacklevel=3,
+        )
 
 
-def restore_state(ckpt: dict, cfg: TrainConfig, opt: torch.optim.Optimizer, sched, scaler,
-                  best: dict) -> tuple[dict[str, list], dict, int]:
+def restore_state(
+    ckpt: dict, cfg: TrainConfig, opt: torch.optim.Optimizer, sched, scaler, best: dict
+) -> tuple[dict[str, list], dict, int]:
     """A resumed run's optimizer, scheduler and scaler state (loaded in place); returns its history, best epoch and
     the number of epochs done."""
     opt.load_state_dict(ckpt["optimizer"])
@@ -163,12 +195,16 @@ def restore_state(ckpt: dict, cfg: TrainConfig, opt: torch.optim.Optimizer, sche
 def make_loader(cfg: TrainConfig, data: RunData, world: int, rank: int, device: torch.device):
     """(dataset, sampler, loader) of the training patches; each process gets its share of every epoch."""
     ppi = cfg.patches_per_image or default_patches_per_image(data.train, cfg.crop)
-    aug = (Augment(elastic=cfg.elastic, elastic_sigma=cfg.elastic_sigma, brightness=cfg.brightness,
-                   contrast=cfg.contrast) if cfg.augment else None)
+    aug = (
+        Augment(elastic=cfg.elastic, elastic_sigma=cfg.elastic_sigma, brightness=cfg.brightness, contrast=cfg.contrast)
+        if cfg.augment
+        else None
+    )
     dataset = PatchDataset(data.train, cfg.crop, aug, ppi, cfg.seed)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+    )
     return dataset, sampler, loader
 
 

@@ -1,5 +1,6 @@
 """The Trainer: one run's epoch loop (training steps, validation, the time budget) over the setup of setup.py,
-writing through saving.py. Training a UNet on folders of images and masks, single process or DistributedDataParallel under torchrun.
+writing through saving.py. Training a UNet on folders of images and masks, single process or
+DistributedDataParallel under torchrun.
 
     from unetx.app.training import TrainConfig, train, resume
     summary = train(TrainConfig(images="train/images", masks="train/masks", out="runs/a", epochs=20))
@@ -33,15 +34,30 @@ from ..metrics import confusion_counts, dice_from_counts, foreground_mean, iou_f
 from ..plan import DEFAULT_BUDGET, PLANNED, format_duration, make_plan, parse_duration
 from .config import TrainConfig, TrainingError
 from .saving import save_epoch, write_overlays
-from .setup import (amp_dtype, build_model, check_run_dir, distributed, make_loader, make_scheduler, prepare_data,
-                    prepare_run_dir, resolve_device, restore_state)
+from .setup import (
+    amp_dtype,
+    build_model,
+    check_run_dir,
+    distributed,
+    make_loader,
+    make_scheduler,
+    prepare_data,
+    prepare_run_dir,
+    resolve_device,
+    restore_state,
+)
 
 
 class Trainer:
     """One training run. `Trainer(cfg).run()`; `Trainer.from_run_dir(dir)` to resume."""
 
-    def __init__(self, cfg: TrainConfig, resume_ckpt: dict | None = None, plan_given: set[str] | None = None,
-                 started: float | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume_ckpt: dict | None = None,
+        plan_given: set[str] | None = None,
+        started: float | None = None,
+    ):
         """plan_given: plan the run (unetx.app.plan) for the fields not named in it; None plans only with cfg.time
         (then every planned field left at its default is planned). started: when the time budget began
         (time.perf_counter(); default now)."""
@@ -78,8 +94,9 @@ class Trainer:
         self.best = {"epoch": -1, "score": -math.inf}
         self.start_epoch = 0
         if resume_ckpt is not None:
-            self.history, self.best, self.start_epoch = restore_state(resume_ckpt, cfg, self.opt, self.sched,
-                                                                      self.scaler, self.best)
+            self.history, self.best, self.start_epoch = restore_state(
+                resume_ckpt, cfg, self.opt, self.sched, self.scaler, self.best
+            )
         if self.budget is not None and cfg.schedule == "cosine":
             self.sched = None  # the learning rate follows the budget's time instead (_time_lr)
         self.dataset, self.sampler, self.loader = make_loader(cfg, self.data, self.world, self.rank, self.device)
@@ -88,7 +105,8 @@ class Trainer:
             raise InputError(
                 f"--time {cfg.time}: no time is left to train ({format_duration(max(self.time_left(), 0))} left of "
                 f"the budget, {format_duration(self._reserve())} needed for the final validation and checkpoint); "
-                + ("continue with --resume and a longer --time" if resume_ckpt else "give a longer --time"))
+                + ("continue with --resume and a longer --time" if resume_ckpt else "give a longer --time")
+            )
         if self.is_main:
             prepare_run_dir(self.out, self.plan)
 
@@ -101,12 +119,22 @@ class Trainer:
             cfg.time = f"{DEFAULT_BUDGET.get(self.device.type, DEFAULT_BUDGET['cuda']) / 60:g}m"
         budget = parse_duration(cfg.time) if cfg.time is not None else None
         # under torchrun every process must reach the same plan: no probe there, the fingerprint's rules alone
-        self.plan = make_plan(cfg, given, self.data, self.device, budget,
-                              amp_dtype=amp_dtype(cfg, self.device), log=self.log,
-                              measure=self.world == 1)
+        self.plan = make_plan(
+            cfg,
+            given,
+            self.data,
+            self.device,
+            budget,
+            amp_dtype=amp_dtype(cfg, self.device),
+            log=self.log,
+            measure=self.world == 1,
+        )
         cfg.check()
-        self.log("unetx train: the plan (" + (f"budget {cfg.time}" if budget else f"{cfg.epochs} epochs")
-                 + "; any value can be set by its flag):")
+        self.log(
+            "unetx train: the plan ("
+            + (f"budget {cfg.time}" if budget else f"{cfg.epochs} epochs")
+            + "; any value can be set by its flag):"
+        )
         for line in self.plan.lines():
             self.log("  " + line)
 
@@ -120,8 +148,11 @@ class Trainer:
         val = self.est["val"]
         if val is None:  # not measured yet: the plan's estimate, slowed as much as the steps run slower than probed
             plan = self.plan
-            val = (plan.val_s * max(1.0, self.est["step"] / plan.step_s)
-                   if plan is not None and plan.val_s and plan.step_s else 0.0)
+            val = (
+                plan.val_s * max(1.0, self.est["step"] / plan.step_s)
+                if plan is not None and plan.val_s and plan.step_s
+                else 0.0
+            )
         overlays = val * min(self.cfg.overlays, n_val) / n_val if n_val else 0.0
         return 1.2 * (val + overlays + self.est["save"]) + self.est["step"] + 2.0
 
@@ -142,13 +173,15 @@ class Trainer:
         return stop
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, started: float | None = None, **overrides) -> "Trainer":
+    def from_run_dir(cls, run_dir: str | Path, started: float | None = None, **overrides) -> Trainer:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise InputError(f"--resume {run_dir}: no such run folder")
         if not (run_dir / "last.pt").exists():
-            raise InputError(f"--resume {run_dir}: the folder has no last.pt (no epoch finished yet?); "
-                             "start the run again without --resume")
+            raise InputError(
+                f"--resume {run_dir}: the folder has no last.pt (no epoch finished yet?); "
+                "start the run again without --resume"
+            )
         ckpt = checkpoint.load(run_dir / "last.pt")
         args = dict(ckpt.get("train_args") or {})
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -192,8 +225,15 @@ class Trainer:
         total_loss, seen, steps = 0.0, 0, 0
         t0 = time.perf_counter()
         desc = f"epoch {epoch + 1}" + (f"/{self.cfg.epochs}" if self.budget is None else "")
-        bar = tqdm(self.loader, desc=desc, unit="batch", leave=False,
-                   disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            self.loader,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            disable=not (self.cfg.progress and self.is_main),
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         t_prev = time.perf_counter()
         for image, target, weight in bar:
             if self._should_stop():
@@ -210,8 +250,10 @@ class Trainer:
                 logits = model(image)
             loss = self.loss_fn(logits.float(), target, weight)
             if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}; training "
-                                    f"stopped, {self._kept()}. Lower --lr, or try --amp off")
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}; training "
+                    f"stopped, {self._kept()}. Lower --lr, or try --amp off"
+                )
             self.opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -229,16 +271,21 @@ class Trainer:
             self.est["step"] = max(self.est["step"] * 0.8, now - t_prev)
             t_prev = now
             left = {} if self.budget is None else {"left": format_duration(self.time_left())}
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen * self.world / max(elapsed, 1e-9):.1f}",
-                            **left)
+            bar.set_postfix(
+                loss=f"{total_loss / seen:.4f}", img_s=f"{seen * self.world / max(elapsed, 1e-9):.1f}", **left
+            )
         else:
             if self.budget is not None and self._should_stop():
                 self.out_of_time = True
         bar.close()
         sums = self._all_reduce(np.array([total_loss, seen], dtype=np.float64))
         elapsed = time.perf_counter() - t0
-        return {"train_loss": sums[0] / max(sums[1], 1), "images_per_s": sums[1] / max(elapsed, 1e-9),
-                "steps": steps, "seconds": elapsed}
+        return {
+            "train_loss": sums[0] / max(sums[1], 1),
+            "images_per_s": sums[1] / max(elapsed, 1e-9),
+            "steps": steps,
+            "seconds": elapsed,
+        }
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -251,7 +298,7 @@ class Trainer:
         model.eval()
         counts = np.zeros((k, 3), dtype=np.float64)
         loss_sum, n = 0.0, 0
-        for s in self.data.val[self.rank:: self.world]:
+        for s in self.data.val[self.rank :: self.world]:
             image = torch.from_numpy(s.image)
             target = torch.from_numpy(s.target.astype(np.int64))
             h, w = s.target.shape
@@ -261,7 +308,11 @@ class Trainer:
             else:
                 logits = torch.from_numpy(predict_tiled(model, image, tile=self.cfg.val_tile, output="logits"))[None]
                 logits = logits.to(self.device)
-            weight = torch.from_numpy(s.weight)[None].to(self.device) if (self.cfg.weight_map and s.weight is not None) else None
+            weight = (
+                torch.from_numpy(s.weight)[None].to(self.device)
+                if (self.cfg.weight_map and s.weight is not None)
+                else None
+            )
             loss_sum += self.loss_fn(logits, target[None].to(self.device), weight).item()
             n += 1
             pred = probabilities(logits).argmax(1)[0]
@@ -288,11 +339,20 @@ class Trainer:
     def save(self, epoch: int, best: bool) -> None:
         if not self.is_main:
             return
-        kw = dict(classes=self.data.table, normalize=self.cfg.normalize, loss=self.cfg.loss, epoch=epoch,
-                  optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict() if self.sched else None,
-                  scaler=self.scaler.state_dict() if self.scaler else None, history=self.history, best=self.best,
-                  train_args=dataclasses.asdict(self.cfg), world_size=self.world,
-                  time_spent=self.spent_before + time.perf_counter() - self.started)
+        kw = dict(
+            classes=self.data.table,
+            normalize=self.cfg.normalize,
+            loss=self.cfg.loss,
+            epoch=epoch,
+            optimizer=self.opt.state_dict(),
+            scheduler=self.sched.state_dict() if self.sched else None,
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            history=self.history,
+            best=self.best,
+            train_args=dataclasses.asdict(self.cfg),
+            world_size=self.world,
+            time_spent=self.spent_before + time.perf_counter() - self.started,
+        )
         save_epoch(self.out, checkpoint.to_dict(self.model, **kw), best, self.history, self._kept())
 
     def write_overlays(self) -> list[Path]:
@@ -324,15 +384,19 @@ class Trainer:
         cfg = self.cfg
         t_start = time.perf_counter()
         if self.start_epoch >= cfg.epochs:
-            self.log(f"unetx train: {self.out} already has {self.start_epoch} of {cfg.epochs} epochs; "
-                     "nothing to do (raise --epochs to train longer)")
+            self.log(
+                f"unetx train: {self.out} already has {self.start_epoch} of {cfg.epochs} epochs; "
+                "nothing to do (raise --epochs to train longer)"
+            )
         else:
             n_val = len(self.data.val)
-            self.log(f"unetx train: {len(self.data.train)} training / {n_val} validation images, "
-                     f"{self.data.table.num_classes} classes ({self.data.table.kind}: {self.data.table.values}), "
-                     f"UNet {self.model.config}, {len(self.dataset)} patches of {cfg.crop}px per epoch, "
-                     f"device {self.device}{f' x {self.world} processes' if self.world > 1 else ''}"
-                     f"{', resuming after epoch ' + str(self.start_epoch) if self.start_epoch else ''}")
+            self.log(
+                f"unetx train: {len(self.data.train)} training / {n_val} validation images, "
+                f"{self.data.table.num_classes} classes ({self.data.table.kind}: {self.data.table.values}), "
+                f"UNet {self.model.config}, {len(self.dataset)} patches of {cfg.crop}px per epoch, "
+                f"device {self.device}{f' x {self.world} processes' if self.world > 1 else ''}"
+                f"{', resuming after epoch ' + str(self.start_epoch) if self.start_epoch else ''}"
+            )
         for epoch in range(self.start_epoch, cfg.epochs):
             stats = self.train_epoch(epoch)
             if stats["steps"] == 0:  # the time ran out before this epoch's first step
@@ -362,30 +426,49 @@ class Trainer:
             t_save = time.perf_counter()
             self.save(epoch + 1, improved)
             self.est["save"] = time.perf_counter() - t_save
-            val_txt = (f", val loss {stats['val_loss']:.4f}, val Dice {stats['val_dice']:.4f}" if "val_dice" in stats
-                       else "")
+            val_txt = (
+                f", val loss {stats['val_loss']:.4f}, val Dice {stats['val_dice']:.4f}" if "val_dice" in stats else ""
+            )
             left = "" if self.budget is None else f", {format_duration(self.time_left())} left"
-            self.log(f"epoch {epoch + 1}{'' if self.budget is not None else f'/{cfg.epochs}'}: train loss "
-                     f"{stats['train_loss']:.4f}{val_txt}, {stats['images_per_s']:.1f} img/s, "
-                     f"{stats['seconds']:.1f}s{left}{' *' if improved else ''}")
+            self.log(
+                f"epoch {epoch + 1}{'' if self.budget is not None else f'/{cfg.epochs}'}: train loss "
+                f"{stats['train_loss']:.4f}{val_txt}, {stats['images_per_s']:.1f} img/s, "
+                f"{stats['seconds']:.1f}s{left}{' *' if improved else ''}"
+            )
             if self.world > 1:
                 dist.barrier()
             if self.out_of_time:
                 break
         overlays = self.write_overlays()
         elapsed = time.perf_counter() - t_start
-        best_txt = (f"best val Dice {self.best['score']:.4f} at epoch {self.best['epoch']}" if self.data.val
-                    else f"best.pt = epoch {self.best['epoch']} (train loss {-self.best['score']:.4f}; no validation "
-                    "images" + (", so the last epoch" if self.budget is not None else ", lowest train loss") + ")")
+        best_txt = (
+            f"best val Dice {self.best['score']:.4f} at epoch {self.best['epoch']}"
+            if self.data.val
+            else f"best.pt = epoch {self.best['epoch']} (train loss {-self.best['score']:.4f}; no validation "
+            "images" + (", so the last epoch" if self.budget is not None else ", lowest train loss") + ")"
+        )
         epochs_done = int(self.history["epoch"][-1]) if self.history.get("epoch") else 0
-        self.log(f"unetx train: done, {epochs_done} epochs ({elapsed:.0f}s this session"
-                 + (f", budget {cfg.time}, {format_duration(self.spent_before + time.perf_counter() - self.started)}"
-                    " used" if self.budget is not None else "") + f"), {best_txt}; "
-                 f"checkpoints {self.out / 'best.pt'}, {self.out / 'last.pt'}; history {self.out / 'history.csv'}, "
-                 f"curves {self.out / 'curves.png'}" + (f", overlays {self.out / 'overlays'}" if overlays else ""))
-        return {"out": str(self.out), "epochs": epochs_done, "best_epoch": self.best["epoch"],
-                "best_score": self.best["score"], "history": self.history, "seconds": elapsed,
-                "best_checkpoint": str(self.out / "best.pt"), "last_checkpoint": str(self.out / "last.pt")}
+        self.log(
+            f"unetx train: done, {epochs_done} epochs ({elapsed:.0f}s this session"
+            + (
+                f", budget {cfg.time}, {format_duration(self.spent_before + time.perf_counter() - self.started)} used"
+                if self.budget is not None
+                else ""
+            )
+            + f"), {best_txt}; "
+            f"checkpoints {self.out / 'best.pt'}, {self.out / 'last.pt'}; history {self.out / 'history.csv'}, "
+            f"curves {self.out / 'curves.png'}" + (f", overlays {self.out / 'overlays'}" if overlays else "")
+        )
+        return {
+            "out": str(self.out),
+            "epochs": epochs_done,
+            "best_epoch": self.best["epoch"],
+            "best_score": self.best["score"],
+            "history": self.history,
+            "seconds": elapsed,
+            "best_checkpoint": str(self.out / "best.pt"),
+            "last_checkpoint": str(self.out / "last.pt"),
+        }
 
 
 def train(cfg: TrainConfig | None = None, **options) -> dict:
