@@ -10,6 +10,7 @@ fake (meta) impl, autograd formula (each backward is itself a registered op) and
 
 Kernels: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, schemas in csrc/registration.cpp. Plain-PyTorch references:
 unetx.ops.reference. Autocast: unetx.ops.autocast (one rule for all ops). Devices: unetx.ops._dispatch.
+The extension loader: unetx.ops._extension.
 This package imports torch and the extension only.
 """
 

@@ -12,7 +12,7 @@ from torch import Tensor
 # kernels give theirs, and the kernels choose them with c10's suggest_memory_format, whose Python twin this is.
 from torch._prims_common import suggest_memory_format as _suggest_memory_format
 
-from .._extension import BUILD_INFO
+from ._extension import BUILD_INFO
 
 _ops = torch.ops.unetx
 

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from .._extension import _C, BUILD_INFO
 from . import avg_pool2x2, bn_relu, conv_bn_relu, upsample_concat
+from ._extension import _C, BUILD_INFO
 
 FALLBACKS = {**conv_bn_relu.FALLBACKS, **bn_relu.FALLBACKS, **avg_pool2x2.FALLBACKS, **upsample_concat.FALLBACKS}
 

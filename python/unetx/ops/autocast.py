@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension  # noqa: F401  (loads the ops this registers for)
+from . import _extension  # noqa: F401  (loads the ops this registers for)
 
 _DEVICES = ("cpu", "cuda")
 _lib = torch.library.Library("unetx", "IMPL")

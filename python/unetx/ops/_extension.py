@@ -1,5 +1,6 @@
-"""Load the compiled extension, refusing clearly when it was built for another torch. Imports nothing of unetx's own
-(unetx.ops imports this; build_info() lives in unetx.ops, beside the CUDA opt-in it reports)."""
+"""The extension loader: load the compiled extension (unetx._C, which registers torch.ops.unetx.*), refusing clearly
+when it was built for another torch. Imports nothing of unetx's own: the op modules import it, never the reverse
+(build_info() lives in ops/_dispatch.py, beside the CUDA opt-in it reports)."""
 
 from __future__ import annotations
 
