@@ -82,3 +82,17 @@ def test_public_names():
         "import runpy, sys; sys.argv = ['unetx', '--version']\n"
         "try:\n    runpy.run_module('unetx', run_name='__main__')\nexcept SystemExit:\n    pass"
     ).startswith("unetx ")
+
+
+def test_old_application_module_paths_import():
+    # `from unetx.checkpoint import load_model` and friends, written before the application was a package
+    out = _run(
+        "import sys\n"
+        "from unetx.checkpoint import load_model\n"
+        "import unetx.data, unetx.predict, unetx.metrics\n"
+        "import unetx\n"
+        "assert sys.modules['unetx.checkpoint'] is unetx.app.checkpoint is unetx.checkpoint\n"
+        "assert unetx.data is unetx.app.data and unetx.predict.predict_tiled is unetx.predict_tiled\n"
+        "try:\n    import unetx.no_such_module\nexcept ModuleNotFoundError:\n    print('refused')\n"
+    )
+    assert out.strip() == "refused"

@@ -15,6 +15,9 @@ matplotlib, tifffile, tqdm) load on first use of one of its names.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 import torch  # noqa: F401  (load libtorch before the extension)
 
@@ -49,6 +52,28 @@ def __getattr__(name: str):
     value = module if attr is None else getattr(module, attr)
     globals()[name] = value
     return value
+
+
+class _AppModuleAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import unetx.checkpoint` / `from unetx.data import ...` keep working (the application modules lived at the
+    top level before the layers were packages): the alias resolves, on import, to the application module itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        prefix, _, name = fullname.partition(".")
+        entry = _LAZY.get(name) if prefix == __name__ and "." not in name else None
+        if entry is None or entry[1] is not None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return importlib.import_module(_LAZY[spec.name.partition(".")[2]][0])
+
+    def exec_module(self, module):
+        pass
+
+
+if not any(isinstance(f, _AppModuleAlias) for f in sys.meta_path):
+    sys.meta_path.append(_AppModuleAlias())
 
 
 def __dir__():
