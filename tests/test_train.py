@@ -22,6 +22,7 @@ from unetx.app.cli import encode_mask
 from unetx.app.data import read_image
 from unetx.app.predict import predict_classes
 from unetx.app.training import TrainConfig, Trainer, TrainingError, train, warn_if_bf16_emulated
+from unetx.app.training.setup import amp_dtype, cpu_has_native_bf16
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 TINY = dict(base_channels=4, depth=2, crop=32, batch_size=4, progress=False)
@@ -172,14 +173,34 @@ def test_colour_classes_weight_map_amp_channels_last(tmp_path):
     assert {tuple(c) for c in written.reshape(-1, 3)} <= {tuple(c) for c in colours.tolist()}
 
 
+def _cpuinfo_native_bf16() -> bool:
+    """The kernel's own word on the CPU's flags: an oracle independent of torch's cpuinfo checks."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to check the CPU's bfloat16 flags against")
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def test_bfloat16_autocast_warning_follows_the_cpu():
     """--amp on the CPU warns exactly where bfloat16 is emulated (no AVX512-BF16 / AMX), naming the fix."""
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = _cpuinfo_native_bf16()
+    assert cpu_has_native_bf16() == native
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warn_if_bf16_emulated(torch.device("cpu"))
     assert len(caught) == (0 if native else 1)
     assert all("--amp off" in str(w.message) for w in caught)
+
+
+def test_amp_auto_is_bfloat16_exactly_on_cpus_with_native_bfloat16():
+    cpu = torch.device("cpu")
+    auto = amp_dtype(TrainConfig(images="i", masks="m", amp="auto"), cpu)
+    assert auto == (torch.bfloat16 if _cpuinfo_native_bf16() else None)
+    assert amp_dtype(TrainConfig(images="i", masks="m", amp="off"), cpu) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert amp_dtype(TrainConfig(images="i", masks="m", amp="on"), cpu) == torch.bfloat16
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):

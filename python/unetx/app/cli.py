@@ -61,7 +61,7 @@ TRAIN_HELP = {
     "elastic_sigma": "elastic displacement std (pixels)",
     "brightness": "brightness jitter",
     "contrast": "contrast jitter",
-    "amp": "mixed precision: auto (CUDA) | on | off",
+    "amp": "mixed precision: auto (CUDA, or a CPU with native bfloat16) | on | off",
     "channels_last": "channels-last memory format",
     "seed": "random seed (weights, patches, augmentation)",
     "workers": "DataLoader worker processes",
@@ -403,6 +403,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lr=3e-3,
             seed=args.seed,
             device=args.device,
+            amp=args.amp,
             progress=not args.no_progress,
             elastic=0.3,
         )
@@ -429,6 +430,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lr=1e-3,
             seed=args.seed,
             device=args.device,
+            amp=args.amp,
             progress=not args.no_progress,
         )
         if quick:
@@ -567,6 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--amp",
+        choices=_train_choices()["amp"],
+        default="auto",
+        help="mixed precision, as `unetx train --amp` (default auto: CUDA, or a CPU with native bfloat16)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny version (seconds), for tests")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -63,7 +63,7 @@ class TrainConfig:
     # learning rate follows a cosine over it (see unetx.plan); None: cfg.epochs epochs
     time: str | None = None
     # execution
-    amp: str = "auto"  # auto (on for CUDA) | on | off  (CPU: bfloat16)
+    amp: str = "auto"  # auto (CUDA, or a CPU with native bfloat16) | on | off  (CPU: bfloat16)
     channels_last: bool = False
     seed: int = 0
     workers: int = 0

@@ -151,27 +151,36 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
     return None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX-BF16), where bf16 convolutions run faster than
+    float32; elsewhere oneDNN emulates them (AVX-512 without BF16) or falls back to slow reference code (AVX2)."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    on = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
-    if not on:
+    """The autocast dtype for --amp: `on` always mixes precision, `auto` where it is native and faster (a CUDA GPU, or
+    a CPU with native bfloat16), `off` never."""
+    if cfg.amp == "off":
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
+        if cfg.amp == "auto":
+            return torch.bfloat16 if cpu_has_native_bf16() else None
         warn_if_bf16_emulated(device)
         return torch.bfloat16
     return None
 
 
 def warn_if_bf16_emulated(device: torch.device) -> None:
-    """bfloat16 autocast on a CPU without native bfloat16 (AVX512-BF16 / AMX) runs emulated convolutions: CPU-S
-    measured ~17x slower per pixel than float32 on a 2-core AVX2 EPYC, for unetx and stock PyTorch alike."""
-    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if device.type == "cpu" and supported is not None and not supported():
+    """bfloat16 autocast on a CPU without native bfloat16 (AVX512-BF16 / AMX) runs emulated convolutions, slower than
+    float32 for unetx and stock PyTorch alike (BENCHMARKS.md: ~17x on an AVX2 CPU)."""
+    if device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(
             "--amp on the CPU: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bfloat16 "
-            "convolutions are emulated and much slower than float32 (about 17x measured on an AVX2 EPYC); "
-            "use float32 here (train --amp off; predict without --amp)",
+            "convolutions are emulated and slower than float32 (much slower without AVX-512); "
+            "use float32 here (train --amp off or auto; predict without --amp)",
             stacklevel=3,
         )
 
