@@ -23,7 +23,7 @@ import torch
 from unetx import bench
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE_WORKLOADS = {"cpu": ["CPU-S"], "cuda": ["GPU-L", "GPU-L-fp32"]}
+DEVICE_WORKLOADS = {"cpu": ["CPU-S", "CPU-S-bf16"], "cuda": ["GPU-L", "GPU-L-fp32"]}
 DEVICE_TITLE = {"cpu": "CPU", "cuda": "GPU"}
 
 HEADER = """# Benchmarks: unetx against stock PyTorch
@@ -60,6 +60,7 @@ def section_text(device: str, results: list[dict], png: str, command: str) -> st
     r0 = results[0]
     m = r0["machine"]
     hw = f"{m['gpu']} (CUDA {m.get('cuda')}), host " if m.get("gpu") else ""
+    flags = " ".join(m.get("cpu_flags", [])) or "none of " + ", ".join(bench.runner.SPEED_FLAGS)
     load = ""
     if r0.get("loadavg_before"):
         load = (
@@ -70,7 +71,8 @@ def section_text(device: str, results: list[dict], png: str, command: str) -> st
     lines = [
         f"## {DEVICE_TITLE[device]}",
         "",
-        f"Measured {r0['date']} on {hw}{m['cpu']} ({m['cores']} cores, torch.set_num_threads({m['threads']})), "
+        f"Measured {r0['date']} on {hw}{m['cpu']} (CPU flags: {flags}; {m['cores']} cores, "
+        f"torch.set_num_threads({m['threads']})), "
         f"torch {m['torch']}, Python {m['python']}, {m['os']}.{load}",
         "",
         "Command: `" + command + "`",
@@ -81,6 +83,7 @@ def section_text(device: str, results: list[dict], png: str, command: str) -> st
     lines += [
         "",
         bench.format_table(results),
+        bench.format_across_precisions(results),
         f"![{device} results]({png})",
         "",
         f"Forms timed: {forms}. Raw samples: `bench/results/{device}.json`.",

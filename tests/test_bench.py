@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,31 @@ def test_bench_tiny_config_table_and_json(tmp_path):
     unetx_act = min(v["activations"] for k, v in saved.items() if k.startswith("unetx"))
     stock_act = min(v["activations"] for k, v in saved.items() if k.startswith("stock"))
     assert 0 < unetx_act < stock_act
+
+
+def test_bench_both_precisions_side_by_side(tmp_path):
+    """--autocast both: float32 and bfloat16 rows in one table, the CPU's flags named, and the fastest form at either
+    precision compared (what a user choosing the fastest thing to run gets)."""
+    out = tmp_path / "bench.json"
+    tiny = ("--size", "32", "--base-channels", "4", "--depth", "2", "--batch", "2", "--rounds", "1", "--threads", "1")
+    p = run_bench(*tiny, "--task", "eval", "--autocast", "both", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "custom float32" in p.stdout and "custom bfloat16" in p.stdout, p.stdout
+    assert "CPU flags:" in p.stdout, p.stdout
+    across = [ln for ln in p.stdout.splitlines() if ln.startswith("| Eval forward |")]
+    assert len(across) == 1 and ("float32)" in across[0] or "bfloat16)" in across[0]), p.stdout
+    results = json.loads(out.read_text())
+    assert [r["config"]["autocast"] for r in results] == [None, "bfloat16"]
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    assert set(results[0]["machine"]["cpu_flags"]) == flags & {
+        "avx2",
+        "avx512f",
+        "avx512_bf16",
+        "amx_bf16",
+        "avx512_fp16",
+        "amx_fp16",
+    }
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from .convs import ConvRecorder, conv_replay, record_convs
 from .measure import median, median_ms, peak_allocated, saved_bytes, time_interleaved
 from .profile import format_profile, profile_step
 from .runner import machine_info, run
-from .table import format_table, not_measured_table, plot, summary
+from .table import format_across_precisions, format_table, not_measured_table, plot, summary
 from .workloads import _LAYOUT_LABEL, LAYOUTS, WORKLOADS, BenchConfigError, Form, Workload, default_forms
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "build_parser",
     "conv_replay",
     "default_forms",
+    "format_across_precisions",
     "format_profile",
     "format_table",
     "machine_info",

@@ -8,8 +8,8 @@ import os
 import sys
 
 from ..nn.common import check_config
-from .runner import run
-from .table import format_table
+from .runner import SPEED_FLAGS, run
+from .table import format_across_precisions, format_table
 from .workloads import WORKLOADS, BenchConfigError
 
 DESCRIPTION = (
@@ -37,9 +37,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--upsample", choices=["transpose", "nearest", "bilinear"], default=None)
     ap.add_argument(
         "--autocast",
-        choices=["bfloat16", "float16"],
+        choices=["bfloat16", "float16", "both"],
         default=None,
-        help="autocast dtype (default: float32, no autocast)",
+        help="autocast dtype (default: float32, no autocast); both: float32 and bfloat16 side by side, and the "
+        "fastest form at either precision compared",
     )
     ap.add_argument(
         "--compile", action="store_true", help="also time torch.compile forms (minutes of compilation on a small CPU)"
@@ -80,35 +81,46 @@ def run_args(args: argparse.Namespace) -> int:
             raise SystemExit(f"unetx bench: {e}") from None
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     tasks = ("train", "eval") if args.task == "both" else (args.task,)
+    precisions = [None, "bfloat16"] if args.autocast == "both" else [args.autocast]
+    results = []
     try:
-        result = run(
-            args.device,
-            args.size,
-            workload=args.workload,
-            batch=args.batch,
-            config=cfg or None,
-            autocast=args.autocast,
-            compile=args.compile,
-            max_autotune=args.max_autotune,
-            compile_unetx=args.compile_unetx,
-            rounds=args.rounds,
-            threads=args.threads,
-            tasks=tasks,
-            log=log,
-        )
+        for autocast in precisions:
+            result = run(
+                args.device,
+                args.size,
+                workload=args.workload,
+                batch=args.batch,
+                config=cfg or None,
+                autocast=autocast,
+                compile=args.compile,
+                max_autotune=args.max_autotune,
+                compile_unetx=args.compile_unetx,
+                rounds=args.rounds,
+                threads=args.threads,
+                tasks=tasks,
+                log=log,
+            )
+            if len(precisions) > 1:  # one table, a row group per precision
+                result["workload"] = f"{result['workload']} {autocast or 'float32'}"
+            results.append(result)
     except BenchConfigError as e:
         raise SystemExit(str(e)) from None
-    m = result["machine"]
+    m = results[0]["machine"]
     if not args.quiet:
+        flags = " ".join(m.get("cpu_flags", [])) or "none of " + ", ".join(SPEED_FLAGS)
         print(
-            f"{result['workload']}: {result['description']}\n{m.get('gpu') or m['cpu']} ({m['cores']} CPU cores, "
-            f"{m['threads']} threads), torch {m['torch']}, medians of {args.rounds} interleaved rounds\n"
+            "\n".join(f"{r['workload']}: {r['description']}" for r in results)
+            + f"\n{m.get('gpu') or m['cpu']} ({m['cores']} CPU cores, {m['threads']} threads; CPU flags: {flags}), "
+            f"torch {m['torch']}, medians of {args.rounds} interleaved rounds\n"
         )
-    print(format_table(result), flush=True)
+    print(format_table(results if len(results) > 1 else results[0]), flush=True)
+    across = format_across_precisions(results)
+    if across:
+        print(across, flush=True)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results if len(results) > 1 else results[0], f, indent=1)
         os.replace(tmp, args.json)
     return 0
 

@@ -17,13 +17,19 @@ from .convs import conv_replay, record_convs
 from .measure import median, peak_allocated, saved_bytes, time_interleaved
 from .workloads import _LAYOUT_LABEL, LAYOUTS, WORKLOADS, BenchConfigError, Form, default_forms
 
+# the CPU features a figure depends on: vector width (AVX2 / AVX-512) and native bfloat16 / float16 arithmetic
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
 
 def machine_info(device: str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     info = dict(
         cpu=cpu,
@@ -32,6 +38,7 @@ def machine_info(device: str = "cpu") -> dict:
         torch=torch.__version__,
         python=platform.python_version(),
         os=f"{platform.system()} {platform.release()}",
+        cpu_flags=[f for f in SPEED_FLAGS if f in flags],
     )
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -42,6 +42,8 @@ def _unet_config(in_channels=1, out_channels=2, base_channels=32, depth=4, pool=
 
 WORKLOADS: dict[str, Workload] = {
     "CPU-S": Workload("CPU-S", "cpu", _unet_config(1, 2, 32, 4), batch=4, size=256),
+    # the same under bfloat16 autocast, the precision to train in on a CPU with native bfloat16
+    "CPU-S-bf16": Workload("CPU-S-bf16", "cpu", _unet_config(1, 2, 32, 4), batch=4, size=256, autocast="bfloat16"),
     "GPU-L": Workload("GPU-L", "cuda", _unet_config(3, 2, 64, 4), batch=16, size=512, autocast="bfloat16"),
     "GPU-L-fp32": Workload("GPU-L-fp32", "cuda", _unet_config(3, 2, 64, 4), batch=16, size=512),
 }
