@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,20 @@ def test_bench_bad_arguments_exit_with_a_message(args, message):
     p = run_bench(*args, "--quiet")
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_bf16_passes_bench_quick(tmp_path):
+    """bench/bf16_passes.py --quick runs every pass in float32 and bfloat16 and writes its rows; no timing is
+    asserted (the figures live in BENCHMARKS.md)."""
+    out = tmp_path / "passes.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "bf16_passes.py"
+    p = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "| bn_relu |" in p.stdout, p.stdout
+    r = json.loads(out.read_text())
+    names = {row["name"] for row in r["rows"]}
+    assert {"bn_relu", "bn_relu_pool_backward", "upsample_concat_backward bilinear", "conv_bn_relu input_stage",
+            "conv_bn_relu batch_stats", "conv_bn_relu fold_output_grad", "conv_bn_relu activation_backward",
+            "conv_bn_relu to_planar"} <= names, names
+    assert all(row["float32_s"] > 0 and row["low_s"] > 0 for row in r["rows"]), r["rows"]

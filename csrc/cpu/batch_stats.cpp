@@ -82,36 +82,35 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
     const int64_t blocks = reduction_blocks(pixels, pixels * C, at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> r1v(C), r2v(C), pvv(C);
+      std::vector<acc_t> pvv(C);
       for (int64_t c = 0; c < C; ++c) pvv[c] = acc_t(pivot[c]);
       for (int64_t blk = b; blk < e; ++blk) {
         double* p1 = part.data() + 2 * blk * C;
         double* p2 = p1 + C;
         const int64_t q0 = pixels * blk / blocks, q1 = pixels * (blk + 1) / blocks;
-        for (int64_t j0 = q0; j0 < q1; j0 += 256) {  // 256 pixels in acc_t, then into double
-          std::fill(r1v.begin(), r1v.end(), acc_t(0));
-          std::fill(r2v.begin(), r2v.end(), acc_t(0));
-          acc_t* __restrict__ r1 = r1v.data();
-          acc_t* __restrict__ r2 = r2v.data();
-          const acc_t* __restrict__ pv = pvv.data();
-          for (int64_t j = j0; j < std::min(q1, j0 + 256); ++j) {
-            const T* __restrict__ px = Y + j * C;
-            for (int64_t c = 0; c < C; c += L::kSize) {
-              const int64_t nc = C - c;
-              const Pk x = L::load(px + c, nc), p = L::load_acc(pv + c, nc);
-              Pk v1 = L::load_acc(r1 + c, nc), v2 = L::load_acc(r2 + c, nc);
+        // 256 pixels in acc_t, then into double; channels kSize at a time, the sums in registers (the 256 pixels'
+        // rows stay in cache across the channel chunks)
+        for (int64_t j0 = q0; j0 < q1; j0 += 256) {
+          const int64_t j1 = std::min(q1, j0 + 256);
+          for (int64_t c = 0; c < C; c += L::kSize) {
+            const int64_t nc = C - c;
+            const Pk p = L::load_acc(pvv.data() + c, nc);
+            Pk v1 = L::broadcast(0), v2 = L::broadcast(0);
+            for (int64_t j = j0; j < j1; ++j) {
+              const Pk x = L::load(Y + j * C + c, nc);
               for (int u = 0; u < L::kNV; ++u) {
                 const auto d = x.v[u] - p.v[u];
                 v1.v[u] = v1.v[u] + d;
                 v2.v[u] = at::vec::fmadd(d, d, v2.v[u]);
               }
-              L::store_acc(r1 + c, v1, nc);
-              L::store_acc(r2 + c, v2, nc);
             }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            p1[c] += r1[c];
-            p2[c] += r2[c];
+            acc_t l1[L::kSize], l2[L::kSize];
+            L::store_acc(l1, v1);
+            L::store_acc(l2, v2);
+            for (int64_t u = 0; u < std::min<int64_t>(nc, L::kSize); ++u) {
+              p1[c + u] += l1[u];
+              p2[c + u] += l2[u];
+            }
           }
         }
       }

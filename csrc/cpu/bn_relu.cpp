@@ -300,33 +300,34 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
     const int64_t blocks = reduction_blocks(rows, rows * W * C, at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> r1v(C), r2v(C);
       for (int64_t blk = b; blk < e; ++blk) {
         double* p1 = part.data() + 2 * blk * C;
         double* p2 = p1 + C;
         for (int64_t r = rows * blk / blocks; r < rows * (blk + 1) / blocks; ++r) {
           const int64_t n = r / H, h = r % H;
-          std::fill(r1v.begin(), r1v.end(), acc_t(0));
-          std::fill(r2v.begin(), r2v.end(), acc_t(0));
-          for (int64_t w = 0; w < W; ++w) {
-            const T* gzp = GZ ? GZ + n * gzs.n + h * gzs.h + w * gzs.w : nullptr;
-            const T* gpp = GP ? GP + n * gps.n + (h / 2) * gps.h + (w / 2) * gps.w : nullptr;
-            const T* xp = act_on ? X + n * xs.n + h * xs.h + w * xs.w : nullptr;
-            T* gxp = GX + n * gxs.n + h * gxs.h + w * gxs.w;
-            for (int64_t c = 0; c < C; c += L::kSize) {
-              const int64_t nc = C - c;
-              Pk g = GZ ? L::load(gzp + c, nc) : L::broadcast(0);
+          // channels kSize at a time across the row's pixels, the row's sums in registers (the row stays in
+          // cache across the channel chunks), then into double
+          const T* gzr = GZ ? GZ + n * gzs.n + h * gzs.h : nullptr;
+          const T* gpr = GP ? GP + n * gps.n + (h / 2) * gps.h : nullptr;
+          const T* xr = act_on ? X + n * xs.n + h * xs.h : nullptr;
+          T* gxr = GX + n * gxs.n + h * gxs.h;
+          for (int64_t c = 0; c < C; c += L::kSize) {
+            const int64_t nc = C - c;
+            Pk mv, sv, tv;
+            if (act_on) mv = L::load_acc(MU + c, nc), sv = L::load_acc(S + c, nc), tv = L::load_acc(Tt + c, nc);
+            Pk v1 = L::broadcast(0), v2 = L::broadcast(0);
+            for (int64_t w = 0; w < W; ++w) {
+              Pk g = GZ ? L::load(gzr + w * gzs.w + c, nc) : L::broadcast(0);
               if (GP) {
-                const Pk q = L::load(gpp + c, nc);
+                const Pk q = L::load(gpr + (w / 2) * gps.w + c, nc);
                 for (int j = 0; j < L::kNV; ++j) g.v[j] = at::vec::fmadd(V(0.25), q.v[j], g.v[j]);
               }
               if (!act_on) {
-                L::store(gxp + c, g, nc);
+                L::store(gxr + w * gxs.w + c, g, nc);
                 continue;
               }
-              const Pk xv = L::load(xp + c, nc), mv = L::load_acc(MU + c, nc), sv = L::load_acc(S + c, nc),
-                       tv = L::load_acc(Tt + c, nc);
-              Pk v1 = L::load_acc(r1v.data() + c, nc), v2 = L::load_acc(r2v.data() + c, nc), out;
+              const Pk xv = L::load(xr + w * xs.w + c, nc);
+              Pk out;
               for (int j = 0; j < L::kNV; ++j) {
                 const V d = xv.v[j] - mv.v[j];
                 const V gg = mask_le0(at::vec::fmadd(d, sv.v[j], tv.v[j]), g.v[j]);
@@ -334,14 +335,16 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
                 v1.v[j] = at::vec::fmadd(gg, d, v1.v[j]);
                 v2.v[j] = v2.v[j] + gg;
               }
-              L::store(gxp + c, out, nc);
-              L::store_acc(r1v.data() + c, v1, nc);
-              L::store_acc(r2v.data() + c, v2, nc);
+              L::store(gxr + w * gxs.w + c, out, nc);
             }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            p1[c] += r1v[c];
-            p2[c] += r2v[c];
+            if (!act_on) continue;
+            acc_t l1[L::kSize], l2[L::kSize];
+            L::store_acc(l1, v1);
+            L::store_acc(l2, v2);
+            for (int64_t u = 0; u < std::min<int64_t>(nc, L::kSize); ++u) {
+              p1[c + u] += l1[u];
+              p2[c + u] += l2[u];
+            }
           }
         }
       }
