@@ -69,7 +69,6 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
   Entry e;
   e.decision.family = family;
   e.decision.key = key;
-  bool refused = false;
   int best = -1;
   for (size_t i = 0; i < candidates.size(); ++i) {
     double t_best = -1;
@@ -78,7 +77,6 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
       const bool ok = candidates[i].run(false);
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (!ok) {
-        refused = true;
         t_best = -1;
         break;
       }
@@ -92,7 +90,7 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
   // each candidate wrote its own slot: the winner's result stands as it is
   e.chosen = best;
   e.decision.chosen = candidates[best].name;
-  if (!refused) {
+  {
     std::lock_guard<std::mutex> lock(table_mutex());
     table()[id] = e;
   }

@@ -17,9 +17,9 @@
 //   dtype, layout, options), e.g. made with algo_key(...). Candidates are listed in order of preference: where two
 //   measure alike (within kTie) the earlier one wins, and with nothing measured yet the list order is the fallback.
 // - A candidate returns false where it does not apply to these operands (a dtype it lacks, NaN where it would
-//   differ from stock...). It then is not timed; where that happened during a measurement nothing is cached, so a
-//   data-dependent refusal does not rule a candidate out for good. Later, if the cached winner refuses, the next
-//   candidates run in list order.
+//   differ from stock...). It then is not timed and not chosen for this key (the decision is cached all the same:
+//   a refusal for the dtype must not make every call measure again). Later, if the cached winner refuses, the
+//   other candidates run in list order.
 // - Each candidate writes its own result (its own slot): the call returns the index of the candidate whose result
 //   stands. While measuring, each applicable candidate runs kMeasureRuns times (the first run also pays one-off
 //   costs such as oneDNN's primitive creation, so the minimum is kept).
