@@ -27,8 +27,7 @@ import statistics
 import time
 
 import torch
-
-import unetx  # noqa: F401  (loads the ops)
+import unetx
 
 
 def cpu_flags() -> str:

@@ -1,5 +1,6 @@
 """torch.profiler on one CPU-S training step, unetx and stock PyTorch, in float32 or under bf16 autocast: the top ops
-by self time (torch.profiler key_averages, grouped by input shapes off), and which dtypes the convolutions ran in.
+by self time (torch.profiler key_averages), which dtypes the convolutions ran in, and unetx's measured weight-gradient
+choices (cpu/algo_choice.h).
 
     python bench/profile_step.py --autocast bfloat16 --threads 2 [--impl unetx|stock|both] [--top 10]
 """
@@ -11,12 +12,12 @@ import dataclasses
 import time
 
 import torch
-
 from unetx import bench as ub
 
 
 def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str) -> None:
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     torch.set_num_threads(threads)
     w = dataclasses.replace(ub.WORKLOADS["CPU-S"], autocast=autocast)
@@ -40,6 +41,13 @@ def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str
             dtypes[key] = dtypes.get(key, 0.0) + e.cpu_time_total / 1e3
     for k, v in sorted(dtypes.items(), key=lambda kv: -kv[1]):
         print(f"  {v:8.1f} ms  {k}")
+    if impl == "unetx":
+        import unetx
+
+        print("weight-gradient choices (unetx._C.algo_choices(): key -> chosen, measured ms):")
+        for d in sorted(unetx._C.algo_choices(), key=lambda d: d["key"]):
+            t = ", ".join(f"{k} {v * 1e3:.1f}" if v is not None else f"{k} -" for k, v in d["seconds"].items())
+            print(f"  {d['family']} {d['key']}: {d['chosen']} ({t})")
 
 
 def main(argv=None) -> int:

@@ -381,8 +381,9 @@ WEIGHT_GRAD_ALGOS = ["gemm", "onednn", "onednn_planar"]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("algo", WEIGHT_GRAD_ALGOS)
-@pytest.mark.parametrize("case", ["train-wide-k3", "train-wide-pool", "train-wide-x2-nearest", "train-wide-k5-h1w2-bias",
-                                  "train-8ch-x2", "train-1ch-x2-pool", "train-scale-bias", "transposed"])
+@pytest.mark.parametrize("case", ["train-wide-k3", "train-wide-pool", "train-wide-x2-nearest",
+                                  "train-wide-k5-h1w2-bias", "train-8ch-x2", "train-1ch-x2-pool", "train-scale-bias",
+                                  "transposed"])
 def test_each_weight_gradient_candidate_matches_reference(case, algo, dtype, monkeypatch):
     """UNETX_CONV_ALGO forces one candidate (one that does not apply, such as gemm in bfloat16 or for a transposed
     convolution, falls back to the others): every one matches the reference, whichever the measurement picks."""
