@@ -3,6 +3,7 @@
 
 #include <tuple>
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/div.h>
@@ -15,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/layout.h"
+#include "cpu/algo_choice.h"
 
 namespace unetx {
 namespace {
@@ -210,9 +212,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gy = out;
   }
 
-  // 2. the convolution's backward (ATen), on the recomputed input stage
+  // 2. the convolution's backward (ATen), on the recomputed input stage. The input gradient is ATen's; the weight
+  // (and bias) gradient is whichever of the device's candidates measures fastest for this layer's shape and dtype
+  // (cpu/algo_choice.h): the device's own weight gradient (LayerKernels::weight_grad), ATen's on the operands as
+  // they are, or ATen's on planar copies of them (LayerKernels::to_planar).
   const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
   const bool need_a = need_x || need_x2;
+  const bool need_wb = output_mask[2] || (has_bias && output_mask[3]);
   const bool try_own_gw = k.weight_grad && output_mask[2] && !transposed && mf == at::MemoryFormat::ChannelsLast &&
                           ymf == at::MemoryFormat::ChannelsLast;
   // The device's weight gradient builds the recomputed input stage itself, a few rows at a time (see StageRows),
@@ -221,72 +227,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto placeholder = [&] { return at::empty({g.N, g.C1 + g.C2, g.H, g.W}, xc.options().memory_format(mf)); };
   at::Tensor a = output_mask[2] && !stage_by_rows ? input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf)
                                                   : placeholder();
+  // the whole stage, for the candidates that need it in memory
+  auto stage = [&]() -> at::Tensor {
+    return stage_by_rows ? input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf) : a;
+  };
   const ConvParams cp(g.k, transposed);
   const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
   const std::vector<int64_t> bias_size{out_ch};
   const at::OptionalIntArrayRef bias_sizes = has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt;
-  const bool need_wb = output_mask[2] || (has_bias && output_mask[3]);
-  // See LayerKernels::to_planar. Not for 1x1 kernels or fewer than k.to_planar_min_channels input channels (16 on
-  // the CPU: the head, the first layer, a narrow network's top level), where oneDNN's channels-last weight gradient
-  // is as fast as the planar one or faster (cpu/kernels.h); to_planar exists on the CPU only.
-  const bool split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1 &&
-                     g.C1 + g.C2 >= k.to_planar_min_channels;
+  // Planar copies: k x k (k > 1) channels-last layers on a device with to_planar (LayerKernels::to_planar).
+  const bool can_split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1;
   at::Tensor ga, gw, gb_;
-  // the input gradient alone, where the weight gradient is computed another way
-  auto input_grad = [&] {
-    return std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1}, transposed,
-                                                {0, 0}, 1, {true, false, false}));
-  };
-  std::optional<at::Tensor> own_gw;
-  if (try_own_gw) {
-    RECORD_FUNCTION("unetx::weight_grad", {});
-    if (stage_by_rows) {
-      const int64_t f = x_pool ? 2 : 1, u = g.mode == Upsample::None ? 1 : 2;
-      const StageRows rows{[&](int64_t n, int64_t lo, int64_t hi, at::Tensor& out) {
-                             auto a1 = out.narrow(1, 0, g.C1);
-                             const auto xs = xc.narrow(0, n, 1).narrow(2, f * lo, f * (hi - lo));
-                             if (!x_scale && !x_pool)
-                               a1.copy_(xs);
-                             else
-                               k.activation_forward(xs, x_mean, x_scale, x_shift, x_pool ? nullptr : &a1,
-                                                    x_pool ? &a1 : nullptr);
-                             if (x2c) {
-                               auto a2 = out.narrow(1, g.C1, g.C2);
-                               k.upsample_forward(x2c->narrow(0, n, 1).narrow(2, lo / u, (hi - lo) / u), g.mode, a2);
-                             }
-                           },
-                           u};
-      own_gw = k.weight_grad(gy, a, &rows, g.k);
-      // not applicable after all (dtype, channels): the whole stage for ATen's weight gradient
-      if (!own_gw) a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
-    } else {
-      own_gw = k.weight_grad(gy, a, nullptr, g.k);
-    }
-  }
-  if (own_gw) {
-    gw = *own_gw;
-    if (has_bias && output_mask[3]) gb_ = gy.sum({0, 2, 3});
-    if (need_a) ga = input_grad();
-  } else if (!split) {
-    std::tie(ga, gw, gb_) =
-        at::convolution_backward(gy, a, weight, bias_sizes, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1,
-                                 {need_a, output_mask[2], has_bias && output_mask[3]});
-  } else {
-    constexpr auto planar = at::MemoryFormat::Contiguous;
-    if (need_a) ga = input_grad();
-    // free each channels-last operand once its planar copy exists: peak memory stays one operand above the
-    // unsplit backward's
-    at::Tensor gy_p, a_p;
-    {
-      RECORD_FUNCTION("unetx::to_planar", {});
-      gy_p = k.to_planar(gy);
-      gy = at::Tensor();
-      a_p = output_mask[2] ? k.to_planar(a) : at::empty(a.sizes(), a.options().memory_format(planar));
-      a = at::Tensor();
-    }
-    std::tie(std::ignore, gw, gb_) =
-        at::convolution_backward(gy_p, a_p, weight.contiguous(planar), bias_sizes, cp.stride, cp.padding, {1, 1},
-                                 transposed, {0, 0}, 1, {false, output_mask[2], has_bias && output_mask[3]});
+  if (need_a)
+    ga = std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1}, transposed,
+                                              {0, 0}, 1, {true, false, false}));
+  if (need_wb) {
+    struct Slot {
+      at::Tensor gw, gb;
+    };
+    Slot own, aten, planar;
+    const std::array<bool, 3> wb_mask{false, output_mask[2], has_bias && output_mask[3]};
+    std::vector<AlgoCandidate> own_c, planar_c;
+    const AlgoCandidate aten_c{"onednn", [&](bool) {
+                                 std::tie(std::ignore, aten.gw, aten.gb) =
+                                     at::convolution_backward(gy, stage(), weight, bias_sizes, cp.stride, cp.padding,
+                                                              {1, 1}, transposed, {0, 0}, 1, wb_mask);
+                                 return true;
+                               }};
+    if (try_own_gw)
+      own_c.push_back({"gemm", [&](bool) {
+                         RECORD_FUNCTION("unetx::weight_grad", {});
+                         std::optional<at::Tensor> r;
+                         if (stage_by_rows) {
+                           const int64_t f = x_pool ? 2 : 1, u = g.mode == Upsample::None ? 1 : 2;
+                           const StageRows rows{
+                               [&](int64_t n, int64_t lo, int64_t hi, at::Tensor& out) {
+                                 auto a1 = out.narrow(1, 0, g.C1);
+                                 const auto xs = xc.narrow(0, n, 1).narrow(2, f * lo, f * (hi - lo));
+                                 if (!x_scale && !x_pool)
+                                   a1.copy_(xs);
+                                 else
+                                   k.activation_forward(xs, x_mean, x_scale, x_shift, x_pool ? nullptr : &a1,
+                                                        x_pool ? &a1 : nullptr);
+                                 if (x2c) {
+                                   auto a2 = out.narrow(1, g.C1, g.C2);
+                                   k.upsample_forward(x2c->narrow(0, n, 1).narrow(2, lo / u, (hi - lo) / u), g.mode,
+                                                      a2);
+                                 }
+                               },
+                               u};
+                           r = k.weight_grad(gy, a, &rows, g.k);
+                         } else {
+                           r = k.weight_grad(gy, a, nullptr, g.k);
+                         }
+                         if (!r) return false;
+                         own.gw = *r;
+                         if (has_bias && output_mask[3]) own.gb = gy.sum({0, 2, 3});
+                         return true;
+                       }});
+    if (can_split)
+      planar_c.push_back({"onednn_planar", [&](bool only) {
+                            constexpr auto planar_mf = at::MemoryFormat::Contiguous;
+                            at::Tensor gy_p, a_p;
+                            {
+                              RECORD_FUNCTION("unetx::to_planar", {});
+                              gy_p = k.to_planar(gy);
+                              // the only run: free each channels-last operand once its planar copy exists, so
+                              // peak memory stays one operand above the unsplit backward's
+                              if (only) gy = at::Tensor();
+                              a_p = output_mask[2] ? k.to_planar(stage())
+                                                   : at::empty(a.sizes(), a.options().memory_format(planar_mf));
+                              if (only) a = at::Tensor();
+                            }
+                            std::tie(std::ignore, planar.gw, planar.gb) =
+                                at::convolution_backward(gy_p, a_p, weight.contiguous(planar_mf), bias_sizes, cp.stride,
+                                                         cp.padding, {1, 1}, transposed, {0, 0}, 1, wb_mask);
+                            return true;
+                          }});
+    // List order is the preference on ties and where a measurement is cut short: the device's own kernels from
+    // LayerKernels::to_planar_min_channels input channels, ATen's channels-last one below.
+    std::vector<AlgoCandidate> cands;
+    std::vector<Slot*> slots;
+    const bool own_first = g.C1 + g.C2 >= k.to_planar_min_channels;
+    auto add = [&](const std::vector<AlgoCandidate>& c, Slot* slot) {
+      for (const auto& cand : c) cands.push_back(cand), slots.push_back(slot);
+    };
+    if (own_first) add(own_c, &own), add(planar_c, &planar);
+    cands.push_back(aten_c), slots.push_back(&aten);
+    if (!own_first) add(own_c, &own), add(planar_c, &planar);
+    const std::string key = algo_key(c10::toString(xc.scalar_type()), at::get_num_threads(), g.N, g.C1, g.C2, g.H, g.W,
+                                     out_ch, g.k, transposed, x_pool, x_scale.has_value(), static_cast<int>(g.mode),
+                                     output_mask[2], has_bias && output_mask[3]);
+    const int ran = run_fastest("weight_grad", key, cands);
+    TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no weight gradient candidate applied");
+    gw = slots[ran]->gw;
+    gb_ = slots[ran]->gb;
   }
   // Some backends (oneDNN) compute the weight and bias gradients together and return both whatever the mask says;
   // the op returns exactly the masked-in ones, as its fake impl does.

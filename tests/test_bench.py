@@ -147,3 +147,32 @@ def test_weight_grad_quick():
     assert len(rows) == 2, p.stdout
     for row in rows:
         assert float(row.strip("| ").split("|")[-1]) < 1e-4, row
+
+
+def test_bf16_passes_bench_quick(tmp_path):
+    """bench/bf16_passes.py --quick runs every pass in float32 and bfloat16 and writes its rows; no timing is
+    asserted (the figures live in BENCHMARKS.md)."""
+    out = tmp_path / "passes.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "bf16_passes.py"
+    p = subprocess.run(
+        [sys.executable, str(script), "--quick", "--threads", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "| bn_relu |" in p.stdout, p.stdout
+    r = json.loads(out.read_text())
+    names = {row["name"] for row in r["rows"]}
+    assert {
+        "bn_relu",
+        "bn_relu_pool_backward",
+        "upsample_concat_backward bilinear",
+        "conv_bn_relu input_stage",
+        "conv_bn_relu batch_stats",
+        "conv_bn_relu fold_output_grad",
+        "conv_bn_relu activation_backward",
+        "conv_bn_relu to_planar",
+    } <= names, names
+    assert all(row["float32_s"] > 0 and row["low_s"] > 0 for row in r["rows"]), r["rows"]

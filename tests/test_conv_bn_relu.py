@@ -481,10 +481,55 @@ def test_gradcheck_float64(case, layout, device):
     )
 
 
+# The weight gradient's candidates (csrc/conv_bn_relu.cpp, chosen by measurement: csrc/cpu/algo_choice.h), each forced
+WEIGHT_GRAD_ALGOS = ["gemm", "onednn", "onednn_planar"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("algo", WEIGHT_GRAD_ALGOS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "train-wide-k3",
+        "train-wide-pool",
+        "train-wide-x2-nearest",
+        "train-wide-k5-h1w2-bias",
+        "train-8ch-x2",
+        "train-1ch-x2-pool",
+        "train-scale-bias",
+        "transposed",
+    ],
+)
+def test_each_weight_gradient_candidate_matches_reference(case, algo, dtype, monkeypatch):
+    """UNETX_CONV_ALGO forces one candidate (one that does not apply, such as gemm in bfloat16 or for a transposed
+    convolution, falls back to the others): every one matches the reference, whichever the measurement picks."""
+    monkeypatch.setenv("UNETX_CONV_ALGO", f"weight_grad={algo}")
+    check_case(CASES[case], dtype, "cpu", "channels_last")
+
+
+def test_weight_gradient_choice_is_measured_once_and_listed(monkeypatch):
+    monkeypatch.delenv("UNETX_CONV_ALGO", raising=False)
+    unetx._C.clear_algo_choices()
+    for seed in range(2):
+        check_case(CASES["train-wide-k3"], torch.float32, "cpu", "channels_last", seed=seed)
+    choices = [c for c in unetx._C.algo_choices() if c["family"] == "weight_grad"]
+    assert len(choices) == 1, choices
+    c = choices[0]
+    assert set(c["seconds"]) == set(WEIGHT_GRAD_ALGOS) and c["chosen"] in WEIGHT_GRAD_ALGOS, c
+    assert all(t is not None and t > 0 for t in c["seconds"].values()), c
+    # a candidate that does not apply (unetx's GEMM kernel in bfloat16) is left out, and the choice still cached
+    unetx._C.clear_algo_choices()
+    for seed in range(2):
+        check_case(CASES["train-wide-k3"], torch.bfloat16, "cpu", "channels_last", seed=seed)
+    choices = [c for c in unetx._C.algo_choices() if c["family"] == "weight_grad"]
+    assert len(choices) == 1 and choices[0]["seconds"]["gemm"] is None and choices[0]["chosen"] != "gemm", choices
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_channels_last_weight_gradient_in_row_blocks(threads):
+def test_channels_last_weight_gradient_in_row_blocks(threads, monkeypatch):
     """Large enough that conv_weight_grad.cpp splits each image into several row blocks (about 1 MiB each) and
     the threads into separate accumulators: the weight gradient equals the float64 planar convolution's."""
+    monkeypatch.setenv("UNETX_CONV_ALGO", "weight_grad=gemm")
     gen = torch.Generator().manual_seed(3)
     n, c, h, w, co = 2, 16, 203, 67, 16
     x = randn(n, c, h, w, gen=gen).contiguous(memory_format=torch.channels_last)
@@ -540,10 +585,11 @@ STAGES = {  # (x channels, x2 channels, x2 mode, normalised, pooled): input stag
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("stage", STAGES)
-def test_staged_weight_gradient_in_row_blocks(stage, threads):
+def test_staged_weight_gradient_in_row_blocks(stage, threads, monkeypatch):
     """Several row blocks per image whose halo rows (rounded to even rows under nearest upsampling) come from the
     input stage rebuilt inside the weight-gradient kernel: equal to the float64 weight gradient of the stage
     computed in stock ops."""
+    monkeypatch.setenv("UNETX_CONV_ALGO", "weight_grad=gemm")
     c1, c2, mode, normalised, pooled = STAGES[stage]
     gen = torch.Generator().manual_seed(5)
     n, h, w, co = 2, 202, 68, 16

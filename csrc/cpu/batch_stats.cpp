@@ -4,6 +4,8 @@
 // batch_stats:      reads y once (T per element); writes 2 values per channel. Sums are shifted by a per-channel
 //                   pivot (the channel's first element) and accumulated in double, so a large mean does not cancel.
 // fold_output_grad: reads grad_y and y once, writes out once (3T per element).
+#include "cpu/vec.h"  // first: selects ATen's vector capability
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,6 +26,8 @@ namespace {
 template <typename T>
 void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   using acc_t = at::opmath_type<T>;
+  using L = Lanes<T>;
+  using Pk = typename L::Pack;
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   const T* Y = y.const_data_ptr<T>();
   const bool cl = is_channels_last(y);
@@ -43,9 +47,24 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
           const T* __restrict__ r = Y + (n * C + c) * HW;
           for (int64_t i0 = 0; i0 < HW; i0 += 4096) {  // chunks in acc_t, chunks summed in double
             const int64_t i1 = std::min(HW, i0 + 4096);
+            // kSize lanes, then the scalar tail
+            const Pk pvv = L::broadcast(pv);
+            Pk v1 = L::broadcast(0), v2 = L::broadcast(0);
+            int64_t i = i0;
+            for (; i + L::kSize <= i1; i += L::kSize) {
+              const Pk x = L::load(r + i);
+              for (int j = 0; j < L::kNV; ++j) {
+                const auto d = x.v[j] - pvv.v[j];
+                v1.v[j] = v1.v[j] + d;
+                v2.v[j] = at::vec::fmadd(d, d, v2.v[j]);
+              }
+            }
+            acc_t lanes1[L::kSize], lanes2[L::kSize];
+            L::store_acc(lanes1, v1);
+            L::store_acc(lanes2, v2);
             acc_t r1 = 0, r2 = 0;
-#pragma omp simd reduction(+ : r1, r2)
-            for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t j = 0; j < L::kSize; ++j) r1 += lanes1[j], r2 += lanes2[j];
+            for (; i < i1; ++i) {
               const acc_t d = acc_t(r[i]) - pv;
               r1 += d;
               r2 += d * d;
@@ -63,30 +82,35 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
     const int64_t blocks = reduction_blocks(pixels, pixels * C, at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> r1v(C), r2v(C), pvv(C);
+      std::vector<acc_t> pvv(C);
       for (int64_t c = 0; c < C; ++c) pvv[c] = acc_t(pivot[c]);
       for (int64_t blk = b; blk < e; ++blk) {
         double* p1 = part.data() + 2 * blk * C;
         double* p2 = p1 + C;
         const int64_t q0 = pixels * blk / blocks, q1 = pixels * (blk + 1) / blocks;
-        for (int64_t j0 = q0; j0 < q1; j0 += 256) {  // 256 pixels in acc_t, then into double
-          std::fill(r1v.begin(), r1v.end(), acc_t(0));
-          std::fill(r2v.begin(), r2v.end(), acc_t(0));
-          acc_t* __restrict__ r1 = r1v.data();
-          acc_t* __restrict__ r2 = r2v.data();
-          const acc_t* __restrict__ pv = pvv.data();
-          for (int64_t j = j0; j < std::min(q1, j0 + 256); ++j) {
-            const T* __restrict__ px = Y + j * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t d = acc_t(px[c]) - pv[c];
-              r1[c] += d;
-              r2[c] += d * d;
+        // 256 pixels in acc_t, then into double; channels kSize at a time, the sums in registers (the 256 pixels'
+        // rows stay in cache across the channel chunks)
+        for (int64_t j0 = q0; j0 < q1; j0 += 256) {
+          const int64_t j1 = std::min(q1, j0 + 256);
+          for (int64_t c = 0; c < C; c += L::kSize) {
+            const int64_t nc = C - c;
+            const Pk p = L::load_acc(pvv.data() + c, nc);
+            Pk v1 = L::broadcast(0), v2 = L::broadcast(0);
+            for (int64_t j = j0; j < j1; ++j) {
+              const Pk x = L::load(Y + j * C + c, nc);
+              for (int u = 0; u < L::kNV; ++u) {
+                const auto d = x.v[u] - p.v[u];
+                v1.v[u] = v1.v[u] + d;
+                v2.v[u] = at::vec::fmadd(d, d, v2.v[u]);
+              }
             }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            p1[c] += r1[c];
-            p2[c] += r2[c];
+            acc_t l1[L::kSize], l2[L::kSize];
+            L::store_acc(l1, v1);
+            L::store_acc(l2, v2);
+            for (int64_t u = 0; u < std::min<int64_t>(nc, L::kSize); ++u) {
+              p1[c + u] += l1[u];
+              p2[c + u] += l2[u];
+            }
           }
         }
       }
@@ -106,20 +130,27 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   }
 }
 
+// out = mask(gy) + a + b * (y - mu) over len elements; per-channel vectors indexed c0 + cstep * i (cstep 0: one
+// channel c0 for the whole run (planar); cstep 1: the channel is the index (a channels-last pixel)).
 template <typename T, bool RELU, bool STATS>
 inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __restrict__ o, int64_t len,
                      const typename at::opmath_type<T>* a, const typename at::opmath_type<T>* b,
                      const typename at::opmath_type<T>* mu, int64_t c0, int64_t cstep) {
-  // cstep 0: one channel c0 for the whole run (planar); cstep 1: the channel is the index (channels-last pixel)
-  using acc_t = at::opmath_type<T>;
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const int64_t c = c0 + cstep * i;
-    const acc_t yv = acc_t(y[i]);
-    acc_t g = acc_t(gy[i]);
-    if constexpr (RELU) g = yv <= acc_t(0) ? acc_t(0) : g;  // NaN passes, as threshold_backward
-    if constexpr (STATS) g += a[c] + b[c] * (yv - mu[c]);
-    o[i] = T(g);
+  using L = Lanes<T>;
+  using Pk = typename L::Pack;
+  Pk av, bv, mv;
+  if (STATS && cstep == 0) av = L::broadcast(a[c0]), bv = L::broadcast(b[c0]), mv = L::broadcast(mu[c0]);
+  for (int64_t i = 0; i < len; i += L::kSize) {
+    const int64_t n = len - i;
+    const Pk yv = L::load(y + i, n);
+    Pk g = L::load(gy + i, n);
+    if (STATS && cstep != 0)
+      av = L::load_acc(a + c0 + i, n), bv = L::load_acc(b + c0 + i, n), mv = L::load_acc(mu + c0 + i, n);
+    for (int j = 0; j < L::kNV; ++j) {
+      if constexpr (RELU) g.v[j] = mask_le0(yv.v[j], g.v[j]);  // NaN passes, as threshold_backward
+      if constexpr (STATS) g.v[j] = g.v[j] + at::vec::fmadd(bv.v[j], yv.v[j] - mv.v[j], av.v[j]);
+    }
+    L::store(o + i, g, n);
   }
 }
 

@@ -7,6 +7,8 @@
 //   backward: read T (x) + T (grad_z) and/or T/4 (grad_p), write T (grad_x); grad_scale = sum(g * (x - mean)) (centred,
 //             as BatchNorm's backward: no cancellation when |mean| >> std) and grad_shift = sum(g) reduced in the
 //             same pass (double accumulators).
+#include "cpu/vec.h"  // first: selects ATen's vector capability
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -49,10 +51,29 @@ inline acc_t act(acc_t v, acc_t m, acc_t s, acc_t t) {
   }
 }
 
+// act() on kSize lanes: params m, s, t per lane
+template <bool ACT, typename P>
+inline P act_v(P x, const P& m, const P& s, const P& t) {
+  if constexpr (ACT) {
+    for (int j = 0; j < int(sizeof(x.v) / sizeof(x.v[0])); ++j)
+      x.v[j] = relu_keep_nan(at::vec::fmadd(x.v[j] - m.v[j], s.v[j], t.v[j]));
+  }
+  return x;
+}
+template <typename P>
+inline P add4_quarter(const P& a, const P& b, const P& c, const P& d) {
+  using V = std::decay_t<decltype(a.v[0])>;
+  P r;
+  for (int j = 0; j < int(sizeof(a.v) / sizeof(a.v[0])); ++j) r.v[j] = (a.v[j] + b.v[j] + c.v[j] + d.v[j]) * V(0.25);
+  return r;
+}
+
 template <typename T, bool ACT>
 void forward_loops(const at::Tensor& x, const float* M, const float* S, const float* Tt, const double* Md,
                    const double* Sd, const double* Td, at::Tensor* z, at::Tensor* p) {
   using acc_t = at::opmath_type<T>;
+  using L = Lanes<T>;
+  using Pk = typename L::Pack;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool pool = p != nullptr;
   const bool cl = is_channels_last(x);
@@ -79,11 +100,12 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
         const T* xb = X + n * xs.n + c * xs.c;
         if (!pool) {
           T* zb = Z + n * zs.n + c * zs.c;
+          const Pk mv = L::broadcast(mc), sv = L::broadcast(sc), tv = L::broadcast(tc);
           for (int64_t h = 0; h < H; ++h) {
             const T* __restrict__ xr = xb + h * xs.h;
             T* __restrict__ zr = zb + h * zs.h;
-#pragma omp simd
-            for (int64_t w = 0; w < W; ++w) zr[w] = T(act<ACT>(acc_t(xr[w]), mc, sc, tc));
+            for (int64_t w = 0; w < W; w += L::kSize)
+              L::store(zr + w, act_v<ACT>(L::load(xr + w, W - w), mv, sv, tv), W - w);
           }
           continue;
         }
@@ -131,9 +153,12 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
         for (int64_t w = 0; w < W; ++w) {
           const T* __restrict__ xp = X + n * xs.n + h * xs.h + w * xs.w;
           T* __restrict__ zp = Z + n * zs.n + h * zs.h + w * zs.w;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c)
-            zp[c] = T(act<ACT>(acc_t(xp[c]), ACT ? m[c] : acc_t(0), ACT ? s[c] : acc_t(1), ACT ? t[c] : acc_t(0)));
+          for (int64_t c = 0; c < C; c += L::kSize) {
+            Pk mv, sv, tv;
+            if constexpr (ACT)
+              mv = L::load_acc(m + c, C - c), sv = L::load_acc(s + c, C - c), tv = L::load_acc(t + c, C - c);
+            L::store(zp + c, act_v<ACT>(L::load(xp + c, C - c), mv, sv, tv), C - c);
+          }
         }
         continue;
       }
@@ -144,29 +169,19 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
         const T* __restrict__ b1 = b0 + xs.w;
         T* __restrict__ pp = P + n * ps.n + h * ps.h + wo * ps.w;
         T* q00 = Z ? Z + n * zs.n + 2 * h * zs.h + 2 * wo * zs.w : nullptr;
-        if (q00) {
-          T* __restrict__ q01 = q00 + zs.w;
-          T* __restrict__ q10 = q00 + zs.h;
-          T* __restrict__ q11 = q10 + zs.w;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t mc = ACT ? m[c] : acc_t(0), sc = ACT ? s[c] : acc_t(1), tc = ACT ? t[c] : acc_t(0);
-            const acc_t v00 = act<ACT>(acc_t(a0[c]), mc, sc, tc), v01 = act<ACT>(acc_t(a1[c]), mc, sc, tc);
-            const acc_t v10 = act<ACT>(acc_t(b0[c]), mc, sc, tc), v11 = act<ACT>(acc_t(b1[c]), mc, sc, tc);
-            q00[c] = T(v00);
-            q01[c] = T(v01);
-            q10[c] = T(v10);
-            q11[c] = T(v11);
-            pp[c] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
+        for (int64_t c = 0; c < C; c += L::kSize) {
+          const int64_t nc = C - c;
+          Pk mv, sv, tv;
+          if constexpr (ACT) mv = L::load_acc(m + c, nc), sv = L::load_acc(s + c, nc), tv = L::load_acc(t + c, nc);
+          const Pk v00 = act_v<ACT>(L::load(a0 + c, nc), mv, sv, tv), v01 = act_v<ACT>(L::load(a1 + c, nc), mv, sv, tv);
+          const Pk v10 = act_v<ACT>(L::load(b0 + c, nc), mv, sv, tv), v11 = act_v<ACT>(L::load(b1 + c, nc), mv, sv, tv);
+          if (q00) {
+            L::store(q00 + c, v00, nc);
+            L::store(q00 + zs.w + c, v01, nc);
+            L::store(q00 + zs.h + c, v10, nc);
+            L::store(q00 + zs.h + zs.w + c, v11, nc);
           }
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t mc = ACT ? m[c] : acc_t(0), sc = ACT ? s[c] : acc_t(1), tc = ACT ? t[c] : acc_t(0);
-            const acc_t v00 = act<ACT>(acc_t(a0[c]), mc, sc, tc), v01 = act<ACT>(acc_t(a1[c]), mc, sc, tc);
-            const acc_t v10 = act<ACT>(acc_t(b0[c]), mc, sc, tc), v11 = act<ACT>(acc_t(b1[c]), mc, sc, tc);
-            pp[c] = T((v00 + v01 + v10 + v11) * acc_t(0.25));
-          }
+          L::store(pp + c, add4_quarter(v00, v01, v10, v11), nc);
         }
       }
     }
@@ -200,6 +215,9 @@ template <typename T>
 void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor& x, const at::Tensor* m,
                    const at::Tensor* s, const at::Tensor* t, at::Tensor& gx, at::Tensor* gs, at::Tensor* gt) {
   using acc_t = at::opmath_type<T>;
+  using L = Lanes<T>;
+  using Pk = typename L::Pack;
+  using V = typename L::V;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool cl = is_channels_last(x);
   check_inner_unit(gx, cl);
@@ -222,14 +240,14 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
       std::vector<acc_t> g(W);
       for (int64_t c = b; c < e; ++c) {
         const acc_t mc = act_on ? MU[c] : acc_t(0), sc = act_on ? S[c] : acc_t(1), tc = act_on ? Tt[c] : acc_t(0);
+        const Pk mv = L::broadcast(mc), sv = L::broadcast(sc), tv = L::broadcast(tc);
         double a1 = 0, a2 = 0;
         for (int64_t n = 0; n < N; ++n)
           for (int64_t h = 0; h < H; ++h) {
             acc_t* __restrict__ gr = g.data();
             if (GZ) {
               const T* gzr = GZ + n * gzs.n + c * gzs.c + h * gzs.h;
-#pragma omp simd
-              for (int64_t w = 0; w < W; ++w) gr[w] = acc_t(gzr[w]);
+              for (int64_t w = 0; w < W; w += L::kSize) L::store_acc(gr + w, L::load(gzr + w, W - w), W - w);
             } else {
               std::fill(g.begin(), g.end(), acc_t(0));
             }
@@ -239,14 +257,31 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
             }
             T* gxr = GX + n * gxs.n + c * gxs.c + h * gxs.h;
             if (!act_on) {
-#pragma omp simd
-              for (int64_t w = 0; w < W; ++w) gxr[w] = T(gr[w]);
+              for (int64_t w = 0; w < W; w += L::kSize) L::store(gxr + w, L::load_acc(gr + w, W - w), W - w);
               continue;
             }
             const T* __restrict__ xr = X + n * xs.n + c * xs.c + h * xs.h;
-            acc_t r1 = 0, r2 = 0;  // a row in acc_t, rows summed in double
-#pragma omp simd reduction(+ : r1, r2)
-            for (int64_t w = 0; w < W; ++w) {
+            // a row in acc_t (kSize lanes, then the scalar tail), rows summed in double
+            Pk v1 = L::broadcast(0), v2 = L::broadcast(0);
+            int64_t w = 0;
+            for (; w + L::kSize <= W; w += L::kSize) {
+              const Pk xv = L::load(xr + w), gin = L::load_acc(gr + w);
+              Pk out;
+              for (int j = 0; j < L::kNV; ++j) {
+                const V d = xv.v[j] - mv.v[j];
+                const V gv = mask_le0(at::vec::fmadd(d, sv.v[j], tv.v[j]), gin.v[j]);
+                out.v[j] = gv * sv.v[j];
+                v1.v[j] = at::vec::fmadd(gv, d, v1.v[j]);
+                v2.v[j] = v2.v[j] + gv;
+              }
+              L::store(gxr + w, out);
+            }
+            acc_t lanes1[L::kSize], lanes2[L::kSize];
+            L::store_acc(lanes1, v1);
+            L::store_acc(lanes2, v2);
+            acc_t r1 = 0, r2 = 0;
+            for (int64_t j = 0; j < L::kSize; ++j) r1 += lanes1[j], r2 += lanes2[j];
+            for (; w < W; ++w) {
               const acc_t xv = acc_t(xr[w]) - mc;
               const acc_t gv = xv * sc + tc <= acc_t(0) ? acc_t(0) : gr[w];
               gxr[w] = T(gv * sc);
@@ -265,49 +300,51 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
     const int64_t blocks = reduction_blocks(rows, rows * W * C, at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> r1v(C), r2v(C), gv(C);
       for (int64_t blk = b; blk < e; ++blk) {
         double* p1 = part.data() + 2 * blk * C;
         double* p2 = p1 + C;
         for (int64_t r = rows * blk / blocks; r < rows * (blk + 1) / blocks; ++r) {
           const int64_t n = r / H, h = r % H;
-          std::fill(r1v.begin(), r1v.end(), acc_t(0));
-          std::fill(r2v.begin(), r2v.end(), acc_t(0));
-          for (int64_t w = 0; w < W; ++w) {
-            acc_t* __restrict__ g = gv.data();
-            if (GZ) {
-              const T* gzp = GZ + n * gzs.n + h * gzs.h + w * gzs.w;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) g[c] = acc_t(gzp[c]);
-            } else {
-              std::fill(gv.begin(), gv.end(), acc_t(0));
+          // channels kSize at a time across the row's pixels, the row's sums in registers (the row stays in
+          // cache across the channel chunks), then into double
+          const T* gzr = GZ ? GZ + n * gzs.n + h * gzs.h : nullptr;
+          const T* gpr = GP ? GP + n * gps.n + (h / 2) * gps.h : nullptr;
+          const T* xr = act_on ? X + n * xs.n + h * xs.h : nullptr;
+          T* gxr = GX + n * gxs.n + h * gxs.h;
+          for (int64_t c = 0; c < C; c += L::kSize) {
+            const int64_t nc = C - c;
+            Pk mv, sv, tv;
+            if (act_on) mv = L::load_acc(MU + c, nc), sv = L::load_acc(S + c, nc), tv = L::load_acc(Tt + c, nc);
+            Pk v1 = L::broadcast(0), v2 = L::broadcast(0);
+            for (int64_t w = 0; w < W; ++w) {
+              Pk g = GZ ? L::load(gzr + w * gzs.w + c, nc) : L::broadcast(0);
+              if (GP) {
+                const Pk q = L::load(gpr + (w / 2) * gps.w + c, nc);
+                for (int j = 0; j < L::kNV; ++j) g.v[j] = at::vec::fmadd(V(0.25), q.v[j], g.v[j]);
+              }
+              if (!act_on) {
+                L::store(gxr + w * gxs.w + c, g, nc);
+                continue;
+              }
+              const Pk xv = L::load(xr + w * xs.w + c, nc);
+              Pk out;
+              for (int j = 0; j < L::kNV; ++j) {
+                const V d = xv.v[j] - mv.v[j];
+                const V gg = mask_le0(at::vec::fmadd(d, sv.v[j], tv.v[j]), g.v[j]);
+                out.v[j] = gg * sv.v[j];
+                v1.v[j] = at::vec::fmadd(gg, d, v1.v[j]);
+                v2.v[j] = v2.v[j] + gg;
+              }
+              L::store(gxr + w * gxs.w + c, out, nc);
             }
-            if (GP) {
-              const T* __restrict__ gpp = GP + n * gps.n + (h / 2) * gps.h + (w / 2) * gps.w;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) g[c] += acc_t(0.25) * acc_t(gpp[c]);
+            if (!act_on) continue;
+            acc_t l1[L::kSize], l2[L::kSize];
+            L::store_acc(l1, v1);
+            L::store_acc(l2, v2);
+            for (int64_t u = 0; u < std::min<int64_t>(nc, L::kSize); ++u) {
+              p1[c + u] += l1[u];
+              p2[c + u] += l2[u];
             }
-            T* gxp = GX + n * gxs.n + h * gxs.h + w * gxs.w;
-            if (!act_on) {
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) gxp[c] = T(g[c]);
-              continue;
-            }
-            const T* __restrict__ xp = X + n * xs.n + h * xs.h + w * xs.w;
-            acc_t* __restrict__ r1 = r1v.data();
-            acc_t* __restrict__ r2 = r2v.data();
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t xv = acc_t(xp[c]) - MU[c];
-              const acc_t gg = xv * S[c] + Tt[c] <= acc_t(0) ? acc_t(0) : g[c];
-              gxp[c] = T(gg * S[c]);
-              r1[c] += gg * xv;
-              r2[c] += gg;
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            p1[c] += r1v[c];
-            p2[c] += r2v[c];
           }
         }
       }

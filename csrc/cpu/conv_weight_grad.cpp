@@ -146,9 +146,9 @@ bool dense_channels_last(const at::Tensor& t) {
 std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows, int64_t k) {
   // float32 and float64 only: a reduced-precision input keeps oneDNN's path (which accumulates in float32)
   const auto dt = a.scalar_type();
-  if ((dt != at::kFloat && dt != at::kDouble) || grad_y.scalar_type() != dt || k % 2 == 0 ||
-      a.size(1) < kGemmWeightGradMinChannels || !dense_channels_last(a) || !dense_channels_last(grad_y) ||
-      a.size(0) != grad_y.size(0) || a.size(2) != grad_y.size(2) || a.size(3) != grad_y.size(3))
+  if ((dt != at::kFloat && dt != at::kDouble) || grad_y.scalar_type() != dt || k % 2 == 0 || !dense_channels_last(a) ||
+      !dense_channels_last(grad_y) || a.size(0) != grad_y.size(0) || a.size(2) != grad_y.size(2) ||
+      a.size(3) != grad_y.size(3))
     return std::nullopt;
   // Stock's weight gradient multiplies the zero padding too, so a NaN / Inf in grad_y's border band (the pixels
   // some tap reads padding for) makes that tap NaN there; this kernel leaves the padding out: ATen's then.

@@ -58,23 +58,22 @@ void fold_output_grad(const at::Tensor& grad_y, const at::Tensor& y, const at::T
 // ---- to_planar.cpp: a dense channels-last tensor copied to planar (NCHW) layout (anything else: x.contiguous()).
 // Reads and writes each element once.
 at::Tensor to_planar(const at::Tensor& x);
-// From this many input channels a channels-last k x k (k > 1) weight gradient is computed planar (LayerKernels::
-// to_planar); below it oneDNN's channels-last weight gradient is as fast as the planar one or faster
-// (`python bench/conv_layouts.py --per-conv`; figures in BENCHMARKS.md).
+// The weight gradient is chosen per layer shape and dtype by measurement (cpu/algo_choice.h, conv_bn_relu.cpp);
+// this only orders the candidates (ties, and the order in which they are tried): from this many input channels
+// unetx's own weight gradient and the planar one first, below it oneDNN's channels-last one (which measured as fast
+// or faster there on both machine kinds: `python bench/conv_layouts.py --per-conv`, bench/weight_grad.py).
 constexpr int64_t kPlanarWeightGradMinChannels = 16;
 
 // ---- conv_weight_grad.cpp: the weight gradient [Co, C, k, k] (planar) of a stride-1 'same' k x k convolution
 // from dense channels-last grad_y [N, Co, H, W] and input a [N, C, H, W], as k*k GEMMs over shifted pixel rows.
-// std::nullopt where it does not apply (not float32/float64, not dense channels-last, even k, fewer than
-// kGemmWeightGradMinChannels input channels, NaN / Inf in grad_y's k/2-pixel border, where stock multiplies the
+// std::nullopt where it does not apply (not float32/float64, not dense channels-last, even k, NaN / Inf in grad_y's
+// k/2-pixel border, where stock multiplies the
 // zero padding, or in a pixel whose wrapped product it would take out again); the caller then uses ATen's
 // convolution_backward. Reads both
 // operands once. With `rows`, a is a placeholder (shape, dtype, layout) and each block's rows of a (plus the
 // k/2-row halo) are produced by rows->fill into a per-thread buffer that stays in cache: the recomputed input stage
 // is never written to memory.
-// Below 16 input channels the GEMMs are too thin and oneDNN's channels-last weight gradient wins
-// (`python bench/weight_grad.py`; figures in BENCHMARKS.md).
-constexpr int64_t kGemmWeightGradMinChannels = 16;
+// Whether it or oneDNN's is used for a shape is measured (cpu/algo_choice.h; `python bench/weight_grad.py`).
 std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows, int64_t k);
 
 }  // namespace unetx::cpu

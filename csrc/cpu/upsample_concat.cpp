@@ -5,11 +5,14 @@
 // Memory traffic: forward reads skip once and x once (each x element is read by 4 outputs, from cache), writes the
 // buffer once: no intermediate upsampled tensor. Backward reads grad once, writes grad_skip and grad_x.
 // Saves nothing for backward (shapes only).
+#include "cpu/vec.h"  // first: selects ATen's vector capability
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <cstring>
 #include <vector>
 
 #include "common/checks.h"
@@ -87,6 +90,44 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
           for (int64_t j = 0; j < W; ++j) ob[i * oh + j * ow] = value(xb, i, j, 0);
       }
     });
+  } else if (xc == 1 && (oc == 1 || C == 1)) {
+    // channels-last with contiguous channels on both sides: each output pixel is a copy (nearest) or a weighted
+    // sum of 4 input pixels (bilinear), C channels at a time
+    using L = Lanes<T>;
+    using Pk = typename L::Pack;
+    using V = typename L::V;
+    at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / H, i = r % H;
+        const Tap& a = th[i];
+        const T* xb = X + n * xn;
+        for (int64_t j = 0; j < W; ++j) {
+          T* op = O + n * on + i * oh + j * ow;
+          const Tap& t = tw[j];
+          if (mode == Upsample::Nearest) {
+            std::memcpy(op, xb + a.i0 * xh + t.i0 * xw, C * sizeof(T));
+            continue;
+          }
+          const T* p00 = xb + a.i0 * xh + t.i0 * xw;
+          const T* p01 = xb + a.i0 * xh + t.i1 * xw;
+          const T* p10 = xb + a.i1 * xh + t.i0 * xw;
+          const T* p11 = xb + a.i1 * xh + t.i1 * xw;
+          const V aw0(a.w0), aw1(a.w1), bw0(t.w0), bw1(t.w1);
+          for (int64_t c = 0; c < C; c += L::kSize) {
+            const int64_t nc = C - c;
+            const Pk x00 = L::load(p00 + c, nc), x01 = L::load(p01 + c, nc), x10 = L::load(p10 + c, nc),
+                     x11 = L::load(p11 + c, nc);
+            Pk out;
+            for (int u = 0; u < L::kNV; ++u) {
+              const V top = at::vec::fmadd(bw1, x01.v[u], bw0 * x00.v[u]);
+              const V bot = at::vec::fmadd(bw1, x11.v[u], bw0 * x10.v[u]);
+              out.v[u] = at::vec::fmadd(aw1, bot, aw0 * top);
+            }
+            L::store(op + c, out, nc);
+          }
+        }
+      }
+    });
   } else {
     at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
@@ -127,6 +168,36 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
         T* xb = GX + n * xn + c * xc;
         for (int64_t k = 0; k < h; ++k)
           for (int64_t l = 0; l < w; ++l) xb[k * xh + l * xw] = value(gb, k, l);
+      }
+    });
+  } else if (gc == 1 && (xc == 1 || C == 1)) {
+    // channels-last with contiguous channels on both sides: each input pixel's gradient is a weighted sum of the
+    // output pixels that read it, C channels at a time
+    using L = Lanes<T>;
+    using Pk = typename L::Pack;
+    using V = typename L::V;
+    at::parallel_for(0, N * h, grain_for(w * C * 4), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / h, k = r % h;
+        for (int64_t l = 0; l < w; ++l) {
+          T* xp = GX + n * xn + k * xh + l * xw;
+          for (int64_t c = 0; c < C; c += L::kSize) {
+            const int64_t nc = C - c;
+            Pk s = L::broadcast(0);
+            for (int64_t p = ah.start[k]; p < ah.start[k + 1]; ++p) {
+              Pk row = L::broadcast(0);
+              const T* gr = G + n * gn + ah.o[p] * gh + c;
+              for (int64_t q = aw.start[l]; q < aw.start[l + 1]; ++q) {
+                const Pk v = L::load(gr + aw.o[q] * gw, nc);
+                const V wq(aw.w[q]);
+                for (int u = 0; u < L::kNV; ++u) row.v[u] = at::vec::fmadd(wq, v.v[u], row.v[u]);
+              }
+              const V wp(ah.w[p]);
+              for (int u = 0; u < L::kNV; ++u) s.v[u] = at::vec::fmadd(wp, row.v[u], s.v[u]);
+            }
+            L::store(xp + c, s, nc);
+          }
+        }
       }
     });
   } else {

@@ -1,0 +1,236 @@
+"""unetx's memory-bound CPU passes in bfloat16 (and float16) against float32, at CPU-S sizes.
+
+A pass that only reads and writes activations moves half the bytes in a 2-byte dtype, so its time in bfloat16 should
+be at most ~0.6x its float32 time on any CPU (issue 12): a machine-independent figure. Each row is one pass at one
+U-Net level of CPU-S (batch 4; level i: 32 * 2**i channels at (256 / 2**i)^2 pixels), channels_last by default:
+
+- the standalone ops (bn_relu, bn_relu_pool, avg_pool2x2, upsample_concat, each forward and backward), timed
+  directly (median of --rounds runs);
+- the passes inside conv_bn_relu's forward and backward (unetx::input_stage, batch_stats, fold_output_grad,
+  activation_backward, upsample_backward, to_planar), the mean time per call from torch.profiler's record_function
+  events over --rounds forward+backward runs of three training layers (normalised input with its batch mean; pooled;
+  concatenated with a nearest-upsampled x2). The weight gradient is forced to one candidate for both dtypes
+  (--weight-grad, default onednn_planar: the one bfloat16 uses here, whose to_planar pass is then in both), so that
+  the same passes run in both dtypes.
+
+    python bench/bf16_passes.py [--threads 2] [--dtype bfloat16] [--layout channels_last] [--json out.json]
+    python bench/bf16_passes.py --quick        # tiny sizes, one round: a smoke test, not a measurement
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import unetx
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    fl = set(line.split(":", 1)[1].split())
+                    keep = ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"]
+                    return " ".join(k for k in keep if k in fl)
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def median_time(fn, rounds: int) -> float:
+    fn()  # warm-up: allocations, first-touch, oneDNN primitive creation, measured algorithm choices
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def levels(quick: bool):
+    if quick:
+        return [(0, 16, 1, 32)]
+    return [(i, 32 * 2**i, 4, 256 // 2**i) for i in range(5)]
+
+
+def rnd(shape, dtype, layout, lo=None):
+    t = torch.rand(*shape) + lo if lo is not None else torch.randn(*shape)
+    t = t.to(dtype)
+    if t.dim() == 4 and layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def standalone_cases(c, n, s, dtype, layout):
+    """(name, fn) pairs: each fn runs one standalone op pass on fresh-per-case inputs."""
+    u = torch.ops.unetx
+    y = rnd((n, c, s, s), dtype, layout)
+    scale, shift, mean = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c) * 0.1  # BatchNorm vectors: float32
+    g = rnd((n, c, s, s), dtype, layout)
+    gp = rnd((n, c, s // 2, s // 2), dtype, layout)
+    skip = rnd((n, c // 2, s, s), dtype, layout)
+    xlow = rnd((n, c // 2, s // 2, s // 2), dtype, layout)
+    gcat = rnd((n, c, s, s), dtype, layout)
+    return [
+        ("bn_relu", lambda: u.bn_relu(y, scale, shift, mean)),
+        ("bn_relu_backward", lambda: u.bn_relu_backward(g, y, scale, shift, mean)),
+        ("bn_relu_pool", lambda: u.bn_relu_pool(y, scale, shift, mean)),
+        ("bn_relu_pool_backward", lambda: u.bn_relu_pool_backward(g, gp, y, scale, shift, mean)),
+        ("avg_pool2x2", lambda: u.avg_pool2x2(y)),
+        ("avg_pool2x2_backward", lambda: u.avg_pool2x2_backward(gp)),
+        ("upsample_concat nearest", lambda: u.upsample_concat(skip, xlow, "nearest")),
+        ("upsample_concat bilinear", lambda: u.upsample_concat(skip, xlow, "bilinear")),
+        ("upsample_concat_backward nearest", lambda: u.upsample_concat_backward(gcat, c // 2, "nearest")),
+        ("upsample_concat_backward bilinear", lambda: u.upsample_concat_backward(gcat, c // 2, "bilinear")),
+    ]
+
+
+LAYER_EVENTS = [
+    "unetx::input_stage",
+    "unetx::batch_stats",
+    "unetx::fold_output_grad",
+    "unetx::activation_backward",
+    "unetx::upsample_backward",
+    "unetx::to_planar",
+]
+
+
+def layer_passes(c, n, s, dtype, layout, rounds):
+    """Mean time per call of each unetx:: pass inside conv_bn_relu forward+backward: two training layers of a level,
+    the encoder's second (x normalised with its batch mean; 'plain') and a pooled one / a decoder one (x2 nearest)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cl = layout == "channels_last"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+
+    def make(cin, c2, pool):
+        xs = 2 * s if pool else s
+        x = rnd((n, cin, xs, xs), dtype, layout).requires_grad_()
+        w = (torch.randn(c, cin + c2, 3, 3) * (9 * (cin + c2)) ** -0.5).to(dtype).contiguous(memory_format=fmt)
+        w.requires_grad_()
+        sc, sh = (torch.rand(cin) + 0.5).requires_grad_(), torch.randn(cin).requires_grad_()
+        mu = (torch.randn(cin) * 0.1).requires_grad_()
+        x2 = rnd((n, c2, s // 2, s // 2), dtype, layout).requires_grad_() if c2 else None
+
+        def run():
+            y, m, v = unetx.ops.conv_bn_relu(
+                x,
+                w,
+                None,
+                x_scale=sc,
+                x_shift=sh,
+                x_mean=mu,
+                x_pool=pool,
+                x2=x2,
+                x2_mode="nearest" if c2 else "none",
+                stats=True,
+            )
+            (y.float().mean() + m.sum() + v.sum()).backward()
+
+        return run
+
+    runs = [make(c, 0, False)]
+    if s >= 4:
+        runs.append(make(c // 2 if c > 16 else c, 0, True))
+        runs.append(make(c // 2, c // 2, False))
+    for r in runs:
+        r()  # warm-up (and the weight gradient's measured choice)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            for r in runs:
+                r()
+    out = {}
+    for e in prof.key_averages():
+        if e.key in LAYER_EVENTS:
+            out[e.key] = e.cpu_time_total / 1e6 / e.count  # seconds per call
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
+    p.add_argument(
+        "--weight-grad",
+        default="onednn_planar",
+        help="the conv_bn_relu layers' weight gradient, forced (UNETX_CONV_ALGO); '' lets unetx measure",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke test)")
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.weight_grad:
+        os.environ["UNETX_CONV_ALGO"] = f"weight_grad={a.weight_grad}"
+    torch.manual_seed(0)
+    rounds = 1 if a.quick else a.rounds
+    low = getattr(torch, a.dtype)
+    print(
+        f"# unetx passes, {a.dtype} / float32, {a.layout}; {cpu_name()} [{cpu_flags()}], torch {torch.__version__}, "
+        f"{a.threads} threads, median of {rounds}"
+    )
+    print(f"# conv_bn_relu weight gradient: {a.weight_grad or 'measured'}; conv_bn_relu rows: mean ms per call")
+    print(f"| pass | level (C, HxW) | float32 ms | {a.dtype} ms | ratio |")
+    print("|---|---|---|---|---|")
+    rows = []
+
+    def row(name, lvl, c, s, tf, tl):
+        ratio = tl / tf if tf > 0 else float("nan")
+        rows.append(dict(name=name, level=lvl, channels=c, size=s, float32_s=tf, low_s=tl, ratio=ratio))
+        print(f"| {name} | {lvl} ({c}, {s}x{s}) | {tf * 1e3:.2f} | {tl * 1e3:.2f} | {ratio:.2f} |", flush=True)
+
+    for lvl, c, n, s in levels(a.quick):
+        f32 = standalone_cases(c, n, s, torch.float32, a.layout)
+        lo = standalone_cases(c, n, s, low, a.layout)
+        for (name, ff), (_, fl) in zip(f32, lo):
+            row(name, lvl, c, s, median_time(ff, rounds), median_time(fl, rounds))
+        pf = layer_passes(c, n, s, torch.float32, a.layout, rounds)
+        pl = layer_passes(c, n, s, low, a.layout, rounds)
+        for k in LAYER_EVENTS:
+            if k in pf or k in pl:
+                row(f"conv_bn_relu {k.split('::')[1]}", lvl, c, s, pf.get(k, 0.0), pl.get(k, 0.0))
+    valid = [r["ratio"] for r in rows if r["float32_s"] > 0 and r["low_s"] > 0]
+    if valid:
+        print(
+            f"\nworst {a.dtype}/float32 ratio {max(valid):.2f}, median {statistics.median(valid):.2f} "
+            f"({len(valid)} rows; target <= 0.6)"
+        )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(
+                dict(
+                    cpu=cpu_name(),
+                    flags=cpu_flags(),
+                    torch=torch.__version__,
+                    threads=a.threads,
+                    dtype=a.dtype,
+                    layout=a.layout,
+                    rounds=rounds,
+                    rows=rows,
+                ),
+                f,
+                indent=1,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

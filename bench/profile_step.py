@@ -1,0 +1,74 @@
+"""torch.profiler on one CPU-S training step, unetx and stock PyTorch, in float32 or under bf16 autocast: the top ops
+by self time (torch.profiler key_averages), which dtypes the convolutions ran in, and unetx's measured weight-gradient
+choices (cpu/algo_choice.h).
+
+    python bench/profile_step.py --autocast bfloat16 --threads 2 [--impl unetx|stock|both] [--top 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+from unetx import bench as ub
+
+
+def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    torch.set_num_threads(threads)
+    w = dataclasses.replace(ub.WORKLOADS["CPU-S"], autocast=autocast)
+    state, x, target = ub._inputs(w)
+    case = ub.Case(w, ub.Form(impl, layout), "train", state, x, target)
+    for _ in range(2):
+        case.step()
+    t0 = time.perf_counter()
+    case.step()
+    unprofiled = time.perf_counter() - t0
+    with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        case.step()
+    print(
+        f"\n## {impl} eager {layout}, {autocast or 'float32'}: step {unprofiled:.3f} s unprofiled "
+        f"({289 / unprofiled:.0f} GFLOP/s at CPU-S's 289 GFLOP per step)"
+    )
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
+    dtypes: dict[str, float] = {}
+    for e in prof.events():
+        if e.name in (
+            "aten::mkldnn_convolution",
+            "aten::convolution_backward",
+            "aten::_slow_conv2d_forward",
+            "aten::mkldnn_convolution_backward",
+            "aten::convolution_backward_overrideable",
+        ):
+            key = f"{e.name} {getattr(e, 'input_dtypes', None) or ''}"
+            dtypes[key] = dtypes.get(key, 0.0) + e.cpu_time_total / 1e3
+    for k, v in sorted(dtypes.items(), key=lambda kv: -kv[1]):
+        print(f"  {v:8.1f} ms  {k}")
+    if impl == "unetx":
+        import unetx
+
+        print("weight-gradient choices (unetx._C.algo_choices(): key -> chosen, measured ms):")
+        for d in sorted(unetx._C.algo_choices(), key=lambda d: d["key"]):
+            t = ", ".join(f"{k} {v * 1e3:.1f}" if v is not None else f"{k} -" for k, v in d["seconds"].items())
+            print(f"  {d['family']} {d['key']}: {d['chosen']} ({t})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--impl", choices=["unetx", "stock", "both"], default="both")
+    p.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
+    p.add_argument("--top", type=int, default=10)
+    a = p.parse_args(argv)
+    for impl in ["unetx", "stock"] if a.impl == "both" else [a.impl]:
+        profile(impl, a.autocast, a.threads, a.top, a.layout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+// Vectorised loads and stores for the CPU kernels: elements of T (float, double, bfloat16, half) in, arithmetic in
+// at::opmath_type<T> (float for the reduced-precision types), as ATen's own CPU kernels do it (at::vec::Vectorized,
+// convert_to_float / convert_from_float).
+//
+// Vectorized<T> uses AVX2 / AVX-512 only where CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 is defined: ATen compiles
+// its kernels once per capability and picks one at runtime. unetx's CPU kernels are compiled for the machine that
+// builds them (-march=native by default, CMakeLists.txt), so the capability follows from the compiler's target
+// macros here; a portable build (UNETX_NATIVE=OFF) gets ATen's generic Vectorized (plain loops over arrays).
+// Include this header before any other ATen/cpu/vec header.
+#pragma once
+
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512 1
+#define CPU_CAPABILITY AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2 1
+#define CPU_CAPABILITY AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#endif
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace unetx::cpu {
+
+// kSize elements of T as kNV vectors of acc_t: one Vectorized<T> for float / double, two Vectorized<float> for
+// bfloat16 / half (one Vectorized<T> holds twice as many elements).
+template <typename T>
+struct Lanes {
+  using acc_t = at::opmath_type<T>;
+  using V = at::vec::Vectorized<acc_t>;
+  static constexpr bool kReduced = !std::is_same_v<T, acc_t>;
+  static constexpr int kNV = kReduced ? 2 : 1;
+  static constexpr int64_t kV = V::size();
+  static constexpr int64_t kSize = kNV * kV;
+  struct Pack {
+    V v[kNV];
+  };
+
+  static inline Pack load(const T* p) {
+    if constexpr (kReduced) {
+      auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+      return Pack{{a, b}};
+    } else {
+      return Pack{{V::loadu(p)}};
+    }
+  }
+  // The first n elements (all kSize where n >= kSize); the other lanes are zero. Partial loads and stores serve the
+  // tails of rows whose length is not a multiple of kSize.
+  static inline Pack load(const T* p, int64_t n) {
+    if (n >= kSize) return load(p);
+    if constexpr (kReduced) {
+      auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
+      return Pack{{a, b}};
+    } else {
+      return Pack{{V::loadu(p, n)}};
+    }
+  }
+  // kSize acc_t lanes rounded to T. Where the CPU converts float to bfloat16 itself (AVX512_BF16: one instruction for
+  // 32 lanes, round to nearest even, NaN stays NaN), that instruction; ATen's convert_from_float otherwise (about 8
+  // integer instructions per 16 lanes), which made the conversion back the largest cost of a bf16 pass. The
+  // instruction treats float32 denormal inputs (below 1.2e-38) as zero, where the integer rounding keeps them as
+  // bfloat16 denormals.
+  static inline at::vec::Vectorized<T> narrow(const Pack& x) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return at::vec::Vectorized<T>((__m512i)_mm512_cvtne2ps_pbh(x.v[1], x.v[0]));
+    }
+#endif
+    return at::vec::convert_from_float<T>(x.v[0], x.v[1]);
+  }
+  static inline void store(T* p, const Pack& x) {
+    if constexpr (kReduced) {
+      narrow(x).store(p);
+    } else {
+      x.v[0].store(p);
+    }
+  }
+  static inline void store(T* p, const Pack& x, int64_t n) {
+    if (n >= kSize) return store(p, x);
+    if constexpr (kReduced) {
+      narrow(x).store(p, n);
+    } else {
+      x.v[0].store(p, n);
+    }
+  }
+  // acc_t arrays (per-channel parameters, accumulators), whole or the first n elements
+  static inline Pack load_acc(const acc_t* p) {
+    Pack r;
+    for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(p + j * kV);
+    return r;
+  }
+  static inline Pack load_acc(const acc_t* p, int64_t n) {
+    if (n >= kSize) return load_acc(p);
+    Pack r;
+    for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(p + j * kV, std::clamp<int64_t>(n - j * kV, 0, kV));
+    return r;
+  }
+  static inline void store_acc(acc_t* p, const Pack& x) {
+    for (int j = 0; j < kNV; ++j) x.v[j].store(p + j * kV);
+  }
+  static inline void store_acc(acc_t* p, const Pack& x, int64_t n) {
+    if (n >= kSize) return store_acc(p, x);
+    for (int j = 0; j < kNV; ++j) {
+      const int64_t m = std::clamp<int64_t>(n - j * kV, 0, kV);
+      if (m > 0) x.v[j].store(p + j * kV, m);
+    }
+  }
+  static inline Pack broadcast(acc_t v) {
+    Pack r;
+    for (int j = 0; j < kNV; ++j) r.v[j] = V(v);
+    return r;
+  }
+};
+
+// r <= 0 ? 0 : r, lane by lane; NaN stays NaN (as torch.relu)
+template <typename V>
+inline V relu_keep_nan(const V& r) {
+  return V::blendv(r, V(0), r <= V(0));
+}
+// keep <= 0 ? 0 : g, lane by lane (a NaN in `keep` passes g, as threshold_backward)
+template <typename V>
+inline V mask_le0(const V& keep, const V& g) {
+  return V::blendv(g, V(0), keep <= V(0));
+}
+
+}  // namespace unetx::cpu
