@@ -258,6 +258,9 @@ def _bad_case(case: str, tmp: Path, data: dict, run: Path) -> tuple[list, list[s
     if case == "not_a_checkpoint":
         (tmp / "junk.pt").write_bytes(os.urandom(2000))
         return predict[:2] + [tmp / "junk.pt"] + predict[3:], ["not a unetx checkpoint"]
+    if case == "junk_with_a_pickle_header":  # torch warns "pickle protocol 155" before it fails: still one line
+        (tmp / "junk.pt").write_bytes(b"\x80\x9b" + os.urandom(2000))
+        return predict[:2] + [tmp / "junk.pt"] + predict[3:], ["not a unetx checkpoint"]
     if case == "checkpoint_of_another_model":
         ckpt = torch.load(run / "best.pt", weights_only=True)
         ckpt["config"]["base_channels"] = 8  # the weights are a base-4 network's
@@ -280,6 +283,7 @@ BAD_CASES = [
     "bare_state_dict",
     "pickled_object",
     "not_a_checkpoint",
+    "junk_with_a_pickle_header",
     "checkpoint_of_another_model",
     "resume_with_other_options",
 ]

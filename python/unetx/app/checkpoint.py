@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -170,7 +171,13 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise InputError(f"checkpoint {path} is not a regular file; give a best.pt or last.pt written by `unetx train`")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # a damaged file can make torch warn before it fails (junk starting with pickle's PROTO byte: "pickle
+        # protocol 155"); those warnings say nothing the error below does not, so they are shown only on success
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except pickle.UnpicklingError as e:
         # torch's message is mostly advice on weights_only=False, which unetx never uses; keep the global it names
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
