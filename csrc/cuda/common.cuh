@@ -68,7 +68,10 @@ inline Stream current_stream() {
 // kernel<<<grid, block, 0, stream>>>(args...), checked
 template <typename... P, typename... A>
 void launch(dim3 grid, dim3 block, Stream stream, void (*kernel)(P...), const A&... args) {
-  kernel<<<grid, block, 0, stream.stream()> > >(static_cast<P>(args)...);
+  // a .cuh is formatted as C++, which would split the launch's >>>
+  // clang-format off
+  kernel<<<grid, block, 0, stream.stream()>>>(static_cast<P>(args)...);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 inline int multiprocessor_count() {
