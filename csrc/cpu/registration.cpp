@@ -26,4 +26,15 @@ const LayerKernels kKernels{
 
 TORCH_LIBRARY_IMPL(unetx, CPU, m) {
   unetx::register_ops(m, unetx::cpu::kKernels);
+  m.impl("winograd_conv3x3", unetx::cpu::winograd_conv3x3);
+  m.impl("winograd_conv3x3_input_grad", unetx::cpu::winograd_conv3x3_input_grad);
+  m.impl("winograd_conv3x3_weight_grad", unetx::cpu::winograd_conv3x3_weight_grad);
+}
+
+// CPU-only ops, for tests and measurements of the kernels conv_bn_relu may choose (cpu/kernels.h): Winograd
+// convolutions of a 3 x 3 'same' convolution and its two gradients.
+TORCH_LIBRARY_FRAGMENT(unetx, m) {
+  m.def("winograd_conv3x3(Tensor x, Tensor weight, int tile=4) -> Tensor");
+  m.def("winograd_conv3x3_input_grad(Tensor grad_y, Tensor weight, int tile=4) -> Tensor");
+  m.def("winograd_conv3x3_weight_grad(Tensor grad_y, Tensor x, int tile=4) -> Tensor");
 }
