@@ -279,49 +279,99 @@ at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
   auto U = at::empty({P, rows, cols}, w.options());
   const float* Wp = w.const_data_ptr<float>();
   float* Up = U.data_ptr<float>();
-  at::parallel_for(0, O * I, grain_for(9 * P), [&](int64_t b, int64_t e) {
-    for (int64_t oi = b; oi < e; ++oi) {
-      const int64_t o = oi / I, i = oi % I;
-      double g[3][3];
-      for (int a = 0; a < 3; ++a)
-        for (int bb = 0; bb < 3; ++bb) g[a][bb] = Wp[oi * 9 + (adjoint ? (2 - a) * 3 + (2 - bb) : a * 3 + bb)];
-      double t[A][3];
+  // row by row of U[p], vectorised over the row (cols): the 9 taps gathered into rows of g, then the two 1-D
+  // transforms, each position's stores sequential
+  at::parallel_for(0, rows, grain_for(9 * P * cols), [&](int64_t rb, int64_t re) {
+    std::unique_ptr<double[]> g(new double[9 * cols]), t(new double[A * 3 * cols]);
+    for (int64_t r = rb; r < re; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const float* src = Wp + ((adjoint ? r : c) * I + (adjoint ? c : r)) * 9;
+        for (int k = 0; k < 9; ++k) g[k * cols + c] = src[adjoint ? 8 - k : k];  // 180-degree rotation: 8 - k
+      }
       for (int x = 0; x < A; ++x)
-        for (int bb = 0; bb < 3; ++bb)
-          t[x][bb] = Tile<M>::G[x][0] * g[0][bb] + Tile<M>::G[x][1] * g[1][bb] + Tile<M>::G[x][2] * g[2][bb];
-      const int64_t r = adjoint ? o : i, c = adjoint ? i : o;
+        for (int bb = 0; bb < 3; ++bb) {
+          double* __restrict tp = t.get() + (x * 3 + bb) * cols;
+          const double *g0 = g.get() + bb * cols, *g1 = g0 + 3 * cols, *g2 = g0 + 6 * cols;
+          const double c0 = Tile<M>::G[x][0], c1 = Tile<M>::G[x][1], c2 = Tile<M>::G[x][2];
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) tp[c] = c0 * g0[c] + c1 * g1[c] + c2 * g2[c];
+        }
       for (int x = 0; x < A; ++x)
-        for (int y = 0; y < A; ++y)
-          Up[((x * A + y) * rows + r) * cols + c] =
-              float(t[x][0] * Tile<M>::G[y][0] + t[x][1] * Tile<M>::G[y][1] + t[x][2] * Tile<M>::G[y][2]);
+        for (int y = 0; y < A; ++y) {
+          float* __restrict up = Up + ((x * A + y) * rows + r) * cols;
+          const double *t0 = t.get() + x * 3 * cols, *t1 = t0 + cols, *t2 = t0 + 2 * cols;
+          const double c0 = Tile<M>::G[y][0], c1 = Tile<M>::G[y][1], c2 = Tile<M>::G[y][2];
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) up[c] = float(c0 * t0[c] + c1 * t1[c] + c2 * t2[c]);
+        }
     }
   });
   return U;
+}
+
+// Where the transformed weight (P * C * Co floats) is larger than this, a block's GEMMs would stream it from
+// memory once per block: blocks are then made large and split among the threads by position instead (each
+// position's slice of the weight read once per block).
+int64_t streamed_weight_bytes() {
+  static const int64_t bytes = [] {
+    const char* s = std::getenv("UNETX_WINOGRAD_SHARED_KIB");  // for tuning
+    const int64_t kib = s ? std::atoll(s) : 0;
+    return (kib > 0 ? kib : 8192) * 1024;
+  }();
+  return bytes;
+}
+
+// The tiles of block `blk` (B tiles from tile blk * B): f(t, n, h0, w0) for each, the tile's index in the block,
+// its image and its output origin.
+template <int M, typename F>
+inline void for_tiles(const Grid& g, int64_t t0, int64_t t1, int64_t first, F&& f) {
+  const int64_t per_image = g.th * g.tw;
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t n = tile / per_image, ty = tile % per_image / g.tw, tx = tile % g.tw;
+    f(tile - first, n, ty * M, tx * M);
+  }
 }
 
 // y = conv3x3(x, U) for x [N, H, W, C] and U [P, C, Co] (a transformed weight), y [N, H, W, Co].
 template <int M>
 void conv_impl(const float* X, const float* U, float* Y, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
-  const int64_t B = block_tiles(P, C + Co, g.T), blocks = (g.T + B - 1) / B, per_image = g.th * g.tw;
+  const bool shared = P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
+  // shared blocks: as many tiles as the weight has floats per position, so that its traffic stays below the
+  // GEMM's own
+  const int64_t B = shared ? std::min(g.T, std::max<int64_t>(256, C * Co / 256)) : block_tiles(P, C + Co, g.T);
+  const int64_t blocks = (g.T + B - 1) / B;
+  auto input = [&](float* V, int64_t t0, int64_t t1, int64_t first) {
+    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+      over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(X, g, C, n, h0 - 1, w0 - 1, c, V + t * C, B * C); });
+    });
+  };
+  auto gemms = [&](const float* V, float* Mb, int64_t nb, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      gemm(false, false, Co, nb, C, U + p * C * Co, Co, V + p * B * C, C, 0.f, Mb + p * B * Co, Co);
+  };
+  auto output = [&](const float* Mb, int64_t t0, int64_t t1, int64_t first) {
+    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+      over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, B * Co, g, Co, n, h0, w0, c, Y); });
+    });
+  };
+  if (shared) {
+    std::unique_ptr<float[]> V(new float[P * B * C]), Mb(new float[P * B * Co]);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { input(V.get(), b, e, t0); });
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Mb.get(), nb, b, e); });
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { output(Mb.get(), b, e, t0); });
+    }
+    return;
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::unique_ptr<float[]> V(new float[P * B * C]), Mb(new float[P * B * Co]);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
-      for (int64_t t = 0; t < nb; ++t) {
-        const int64_t tile = t0 + t, n = tile / per_image, ty = tile % per_image / g.tw, tx = tile % g.tw;
-        over_channels(C, [&]<int VW>(int64_t c) {
-          input_tile<M, VW>(X, g, C, n, ty * M - 1, tx * M - 1, c, V.get() + t * C, B * C);
-        });
-      }
-      for (int p = 0; p < P; ++p)
-        gemm(false, false, Co, nb, C, U + p * C * Co, Co, V.get() + p * B * C, C, 0.f, Mb.get() + p * B * Co, Co);
-      for (int64_t t = 0; t < nb; ++t) {
-        const int64_t tile = t0 + t, n = tile / per_image, ty = tile % per_image / g.tw, tx = tile % g.tw;
-        over_channels(Co, [&]<int VW>(int64_t c) {
-          output_tile<M, VW>(Mb.get() + t * Co, B * Co, g, Co, n, ty * M, tx * M, c, Y);
-        });
-      }
+      input(V.get(), t0, t0 + nb, t0);
+      gemms(V.get(), Mb.get(), nb, 0, P);
+      output(Mb.get(), t0, t0 + nb, t0);
     }
   });
 }
@@ -330,37 +380,51 @@ void conv_impl(const float* X, const float* U, float* Y, const Grid& g, int64_t 
 template <int M>
 void weight_grad_impl(const float* GY, const float* X, at::Tensor& gw, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
-  const int64_t B = block_tiles(P, C + Co, g.T), blocks = (g.T + B - 1) / B, per_image = g.th * g.tw;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
-  // one accumulator per thread: Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS
+  // shared: one accumulator, large blocks split among the threads by position (see conv_impl); else one
+  // accumulator per thread, each thread a contiguous range of cache-sized blocks
+  const bool shared = P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
+  const int64_t B = shared ? std::min(g.T, std::max<int64_t>(256, C * Co / 256)) : block_tiles(P, C + Co, g.T);
+  const int64_t blocks = (g.T + B - 1) / B;
+  const int64_t threads = shared ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+  // Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS
   auto Z = at::zeros({threads, P, Co, C}, gw.options());
   float* Zp = Z.data_ptr<float>();
-  auto run = [&](int64_t tid) {
-    const int64_t b0 = blocks * tid / threads, b1 = blocks * (tid + 1) / threads;
-    std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
-    float* Zt = Zp + tid * P * Co * C;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
-      for (int64_t t = 0; t < nb; ++t) {
-        const int64_t tile = t0 + t, n = tile / per_image, ty = tile % per_image / g.tw, tx = tile % g.tw;
-        over_channels(C, [&]<int VW>(int64_t c) {
-          input_tile<M, VW>(X, g, C, n, ty * M - 1, tx * M - 1, c, V.get() + t * C, B * C);
-        });
-        over_channels(Co, [&]<int VW>(int64_t c) {
-          grad_output_tile<M, VW>(GY, g, Co, n, ty * M, tx * M, c, Tg.get() + t * Co, B * Co);
-        });
-      }
-      // Z[p] (C x Co, column-major) += V[p]^T (C x nb) . Tg[p] (nb x Co)
-      for (int p = 0; p < P; ++p)
-        gemm(false, true, C, Co, nb, V.get() + p * B * C, C, Tg.get() + p * B * Co, Co, 1.f, Zt + p * Co * C, C);
-    }
-  };
-  if (threads <= 1) {
-    run(0);
-  } else {
-    at::parallel_for(0, threads, 1, [&](int64_t tb, int64_t te) {
-      for (int64_t t = tb; t < te; ++t) run(t);
+  auto transform = [&](float* V, float* Tg, int64_t t0, int64_t t1, int64_t first) {
+    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+      over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(X, g, C, n, h0 - 1, w0 - 1, c, V + t * C, B * C); });
+      over_channels(Co,
+                    [&]<int VW>(int64_t c) { grad_output_tile<M, VW>(GY, g, Co, n, h0, w0, c, Tg + t * Co, B * Co); });
     });
+  };
+  // Z[p] (C x Co, column-major) += V[p]^T (C x nb) . Tg[p] (nb x Co)
+  auto gemms = [&](const float* V, const float* Tg, float* Zt, int64_t nb, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      gemm(false, true, C, Co, nb, V + p * B * C, C, Tg + p * B * Co, Co, 1.f, Zt + p * Co * C, C);
+  };
+  if (shared) {
+    std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { transform(V.get(), Tg.get(), b, e, t0); });
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Tg.get(), Zp, nb, b, e); });
+    }
+  } else {
+    auto run = [&](int64_t tid) {
+      const int64_t b0 = blocks * tid / threads, b1 = blocks * (tid + 1) / threads;
+      std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
+        transform(V.get(), Tg.get(), t0, t0 + nb, t0);
+        gemms(V.get(), Tg.get(), Zp + tid * P * Co * C, nb, 0, P);
+      }
+    };
+    if (threads <= 1) {
+      run(0);
+    } else {
+      at::parallel_for(0, threads, 1, [&](int64_t tb, int64_t te) {
+        for (int64_t t = tb; t < te; ++t) run(t);
+      });
+    }
   }
   // gw[co][ci] = G^T (sum over threads of Z[t][.][co][ci]) G, in double
   float* GW = gw.data_ptr<float>();
