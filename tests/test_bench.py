@@ -61,3 +61,13 @@ def test_bench_bad_arguments_exit_with_a_message(args, message):
     p = run_bench(*args, "--quiet")
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_winograd_bench_quick_runs():
+    """bench/winograd.py --quick: both tables, every op row (a smoke test; no timing is checked)."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "winograd.py")
+    p = subprocess.run([sys.executable, script, "--quick"], check=False, capture_output=True, text=True, env=ENV,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    for row in ("| forward |", "| input grad |", "| weight grad |", "F(4x4) error (ratio)"):
+        assert row in p.stdout, f"missing {row!r} in:\n{p.stdout}"
