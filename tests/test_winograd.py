@@ -144,3 +144,45 @@ def test_bad_arguments_name_the_problem(call, message):
     x, gy, wt = inputs(1, 4, 5, 6, 6)
     with pytest.raises(RuntimeError, match=message):
         call(x, wt, gy)
+
+
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2", "onednn"])
+@pytest.mark.parametrize("stage", ["plain", "bn_relu", "pool", "concat"])
+def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
+    """conv_bn_relu with its 3x3 convolution and input gradient forced to each candidate (UNETX_WINOGRAD=1 lists
+    Winograd for small layers too; UNETX_CONV_ALGO picks one) against the float64 layer, within the same bound as
+    the kernels; UNETX_WINOGRAD=0 is the stock path."""
+    g = torch.Generator().manual_seed(1)
+    n, c, h, w, co = 2, 12, 10, 14, 9
+    c2 = 5 if stage == "concat" else 0
+    f = 2 if stage == "pool" else 1
+    x = torch.randn(n, c, f * h, f * w, generator=g).contiguous(memory_format=CL)
+    x2 = torch.randn(n, c2, h // 2, w // 2, generator=g).contiguous(memory_format=CL) if c2 else None
+    scale = torch.rand(c, generator=g) + 0.5 if stage != "plain" else None
+    shift = torch.randn(c, generator=g) if stage != "plain" else None
+    wt = (torch.randn(co, c + c2, 3, 3, generator=g) / (9 * (c + c2)) ** 0.5).contiguous(memory_format=CL)
+    bias = torch.randn(co, generator=g)
+    gy = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=CL)
+
+    def layer(dt):
+        cast = (lambda t: None if t is None else t.to(dt))
+        args = (cast(x), cast(scale), cast(shift), stage == "pool", cast(x2), "nearest" if c2 else "none")
+        y = ops.conv_bn_relu(*args, cast(wt), cast(bias), False, False, False)[0]
+        grads = ops.conv_bn_relu_backward(cast(gy), None, None, *args, cast(wt), True, False, y, y.new_empty(0), False,
+                                          [True, c2 > 0, True, True])
+        return {"y": y, "grad_x": grads[0], "grad_w": grads[4]} | ({"grad_x2": grads[3]} if c2 else {})
+
+    ref = layer(torch.float64)
+    monkeypatch.setenv("UNETX_WINOGRAD", "0")
+    base = layer(torch.float32)
+    monkeypatch.setenv("UNETX_WINOGRAD", "1")
+    monkeypatch.setenv("UNETX_CONV_ALGO", f"conv3x3_forward={algo},conv3x3_input_grad={algo}")
+    got = layer(torch.float32)
+    tile = {"winograd4": 4, "winograd2": 2, "onednn": 2}[algo]
+    for name, r in ref.items():
+        floor = 2.0**-23 * r.abs().max().item()
+        err, err_base = max_err(got[name], r), max_err(base[name], r)
+        assert err <= K[tile] * max(err_base, floor), (name, err, err_base)
+    # the forced kernel ran: it rounds differently from oneDNN
+    assert torch.equal(got["y"], base["y"]) == (algo == "onednn")
+    assert torch.equal(got["grad_x"], base["grad_x"]) == (algo == "onednn")

@@ -521,4 +521,15 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
   return gw;
 }
 
+at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile) {
+  switch (op) {
+    case 0:
+      return winograd_conv3x3(a, b, tile);
+    case 1:
+      return winograd_conv3x3_input_grad(a, b, tile);
+    default:
+      return winograd_conv3x3_weight_grad(a, b, tile);
+  }
+}
+
 }  // namespace unetx::cpu

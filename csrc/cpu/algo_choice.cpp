@@ -1,0 +1,114 @@
+// See algo_choice.h.
+#include "cpu/algo_choice.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <utility>
+
+namespace unetx {
+namespace {
+
+struct Entry {
+  AlgoDecision decision;
+  int chosen = -1;
+};
+
+std::mutex& table_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<std::pair<std::string, std::string>, Entry>& table() {
+  static std::map<std::pair<std::string, std::string>, Entry> t;
+  return t;
+}
+
+// The candidate UNETX_CONV_ALGO forces for this family, or -1.
+int forced(const std::string& family, const std::vector<AlgoCandidate>& candidates) {
+  const char* env = std::getenv("UNETX_CONV_ALGO");
+  if (!env || !*env) return -1;
+  std::stringstream ss(env);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    std::string fam, name = item;
+    if (const auto eq = item.find('='); eq != std::string::npos) fam = item.substr(0, eq), name = item.substr(eq + 1);
+    if (!fam.empty() && fam != family) continue;
+    for (size_t i = 0; i < candidates.size(); ++i)
+      if (candidates[i].name == name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+// Runs the candidates in list order (skipping `skip`, which refused) until one applies.
+int run_in_order(const std::vector<AlgoCandidate>& candidates, int skip) {
+  for (size_t i = 0; i < candidates.size(); ++i)
+    if (static_cast<int>(i) != skip && candidates[i].run(true)) return static_cast<int>(i);
+  return -1;
+}
+
+}  // namespace
+
+int run_fastest(const std::string& family, const std::string& key, const std::vector<AlgoCandidate>& candidates) {
+  if (candidates.empty()) return -1;
+  if (const int f = forced(family, candidates); f >= 0)
+    return candidates[f].run(true) ? f : run_in_order(candidates, f);
+  if (candidates.size() == 1) return candidates[0].run(true) ? 0 : -1;
+  const auto id = std::make_pair(family, key);
+  int cached = -1;
+  {
+    std::lock_guard<std::mutex> lock(table_mutex());
+    const auto it = table().find(id);
+    if (it != table().end()) cached = it->second.chosen;
+  }
+  if (cached >= 0 && cached < static_cast<int>(candidates.size()))
+    return candidates[cached].run(true) ? cached : run_in_order(candidates, cached);
+
+  // Measure: every candidate, kMeasureRuns times each (the first run pays one-off costs), the best time kept.
+  Entry e;
+  e.decision.family = family;
+  e.decision.key = key;
+  bool refused = false;
+  int best = -1;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    double t_best = -1;
+    for (int r = 0; r < kMeasureRuns; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const bool ok = candidates[i].run(false);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (!ok) {
+        refused = true;
+        t_best = -1;
+        break;
+      }
+      if (t_best < 0 || dt < t_best) t_best = dt;
+    }
+    e.decision.names.push_back(candidates[i].name);
+    e.decision.seconds.push_back(t_best);
+    if (t_best >= 0 && (best < 0 || t_best < e.decision.seconds[best] * (1.0 - kAlgoTie))) best = static_cast<int>(i);
+  }
+  if (best < 0) return -1;
+  // each candidate wrote its own slot: the winner's result stands as it is
+  e.chosen = best;
+  e.decision.chosen = candidates[best].name;
+  if (!refused) {
+    std::lock_guard<std::mutex> lock(table_mutex());
+    table()[id] = e;
+  }
+  return best;
+}
+
+std::vector<AlgoDecision> algo_choices() {
+  std::lock_guard<std::mutex> lock(table_mutex());
+  std::vector<AlgoDecision> out;
+  for (const auto& [id, e] : table()) out.push_back(e.decision);
+  return out;
+}
+
+void clear_algo_choices() {
+  std::lock_guard<std::mutex> lock(table_mutex());
+  table().clear();
+}
+
+}  // namespace unetx
