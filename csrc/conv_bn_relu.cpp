@@ -299,7 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::optional<at::Tensor> own_gw;
   if (try_own_gw) {
     RECORD_FUNCTION("unetx::weight_grad", {});
-    if (stage_by_rows) {
+    // the device's GEMM weight gradient (LayerKernels::weight_grad), building the stage by rows where there is one
+    auto gemm_gw = [&]() -> std::optional<at::Tensor> {
+      if (!stage_by_rows) return k.weight_grad(gy, a, nullptr, g.k);
       const int64_t f = x_pool ? 2 : 1, u = g.mode == Upsample::None ? 1 : 2;
       const StageRows rows{[&](int64_t n, int64_t lo, int64_t hi, at::Tensor& out) {
                              auto a1 = out.narrow(1, 0, g.C1);
@@ -315,12 +317,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              }
                            },
                            u};
-      own_gw = k.weight_grad(gy, a, &rows, g.k);
-      // not applicable after all (dtype, channels): the whole stage for ATen's weight gradient
-      if (!own_gw) a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
+      return k.weight_grad(gy, a, &rows, g.k);
+    };
+    // Winograd weight gradients as candidates beside it (from to_planar_min_channels input channels, where the GEMM
+    // kernel applies: below, ATen's is the alternative, measured nowhere here), chosen by measurement. Each
+    // Winograd run builds the whole stage itself, so its measured time includes that.
+    if (winograd_candidate(k, g, gy, weight, transposed) && g.C1 + g.C2 >= k.to_planar_min_channels) {
+      std::optional<at::Tensor> out[3];
+      std::vector<AlgoCandidate> c{{"gemm", [&](bool) {
+                                      out[0] = gemm_gw();
+                                      return out[0].has_value();
+                                    }}};
+      for (const int64_t tile : {int64_t(4), int64_t(2)}) {
+        const size_t i = c.size();
+        c.push_back({"winograd" + std::to_string(tile), [&, i, tile](bool) {
+                       const auto st =
+                           stage_by_rows ? input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf) : a;
+                       out[i] = k.winograd3x3(gy, st, 2, tile);
+                       return true;
+                     }});
+      }
+      const int ran = run_fastest("conv3x3_weight_grad",
+                                  algo_key(at::get_num_threads(), g.N, g.C1, g.C2, weight.size(0), g.H, g.W, x_pool,
+                                           x_scale.has_value(), static_cast<int>(g.mode)),
+                                  c);
+      if (ran >= 0) own_gw = out[ran];
     } else {
-      own_gw = k.weight_grad(gy, a, nullptr, g.k);
+      own_gw = gemm_gw();
     }
+    // not applicable after all (dtype, channels): the whole stage for ATen's weight gradient
+    if (!own_gw && stage_by_rows) a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
   }
   if (own_gw) {
     gw = *own_gw;

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import unetx  # noqa: F401  (registers torch.ops.unetx)
+import unetx  # registers torch.ops.unetx
 
 ops = torch.ops.unetx
 aten = torch.ops.aten
@@ -149,11 +149,11 @@ def test_bad_arguments_name_the_problem(call, message):
 @pytest.mark.parametrize("algo", ["winograd4", "winograd2", "onednn"])
 @pytest.mark.parametrize("stage", ["plain", "bn_relu", "pool", "concat"])
 def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
-    """conv_bn_relu with its 3x3 convolution and input gradient forced to each candidate (UNETX_WINOGRAD=1 lists
+    """conv_bn_relu with its 3x3 convolution, input gradient and weight gradient forced to each candidate (UNETX_WINOGRAD=1 lists
     Winograd for small layers too; UNETX_CONV_ALGO picks one) against the float64 layer, within the same bound as
     the kernels; UNETX_WINOGRAD=0 is the stock path."""
     g = torch.Generator().manual_seed(1)
-    n, c, h, w, co = 2, 12, 10, 14, 9
+    n, c, h, w, co = 2, 17, 10, 14, 9  # >= 16 input channels: the weight gradient's candidates include Winograd
     c2 = 5 if stage == "concat" else 0
     f = 2 if stage == "pool" else 1
     x = torch.randn(n, c, f * h, f * w, generator=g).contiguous(memory_format=CL)
@@ -176,7 +176,9 @@ def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
     monkeypatch.setenv("UNETX_WINOGRAD", "0")
     base = layer(torch.float32)
     monkeypatch.setenv("UNETX_WINOGRAD", "1")
-    monkeypatch.setenv("UNETX_CONV_ALGO", f"conv3x3_forward={algo},conv3x3_input_grad={algo}")
+    gw_algo = "gemm" if algo == "onednn" else algo
+    monkeypatch.setenv("UNETX_CONV_ALGO",
+                       f"conv3x3_forward={algo},conv3x3_input_grad={algo},conv3x3_weight_grad={gw_algo}")
     got = layer(torch.float32)
     tile = {"winograd4": 4, "winograd2": 2, "onednn": 2}[algo]
     for name, r in ref.items():
@@ -186,3 +188,24 @@ def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
     # the forced kernel ran: it rounds differently from oneDNN
     assert torch.equal(got["y"], base["y"]) == (algo == "onednn")
     assert torch.equal(got["grad_x"], base["grad_x"]) == (algo == "onednn")
+    assert torch.equal(got["grad_w"], base["grad_w"]) == (algo == "onednn")
+
+
+def test_layer_measures_and_caches_its_choice(monkeypatch):
+    """Unforced, the layer measures ATen's and the Winograd kernels once per shape and lists its decisions."""
+    monkeypatch.setenv("UNETX_WINOGRAD", "1")
+    monkeypatch.delenv("UNETX_CONV_ALGO", raising=False)
+    unetx._C.clear_algo_choices()
+    x, gy, wt = inputs(2, 16, 16, 12, 12)
+    for _ in range(2):
+        y = ops.conv_bn_relu(x, None, None, False, None, "none", wt, None, False, False, False)[0]
+        ops.conv_bn_relu_backward(gy, None, None, x, None, None, False, None, "none", wt, False, False, y,
+                                  y.new_empty(0), False, [True, False, True, False])
+    decisions = {d["family"]: d for d in unetx._C.algo_choices()}
+    assert {"conv3x3_forward", "conv3x3_input_grad", "conv3x3_weight_grad"} <= set(decisions), decisions
+    for d in decisions.values():
+        assert d["chosen"] in d["seconds"] and all(v is not None for v in d["seconds"].values()), d
+    monkeypatch.setenv("UNETX_WINOGRAD", "0")
+    unetx._C.clear_algo_choices()
+    ops.conv_bn_relu(x, None, None, False, None, "none", wt, None, False, False, False)
+    assert not [d for d in unetx._C.algo_choices() if d["family"].startswith("conv3x3_")]  # off: not measured
