@@ -1,7 +1,11 @@
 // Device-generic composition of the fused layer (see conv_bn_relu.h).
 #include "conv_bn_relu.h"
 
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/convolution.h>
@@ -139,6 +143,51 @@ struct ConvParams {
         padding(transposed ? std::vector<int64_t>{0, 0} : std::vector<int64_t>{k / 2, k / 2}) {}
 };
 
+// Below this many multiply-adds (the direct convolution's) Winograd is not even measured: a small convolution's
+// time is its overheads, and measuring three candidates costs more than any of them could save.
+constexpr double kWinogradMinMacs = 5e7;
+
+// Whether the device's Winograd kernels are candidates for this 3 x 3 convolution (LayerKernels::winograd3x3):
+// float32, channels-last operands, stride-1 'same', unless UNETX_WINOGRAD=0; UNETX_WINOGRAD=1 makes them candidates
+// for small convolutions too (tests).
+bool winograd_candidate(const LayerKernels& k, const Geometry& g, const at::Tensor& a, const at::Tensor& weight,
+                        bool transposed) {
+  if (!k.winograd3x3 || transposed || g.k != 3) return false;
+  const char* env = std::getenv("UNETX_WINOGRAD");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (a.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+      !a.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return false;
+  const double macs = double(g.N) * g.H * g.W * (g.C1 + g.C2) * weight.size(0) * 9;
+  return (env && std::strcmp(env, "1") == 0) || macs >= kWinogradMinMacs;
+}
+
+// Runs `stock` (ATen's convolution, forward or input gradient) or a Winograd kernel (op 0 or 1 of
+// LayerKernels::winograd3x3 on operands p, q), whichever measures fastest for this shape (cpu/algo_choice.h;
+// UNETX_CONV_ALGO=conv3x3_forward=winograd4 and the like force one). ATen's is first: the most accurate wins ties.
+// A forward's bias (ATen's convolution adds it) is added to the Winograd result.
+template <typename Stock>
+at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op, const at::Tensor& p,
+                           const at::Tensor& q, int64_t out_ch, const at::Tensor* bias, Stock&& stock) {
+  at::Tensor out[3];
+  std::vector<AlgoCandidate> c{{"onednn", [&](bool) {
+                                  out[0] = stock();
+                                  return true;
+                                }}};
+  for (const int64_t tile : {int64_t(4), int64_t(2)}) {
+    const size_t i = c.size();
+    c.push_back({"winograd" + std::to_string(tile), [&, i, tile](bool) {
+                   out[i] = k.winograd3x3(p, q, op, tile);
+                   if (bias) out[i].add_(bias->view({1, -1, 1, 1}));
+                   return true;
+                 }});
+  }
+  const int ran = run_fastest(op == 0 ? "conv3x3_forward" : "conv3x3_input_grad",
+                              algo_key(at::get_num_threads(), g.N, g.C1 + g.C2, out_ch, g.H, g.W), c);
+  TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no 3x3 convolution candidate applied");
+  return out[ran];
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,
@@ -156,7 +205,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
   const auto a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
   const ConvParams cp(g.k, transposed);
-  auto y = at::convolution(a, weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1);
+  auto stock = [&] { return at::convolution(a, weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1); };
+  auto y = winograd_candidate(k, g, a, weight, transposed)
+               ? fastest_conv3x3(k, g, 0, a, weight, weight.size(0), bias ? &*bias : nullptr, stock)
+               : stock();
   // The backend picks y's layout from a's (and weight's) suggested format, which for degenerate shapes (a of shape
   // (N, 1, 1, 1)) or backends (cuDNN in float64) is not x's. Pin it to what the fake impl promises: x's layout, or
   // channels_last when the weight is; a no-op whenever the backend already chose it.
@@ -238,9 +290,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Planar copies: k x k (k > 1) channels-last layers on a device with to_planar (LayerKernels::to_planar).
   const bool can_split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1;
   at::Tensor ga, gw, gb_;
-  if (need_a)
-    ga = std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1}, transposed,
-                                              {0, 0}, 1, {true, false, false}));
+  // The input gradient alone (the weight gradient is chosen below): ATen's, or a Winograd kernel where one measures
+  // faster for this shape (fastest_conv3x3).
+  if (need_a) {
+    auto stock = [&] {
+      return std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
+                                                  transposed, {0, 0}, 1, {true, false, false}));
+    };
+    ga = winograd_candidate(k, g, gy, weight, transposed)
+             ? fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, stock)
+             : stock();
+  }
   if (need_wb) {
     struct Slot {
       at::Tensor gw, gb;
@@ -304,6 +364,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                          cp.padding, {1, 1}, transposed, {0, 0}, 1, wb_mask);
                             return true;
                           }});
+    // Winograd weight gradients (float32 3 x 3; LayerKernels::winograd3x3), from to_planar_min_channels input
+    // channels; each builds the whole stage, so its measured time includes that.
+    std::vector<AlgoCandidate> wino_c;
+    Slot wino[2];
+    if (winograd_candidate(k, g, gy, weight, transposed) && g.C1 + g.C2 >= k.to_planar_min_channels) {
+      for (const int64_t tile : {int64_t(4), int64_t(2)}) {
+        Slot* slot = &wino[tile == 4 ? 0 : 1];
+        wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
+                            slot->gw = k.winograd3x3(gy, stage(), 2, tile);
+                            if (has_bias && output_mask[3]) slot->gb = gy.sum({0, 2, 3});
+                            return true;
+                          }});
+      }
+    }
     // List order is the preference on ties and where a measurement is cut short: the device's own kernels from
     // LayerKernels::to_planar_min_channels input channels, ATen's channels-last one below.
     std::vector<AlgoCandidate> cands;
@@ -315,6 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (own_first) add(own_c, &own), add(planar_c, &planar);
     cands.push_back(aten_c), slots.push_back(&aten);
     if (!own_first) add(own_c, &own), add(planar_c, &planar);
+    // Winograd last: on a tie the more accurate kernels win
+    for (size_t i = 0; i < wino_c.size(); ++i) cands.push_back(wino_c[i]), slots.push_back(&wino[i]);
     const std::string key = algo_key(c10::toString(xc.scalar_type()), at::get_num_threads(), g.N, g.C1, g.C2, g.H, g.W,
                                      out_ch, g.k, transposed, x_pool, x_scale.has_value(), static_cast<int>(g.mode),
                                      output_mask[2], has_bias && output_mask[3]);

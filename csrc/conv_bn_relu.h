@@ -63,6 +63,12 @@ struct LayerKernels {
   bool activation_backward_in_place = false;
   // With to_planar: the fewest input channels from which a k x k (k > 1) weight gradient is computed planar.
   int64_t to_planar_min_channels = 0;
+
+  // Where not null: Winograd F(tile x tile, 3 x 3) kernels of a 3 x 3 stride-1 'same' float32 convolution,
+  // computed channels-last (cpu/kernels.h): op 0 the forward (a = x, b = weight), 1 the input gradient (grad_y,
+  // weight), 2 the weight gradient (grad_y, x); tile 4 or 2. The layer runs them where they measure faster than
+  // ATen's convolution for its shape (cpu/algo_choice.h); UNETX_WINOGRAD=0 turns them off.
+  at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,

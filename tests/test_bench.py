@@ -176,3 +176,14 @@ def test_bf16_passes_bench_quick(tmp_path):
         "conv_bn_relu to_planar",
     } <= names, names
     assert all(row["float32_s"] > 0 and row["low_s"] > 0 for row in r["rows"]), r["rows"]
+
+
+def test_winograd_bench_quick_runs():
+    """bench/winograd.py --quick: both tables, every op row (a smoke test; no timing is checked)."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "winograd.py")
+    p = subprocess.run(
+        [sys.executable, script, "--quick"], check=False, capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert p.returncode == 0, p.stderr
+    for row in ("| forward |", "| input grad |", "| weight grad |", "F(4x4) error (ratio)"):
+        assert row in p.stdout, f"missing {row!r} in:\n{p.stdout}"

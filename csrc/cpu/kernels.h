@@ -76,4 +76,17 @@ constexpr int64_t kPlanarWeightGradMinChannels = 16;
 // Whether it or oneDNN's is used for a shape is measured (cpu/algo_choice.h; `python bench/weight_grad.py`).
 std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows, int64_t k);
 
+// ---- winograd.cpp: Winograd F(tile x tile, 3 x 3) convolution (tile = 4 or 2) of a 3 x 3, stride-1, padding-1
+// convolution, float32, computed in channels-last layout (other layouts are converted first); outputs are dense
+// channels-last. Forward: y [N, Co, H, W] from x [N, C, H, W] and weight [Co, C, 3, 3]. Input gradient: grad_x
+// [N, C, H, W] from grad_y [N, Co, H, W] and the same weight. Weight gradient: [Co, C, 3, 3] (planar) from grad_y and
+// x. Each reads its operands once and writes its result once; the error bound against a float64 reference, measured
+// per tile size, is in BENCHMARKS.md ("CPU Winograd").
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t tile);
+at::Tensor winograd_conv3x3_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, int64_t tile);
+at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, int64_t tile);
+// The three as one LayerKernels entry: op 0 forward (x, weight), 1 input gradient (grad_y, weight), 2 weight
+// gradient (grad_y, x).
+at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile);
+
 }  // namespace unetx::cpu

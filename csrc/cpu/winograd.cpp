@@ -1,0 +1,535 @@
+// CPU kernels: Winograd F(m x m, 3 x 3) convolution (m = 4 or 2) of a 3 x 3, stride-1, padding-1 convolution on
+// dense channels-last float32 operands: forward, input gradient and weight gradient.
+//
+// With alpha = m + 2 and P = alpha^2 transform positions, the image is cut into m x m output tiles, each reading an
+// alpha x alpha input window (zero outside the image). Per tile and channel
+//     y = A^T [ (G g G^T) (.) (B^T d B) ] A,
+// and the product (.) summed over input channels is, for each of the P positions, one GEMM over channels:
+//     M[p] (tiles x Co) = V[p] (tiles x C) . U[p] (C x Co).
+// F(4x4, 3x3) does 36 multiplications per 16 outputs where the direct convolution does 144 (4x fewer);
+// F(2x2, 3x3) 16 per 4 (2.25x fewer), with a smaller rounding error (the error bound, measured, is in BENCHMARKS.md).
+//
+// The input gradient is the forward convolution of grad_y with the weight rotated by 180 degrees and its channel
+// axes swapped. The weight gradient is the same bilinear form differentiated in g:
+//     grad_g = G^T [ sum over tiles and pixels of (A dY A^T) (.) (B^T d B) ] G,
+// i.e. for each position one GEMM over tiles, Z[p] (Co x C) += (A dY A^T)[p]^T . V[p], accumulated per thread.
+//
+// Cache blocking: tiles are processed in blocks (consecutive tiles, so a block covers whole strips of tile rows):
+// input transform -> P GEMMs -> output transform, with the block's transformed tensors (P * tiles * (C + Co) floats)
+// sized to stay in the core's L2 cache, so the P/m^2 = 2.25x (m = 4) larger transformed tensors never go to memory.
+// Blocks run in parallel (at::parallel_for), each GEMM single-threaded inside it.
+//
+// Memory traffic: forward and input gradient read the input once and write the output once, plus the transformed
+// weight (P * C * Co floats) read once per block (from cache where it fits). The weight gradient reads both
+// operands once and writes the gradient once. Nothing is saved for backward.
+//
+// Transforms: the 1-D transforms written out with their common subexpressions (16 channels at a time, one AVX-512
+// vector; the loops over the 16 lanes vectorise under -march=native), applied along rows then columns. The weight
+// transforms (once per call, tiny) are computed in double precision.
+//
+// Non-finite values: a NaN or Inf in a tile's input window reaches every output of that tile that any of the
+// window's pixels reaches in the direct convolution, and possibly more (the transforms mix the whole window), as
+// NaN: where stock gives NaN or Inf, these kernels give NaN or Inf (an Inf may come out as NaN).
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+
+#include "cpu/kernels.h"
+
+// The Fortran BLAS sgemm that torch's CPU library exports (MKL on x86 builds). ATen's own wrapper
+// (at::native::cpublas::gemm) is not exported for float; weak, so that a torch built without BLAS still loads us
+// and takes at::addmm_out instead.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace unetx::cpu {
+namespace {
+
+// Column-major C (m x n, leading dimension ldc) = beta * C + op(A) op(B), op = transpose where t* is true; one
+// thread (it runs inside at::parallel_for).
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+          float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_) {
+    const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+    const float one = 1.f;
+    sgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
+    return;
+  }
+  // row-major C^T (n x m) = op(B)^T op(A)^T
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
+  auto at_ = ta ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
+                : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);  // op(A) (m x k)
+  auto bt_ = tb ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts)
+                : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts).t();  // op(B)^T (n x k)
+  at::addmm_out(ct, ct, bt_, at_.t(), beta, 1.f);
+}
+
+constexpr int kLanes = 16;  // channels per transform step: one AVX-512 vector of floats
+
+// ---- the transform matrices (Lavin & Gray, points 0, +-1, +-2 for m = 4; 0, +-1 for m = 2)
+template <int M>
+struct Tile;
+
+template <>
+struct Tile<4> {
+  static constexpr int A = 6;
+  // G (A x 3): the filter transform, also the weight gradient's inverse transform (as G^T)
+  static constexpr double G[6][3] = {{1.0 / 4, 0, 0},
+                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                     {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                     {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                     {0, 0, 1}};
+  // v = B^T d (A -> A): the input transform
+  template <int VW>
+  static inline void input(const float* __restrict d, int64_t ds, float* __restrict v, int64_t vs) {
+#pragma omp simd
+    for (int l = 0; l < VW; ++l) {
+      const float d0 = d[l], d1 = d[ds + l], d2 = d[2 * ds + l], d3 = d[3 * ds + l], d4 = d[4 * ds + l],
+                  d5 = d[5 * ds + l];
+      v[l] = 4.f * d0 - 5.f * d2 + d4;
+      v[vs + l] = (d3 + d4) - 4.f * (d1 + d2);
+      v[2 * vs + l] = 4.f * (d1 - d2) + (d4 - d3);
+      v[3 * vs + l] = 2.f * (d3 - d1) + (d4 - d2);
+      v[4 * vs + l] = 2.f * (d1 - d3) + (d4 - d2);
+      v[5 * vs + l] = 4.f * d1 - 5.f * d3 + d5;
+    }
+  }
+  // y = A^T m (A -> M): the output transform
+  template <int VW>
+  static inline void output(const float* __restrict m, int64_t ms, float* __restrict y, int64_t ys) {
+#pragma omp simd
+    for (int l = 0; l < VW; ++l) {
+      const float m0 = m[l], m1 = m[ms + l], m2 = m[2 * ms + l], m3 = m[3 * ms + l], m4 = m[4 * ms + l],
+                  m5 = m[5 * ms + l];
+      const float s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;
+      y[l] = m0 + s12 + s34;
+      y[ys + l] = d12 + 2.f * d34;
+      y[2 * ys + l] = s12 + 4.f * s34;
+      y[3 * ys + l] = d12 + 8.f * d34 + m5;
+    }
+  }
+  // t = A dy (M -> A): the output gradient's transform for the weight gradient
+  template <int VW>
+  static inline void grad_output(const float* __restrict y, int64_t ys, float* __restrict t, int64_t ts) {
+#pragma omp simd
+    for (int l = 0; l < VW; ++l) {
+      const float y0 = y[l], y1 = y[ys + l], y2 = y[2 * ys + l], y3 = y[3 * ys + l];
+      const float e = y0 + y2, o = y1 + y3, e4 = y0 + 4.f * y2, o4 = 2.f * y1 + 8.f * y3;
+      t[l] = y0;
+      t[ts + l] = e + o;
+      t[2 * ts + l] = e - o;
+      t[3 * ts + l] = e4 + o4;
+      t[4 * ts + l] = e4 - o4;
+      t[5 * ts + l] = y3;
+    }
+  }
+};
+
+template <>
+struct Tile<2> {
+  static constexpr int A = 4;
+  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  template <int VW>
+  static inline void input(const float* __restrict d, int64_t ds, float* __restrict v, int64_t vs) {
+#pragma omp simd
+    for (int l = 0; l < VW; ++l) {
+      const float d0 = d[l], d1 = d[ds + l], d2 = d[2 * ds + l], d3 = d[3 * ds + l];
+      v[l] = d0 - d2;
+      v[vs + l] = d1 + d2;
+      v[2 * vs + l] = d2 - d1;
+      v[3 * vs + l] = d1 - d3;
+    }
+  }
+  template <int VW>
+  static inline void output(const float* __restrict m, int64_t ms, float* __restrict y, int64_t ys) {
+#pragma omp simd
+    for (int l = 0; l < VW; ++l) {
+      const float m0 = m[l], m1 = m[ms + l], m2 = m[2 * ms + l], m3 = m[3 * ms + l];
+      y[l] = m0 + m1 + m2;
+      y[ys + l] = m1 - m2 - m3;
+    }
+  }
+  template <int VW>
+  static inline void grad_output(const float* __restrict y, int64_t ys, float* __restrict t, int64_t ts) {
+#pragma omp simd
+    for (int l = 0; l < VW; ++l) {
+      const float y0 = y[l], y1 = y[ys + l];
+      t[l] = y0;
+      t[ts + l] = y0 + y1;
+      t[2 * ts + l] = y0 - y1;
+      t[3 * ts + l] = -y1;
+    }
+  }
+};
+
+// The tiling of one convolution: N images of H x W pixels, th x tw tiles of m x m outputs each.
+struct Grid {
+  int64_t N, H, W, th, tw, T;
+  Grid(int64_t n, int64_t h, int64_t w, int m)
+      : N(n), H(h), W(w), th((h + m - 1) / m), tw((w + m - 1) / m), T(n * th * tw) {}
+};
+
+// Tiles per block: the block's transformed input and output (P floats per tile and channel) within `budget`
+// bytes, at least 8 tiles (GEMMs thinner than that are slower than the cache misses), and at most a fair share of
+// the tiles per thread, so that every thread has work.
+int64_t block_tiles(int64_t P, int64_t channels, int64_t T) {
+  static const int64_t budget = [] {
+    const char* s = std::getenv("UNETX_WINOGRAD_BLOCK_KIB");  // for tuning (bench/winograd.py --block-kib)
+    const int64_t kib = s ? std::atoll(s) : 0;
+    return (kib > 0 ? kib : 768) * 1024;
+  }();
+  const int64_t per_tile = P * channels * int64_t(sizeof(float));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t fair = (T + threads - 1) / threads;
+  return std::max<int64_t>(1, std::min(fair, std::max<int64_t>(8, budget / per_tile)));
+}
+
+// Loads the alpha x alpha window at (h0, w0) of image n, channels [c, c + VW), zero outside the image; transforms
+// it and stores position p = i * A + j at V + p * vs.
+template <int M, int VW>
+inline void input_tile(const float* X, const Grid& g, int64_t C, int64_t n, int64_t h0, int64_t w0, int64_t c, float* V,
+                       int64_t vs) {
+  constexpr int A = Tile<M>::A;
+  alignas(64) float d[A][A][VW], t[A][A][VW];
+  const bool inside = h0 >= 0 && w0 >= 0 && h0 + A <= g.H && w0 + A <= g.W;
+  for (int i = 0; i < A; ++i) {
+    const int64_t h = h0 + i;
+    for (int j = 0; j < A; ++j) {
+      const int64_t w = w0 + j;
+      if (inside || (h >= 0 && h < g.H && w >= 0 && w < g.W)) {
+        const float* src = X + ((n * g.H + h) * g.W + w) * C + c;
+#pragma omp simd
+        for (int l = 0; l < VW; ++l) d[i][j][l] = src[l];
+      } else {
+#pragma omp simd
+        for (int l = 0; l < VW; ++l) d[i][j][l] = 0.f;
+      }
+    }
+  }
+  for (int j = 0; j < A; ++j) Tile<M>::template input<VW>(&d[0][j][0], A * VW, &t[0][j][0], A * VW);
+  for (int i = 0; i < A; ++i) Tile<M>::template input<VW>(&t[i][0][0], VW, V + i * A * vs + c, vs);
+}
+
+// Transforms the A x A products at Mp + p * ms (channels [c, c + VW)) back to the m x m outputs of the tile at
+// (h0, w0) of image n, writing the ones inside the image.
+template <int M, int VW>
+inline void output_tile(const float* Mp, int64_t ms, const Grid& g, int64_t Co, int64_t n, int64_t h0, int64_t w0,
+                        int64_t c, float* Y) {
+  constexpr int A = Tile<M>::A;
+  alignas(64) float t[M][A][VW], y[M][M][VW];
+  for (int j = 0; j < A; ++j) Tile<M>::template output<VW>(Mp + j * ms + c, A * ms, &t[0][j][0], A * VW);
+  for (int i = 0; i < M; ++i) Tile<M>::template output<VW>(&t[i][0][0], VW, &y[i][0][0], VW);
+  const int64_t hn = std::min<int64_t>(M, g.H - h0), wn = std::min<int64_t>(M, g.W - w0);
+  for (int64_t i = 0; i < hn; ++i)
+    for (int64_t j = 0; j < wn; ++j) {
+      float* dst = Y + ((n * g.H + h0 + i) * g.W + w0 + j) * Co + c;
+#pragma omp simd
+      for (int l = 0; l < VW; ++l) dst[l] = y[i][j][l];
+    }
+}
+
+// Loads the m x m output gradient of the tile at (h0, w0) (zero outside the image), transforms it to A x A and
+// stores position p at T + p * ts.
+template <int M, int VW>
+inline void grad_output_tile(const float* GY, const Grid& g, int64_t Co, int64_t n, int64_t h0, int64_t w0, int64_t c,
+                             float* Tp, int64_t ts) {
+  constexpr int A = Tile<M>::A;
+  alignas(64) float y[M][M][VW], t[A][M][VW];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < M; ++j) {
+      if (h0 + i < g.H && w0 + j < g.W) {
+        const float* src = GY + ((n * g.H + h0 + i) * g.W + w0 + j) * Co + c;
+#pragma omp simd
+        for (int l = 0; l < VW; ++l) y[i][j][l] = src[l];
+      } else {
+#pragma omp simd
+        for (int l = 0; l < VW; ++l) y[i][j][l] = 0.f;
+      }
+    }
+  for (int j = 0; j < M; ++j) Tile<M>::template grad_output<VW>(&y[0][j][0], M * VW, &t[0][j][0], M * VW);
+  for (int i = 0; i < A; ++i) Tile<M>::template grad_output<VW>(&t[i][0][0], VW, Tp + i * A * ts + c, ts);
+}
+
+// Runs f<VW>(c) over channels [0, C): 16 at a time, then one at a time.
+template <typename F>
+inline void over_channels(int64_t C, F&& f) {
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) f.template operator()<kLanes>(c);
+  for (; c < C; ++c) f.template operator()<1>(c);
+}
+
+// U[p][ci][co] = (G w[co][ci] G^T)[p] for the forward (C = w.size(1) inputs, Co = w.size(0) outputs); with
+// `adjoint`, the input gradient's weight: w rotated by 180 degrees, channel axes swapped (U[p][co][ci]).
+template <int M>
+at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
+  constexpr int A = Tile<M>::A, P = A * A;
+  const auto w = weight.contiguous();
+  const int64_t O = w.size(0), I = w.size(1);
+  const int64_t rows = adjoint ? O : I, cols = adjoint ? I : O;  // U[p] is rows x cols: GEMM inputs x outputs
+  auto U = at::empty({P, rows, cols}, w.options());
+  const float* Wp = w.const_data_ptr<float>();
+  float* Up = U.data_ptr<float>();
+  // row by row of U[p], vectorised over the row (cols): the 9 taps gathered into rows of g, then the two 1-D
+  // transforms, each position's stores sequential
+  at::parallel_for(0, rows, grain_for(9 * P * cols), [&](int64_t rb, int64_t re) {
+    std::unique_ptr<double[]> g(new double[9 * cols]), t(new double[A * 3 * cols]);
+    for (int64_t r = rb; r < re; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const float* src = Wp + ((adjoint ? r : c) * I + (adjoint ? c : r)) * 9;
+        for (int k = 0; k < 9; ++k) g[k * cols + c] = src[adjoint ? 8 - k : k];  // 180-degree rotation: 8 - k
+      }
+      for (int x = 0; x < A; ++x)
+        for (int bb = 0; bb < 3; ++bb) {
+          double* __restrict tp = t.get() + (x * 3 + bb) * cols;
+          const double *g0 = g.get() + bb * cols, *g1 = g0 + 3 * cols, *g2 = g0 + 6 * cols;
+          const double c0 = Tile<M>::G[x][0], c1 = Tile<M>::G[x][1], c2 = Tile<M>::G[x][2];
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) tp[c] = c0 * g0[c] + c1 * g1[c] + c2 * g2[c];
+        }
+      for (int x = 0; x < A; ++x)
+        for (int y = 0; y < A; ++y) {
+          float* __restrict up = Up + ((x * A + y) * rows + r) * cols;
+          const double *t0 = t.get() + x * 3 * cols, *t1 = t0 + cols, *t2 = t0 + 2 * cols;
+          const double c0 = Tile<M>::G[y][0], c1 = Tile<M>::G[y][1], c2 = Tile<M>::G[y][2];
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) up[c] = float(c0 * t0[c] + c1 * t1[c] + c2 * t2[c]);
+        }
+    }
+  });
+  return U;
+}
+
+// Where the transformed weight (P * C * Co floats) is larger than this, a block's GEMMs would stream it from
+// memory once per block: blocks are then made large and split among the threads by position instead (each
+// position's slice of the weight read once per block).
+int64_t streamed_weight_bytes() {
+  static const int64_t bytes = [] {
+    const char* s = std::getenv("UNETX_WINOGRAD_SHARED_KIB");  // for tuning
+    const int64_t kib = s ? std::atoll(s) : 0;
+    return (kib > 0 ? kib : 8192) * 1024;
+  }();
+  return bytes;
+}
+
+// The tiles of block `blk` (B tiles from tile blk * B): f(t, n, h0, w0) for each, the tile's index in the block,
+// its image and its output origin.
+template <int M, typename F>
+inline void for_tiles(const Grid& g, int64_t t0, int64_t t1, int64_t first, F&& f) {
+  const int64_t per_image = g.th * g.tw;
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t n = tile / per_image, ty = tile % per_image / g.tw, tx = tile % g.tw;
+    f(tile - first, n, ty * M, tx * M);
+  }
+}
+
+// y = conv3x3(x, U) for x [N, H, W, C] and U [P, C, Co] (a transformed weight), y [N, H, W, Co].
+template <int M>
+void conv_impl(const float* X, const float* U, float* Y, const Grid& g, int64_t C, int64_t Co) {
+  constexpr int A = Tile<M>::A, P = A * A;
+  const bool shared = P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
+  // shared blocks: as many tiles as the weight has floats per position, so that its traffic stays below the
+  // GEMM's own
+  const int64_t B = shared ? std::min(g.T, std::max<int64_t>(256, C * Co / 256)) : block_tiles(P, C + Co, g.T);
+  const int64_t blocks = (g.T + B - 1) / B;
+  auto input = [&](float* V, int64_t t0, int64_t t1, int64_t first) {
+    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+      over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(X, g, C, n, h0 - 1, w0 - 1, c, V + t * C, B * C); });
+    });
+  };
+  auto gemms = [&](const float* V, float* Mb, int64_t nb, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      gemm(false, false, Co, nb, C, U + p * C * Co, Co, V + p * B * C, C, 0.f, Mb + p * B * Co, Co);
+  };
+  auto output = [&](const float* Mb, int64_t t0, int64_t t1, int64_t first) {
+    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+      over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, B * Co, g, Co, n, h0, w0, c, Y); });
+    });
+  };
+  if (shared) {
+    std::unique_ptr<float[]> V(new float[P * B * C]), Mb(new float[P * B * Co]);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { input(V.get(), b, e, t0); });
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Mb.get(), nb, b, e); });
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { output(Mb.get(), b, e, t0); });
+    }
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::unique_ptr<float[]> V(new float[P * B * C]), Mb(new float[P * B * Co]);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
+      input(V.get(), t0, t0 + nb, t0);
+      gemms(V.get(), Mb.get(), nb, 0, P);
+      output(Mb.get(), t0, t0 + nb, t0);
+    }
+  });
+}
+
+// grad_w [Co, C, 3, 3] of y = conv3x3(x, w) from gy [N, H, W, Co] and x [N, H, W, C].
+template <int M>
+void weight_grad_impl(const float* GY, const float* X, at::Tensor& gw, const Grid& g, int64_t C, int64_t Co) {
+  constexpr int A = Tile<M>::A, P = A * A;
+  // shared: one accumulator, large blocks split among the threads by position (see conv_impl); else one
+  // accumulator per thread, each thread a contiguous range of cache-sized blocks
+  const bool shared = P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
+  const int64_t B = shared ? std::min(g.T, std::max<int64_t>(256, C * Co / 256)) : block_tiles(P, C + Co, g.T);
+  const int64_t blocks = (g.T + B - 1) / B;
+  const int64_t threads = shared ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+  // Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS
+  auto Z = at::zeros({threads, P, Co, C}, gw.options());
+  float* Zp = Z.data_ptr<float>();
+  auto transform = [&](float* V, float* Tg, int64_t t0, int64_t t1, int64_t first) {
+    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+      over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(X, g, C, n, h0 - 1, w0 - 1, c, V + t * C, B * C); });
+      over_channels(Co,
+                    [&]<int VW>(int64_t c) { grad_output_tile<M, VW>(GY, g, Co, n, h0, w0, c, Tg + t * Co, B * Co); });
+    });
+  };
+  // Z[p] (C x Co, column-major) += V[p]^T (C x nb) . Tg[p] (nb x Co)
+  auto gemms = [&](const float* V, const float* Tg, float* Zt, int64_t nb, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      gemm(false, true, C, Co, nb, V + p * B * C, C, Tg + p * B * Co, Co, 1.f, Zt + p * Co * C, C);
+  };
+  if (shared) {
+    std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { transform(V.get(), Tg.get(), b, e, t0); });
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Tg.get(), Zp, nb, b, e); });
+    }
+  } else {
+    auto run = [&](int64_t tid) {
+      const int64_t b0 = blocks * tid / threads, b1 = blocks * (tid + 1) / threads;
+      std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
+        transform(V.get(), Tg.get(), t0, t0 + nb, t0);
+        gemms(V.get(), Tg.get(), Zp + tid * P * Co * C, nb, 0, P);
+      }
+    };
+    if (threads <= 1) {
+      run(0);
+    } else {
+      at::parallel_for(0, threads, 1, [&](int64_t tb, int64_t te) {
+        for (int64_t t = tb; t < te; ++t) run(t);
+      });
+    }
+  }
+  // gw[co][ci] = G^T (sum over threads of Z[t][.][co][ci]) G, in double
+  float* GW = gw.data_ptr<float>();
+  at::parallel_for(0, Co * C, grain_for(P * threads), [&](int64_t b, int64_t e) {
+    for (int64_t oc = b; oc < e; ++oc) {
+      double z[A][A];
+      for (int p = 0; p < P; ++p) {
+        double s = 0;
+        for (int64_t t = 0; t < threads; ++t) s += Zp[(t * P + p) * Co * C + oc];
+        z[p / A][p % A] = s;
+      }
+      double u[3][A];
+      for (int k = 0; k < 3; ++k)
+        for (int y = 0; y < A; ++y) {
+          double s = 0;
+          for (int x = 0; x < A; ++x) s += Tile<M>::G[x][k] * z[x][y];
+          u[k][y] = s;
+        }
+      for (int k = 0; k < 3; ++k)
+        for (int l = 0; l < 3; ++l) {
+          double s = 0;
+          for (int y = 0; y < A; ++y) s += u[k][y] * Tile<M>::G[y][l];
+          GW[oc * 9 + k * 3 + l] = float(s);
+        }
+    }
+  });
+}
+
+void check_tile(int64_t m, const char* op) {
+  TORCH_CHECK(m == 2 || m == 4, op, ": tile must be 2 or 4 (F(2x2,3x3) or F(4x4,3x3)), got ", m);
+}
+
+void check_operand(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 4, op, ": expected 4-D ", name, ", got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": expected float32 ", name, ", got ", t.scalar_type());
+}
+
+void check_weight(const at::Tensor& w, const char* op) {
+  check_operand(w, op, "weight");
+  TORCH_CHECK(w.size(2) == 3 && w.size(3) == 3, op, ": expected a 3x3 weight, got shape ", w.sizes());
+}
+
+at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, int64_t m, bool adjoint, const char* op) {
+  check_tile(m, op);
+  check_operand(x, op, adjoint ? "grad_y" : "x");
+  check_weight(weight, op);
+  const int64_t in = adjoint ? weight.size(0) : weight.size(1), out = adjoint ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(x.size(1) == in, op, ": weight ", weight.sizes(), " expects ", in, " channels in ",
+              adjoint ? "grad_y" : "x", ", got ", x.sizes());
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  auto y = at::empty({N, out, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  if (in == 0) return y.zero_();
+  const Grid g(N, H, W, int(m));
+  if (m == 4)
+    conv_impl<4>(xc.const_data_ptr<float>(), transform_weight<4>(weight, adjoint).const_data_ptr<float>(),
+                 y.data_ptr<float>(), g, in, out);
+  else
+    conv_impl<2>(xc.const_data_ptr<float>(), transform_weight<2>(weight, adjoint).const_data_ptr<float>(),
+                 y.data_ptr<float>(), g, in, out);
+  return y;
+}
+
+}  // namespace
+
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t tile) {
+  return conv(x, weight, tile, /*adjoint=*/false, "unetx.winograd_conv3x3");
+}
+
+at::Tensor winograd_conv3x3_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, int64_t tile) {
+  return conv(grad_y, weight, tile, /*adjoint=*/true, "unetx.winograd_conv3x3_input_grad");
+}
+
+at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, int64_t tile) {
+  const char* op = "unetx.winograd_conv3x3_weight_grad";
+  check_tile(tile, op);
+  check_operand(grad_y, op, "grad_y");
+  check_operand(x, op, "x");
+  TORCH_CHECK(grad_y.size(0) == x.size(0) && grad_y.size(2) == x.size(2) && grad_y.size(3) == x.size(3), op,
+              ": grad_y ", grad_y.sizes(), " does not match x ", x.sizes(), " (a 'same' convolution's output)");
+  const int64_t N = x.size(0), C = x.size(1), Co = grad_y.size(1), H = x.size(2), W = x.size(3);
+  auto gw = at::empty({Co, C, 3, 3}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (gw.numel() == 0) return gw;
+  if (N * H * W == 0) return gw.zero_();
+  const auto gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const Grid g(N, H, W, int(tile));
+  if (tile == 4)
+    weight_grad_impl<4>(gyc.const_data_ptr<float>(), xc.const_data_ptr<float>(), gw, g, C, Co);
+  else
+    weight_grad_impl<2>(gyc.const_data_ptr<float>(), xc.const_data_ptr<float>(), gw, g, C, Co);
+  return gw;
+}
+
+at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile) {
+  switch (op) {
+    case 0:
+      return winograd_conv3x3(a, b, tile);
+    case 1:
+      return winograd_conv3x3_input_grad(a, b, tile);
+    default:
+      return winograd_conv3x3_weight_grad(a, b, tile);
+  }
+}
+
+}  // namespace unetx::cpu

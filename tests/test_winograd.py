@@ -1,0 +1,246 @@
+"""The CPU Winograd convolutions (csrc/cpu/winograd.cpp): torch.ops.unetx.winograd_conv3x3, its input gradient and
+its weight gradient, F(4x4,3x3) and F(2x2,3x3), against torch's conv2d in float64.
+
+Accuracy bar (flash-attention style, measured in BENCHMARKS.md "CPU Winograd"): the kernel's max-abs error against
+the float64 reference is at most K[tile] times stock float32's (oneDNN, channels-last) on the same inputs, plus a
+floor of 2^-23 times the largest reference value for problems so small that stock is exact. Winograd F(4x4) rounds
+through transforms with entries up to 8 (and 1/24 in the weight transform): its error is about 1e-5 of the largest
+output whatever the shape, 4-20x stock's on 32x32 images and up to ~48x on tiny (5x7) images with many channels,
+where stock's is unusually small; bound 64x. F(2x2) is as accurate as the direct convolution (measured up to 3x),
+bound 4x.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import unetx  # registers torch.ops.unetx
+
+ops = torch.ops.unetx
+aten = torch.ops.aten
+CL = torch.channels_last
+CONV = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+K = {4: 64.0, 2: 4.0}
+TILES = [4, 2]
+
+# (N, C_in, C_out, H, W): odd sizes (not multiples of the tile), 1x1 and 1-wide images, 1..64 channels (with
+# channel counts that are not multiples of the 16-lane transform step), several blocks of tiles per thread, and
+# transformed weights large enough (> 8 MiB) for the shared-block path
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 3, 5, 3, 5),
+    (1, 1, 32, 5, 5),
+    (2, 32, 3, 1, 8),
+    (1, 17, 17, 7, 9),
+    (2, 32, 32, 13, 11),
+    (1, 64, 64, 10, 6),
+    (2, 32, 32, 40, 36),
+    (1, 33, 48, 9, 1),
+    (1, 384, 384, 5, 7),
+]
+
+
+def inputs(n, c, co, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
+    gy = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=CL)
+    wt = torch.randn(co, c, 3, 3, generator=g) / (9 * c) ** 0.5
+    return x, gy, wt
+
+
+def references(x, gy, wt):
+    xd, wd = x.double().requires_grad_(), wt.double().requires_grad_()
+    y = F.conv2d(xd, wd, padding=1)
+    y.backward(gy.double())
+    return {"forward": y.detach(), "input_grad": xd.grad, "weight_grad": wd.grad}
+
+
+def stock(x, gy, wt):
+    wcl = wt.contiguous(memory_format=CL)
+    return {
+        "forward": aten.convolution(x, wcl, None, *CONV),
+        "input_grad": aten.convolution_backward(gy, x, wcl, None, *CONV, [True, False, False])[0],
+        "weight_grad": aten.convolution_backward(gy, x, wcl, None, *CONV, [False, True, False])[1],
+    }
+
+
+def winograd(x, gy, wt, tile):
+    return {
+        "forward": ops.winograd_conv3x3(x, wt, tile),
+        "input_grad": ops.winograd_conv3x3_input_grad(gy, wt, tile),
+        "weight_grad": ops.winograd_conv3x3_weight_grad(gy, x, tile),
+    }
+
+
+def max_err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_within_bound(shape, tile):
+    x, gy, wt = inputs(*shape)
+    refs, base, ours = references(x, gy, wt), stock(x, gy, wt), winograd(x, gy, wt, tile)
+    for name, ref in refs.items():
+        assert ours[name].shape == ref.shape and ours[name].dtype == torch.float32, name
+        floor = 2.0**-23 * ref.abs().max().item()
+        err, err_stock = max_err(ours[name], ref), max_err(base[name], ref)
+        assert err <= K[tile] * max(err_stock, floor), (name, err, err_stock, floor)
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_layouts_and_threads(tile):
+    """Planar (NCHW) and non-contiguous operands give the channels-last result; one thread gives the same."""
+    x, gy, wt = inputs(2, 20, 24, 11, 10)
+    want = winograd(x, gy, wt, tile)
+    got = winograd(x.contiguous(), gy.contiguous(), wt.contiguous(memory_format=CL), tile)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert got["forward"].is_contiguous(memory_format=CL) and got["input_grad"].is_contiguous(memory_format=CL)
+    assert got["weight_grad"].is_contiguous()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = winograd(x, gy, wt, tile)
+    finally:
+        torch.set_num_threads(threads)
+    ref = references(x, gy, wt)
+    for name in want:  # another split of the work sums in another order: same bound, not the same bits
+        assert max_err(one[name], ref[name]) <= K[tile] * max(
+            max_err(stock(x, gy, wt)[name], ref[name]), 2.0**-23 * ref[name].abs().max().item()
+        )
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["x", "weight", "grad_y"])
+def test_nonfinite_propagates_like_stock(tile, value, where):
+    """Where stock's result is NaN, Winograd's is NaN; where stock's is non-finite, Winograd's is non-finite (an Inf
+    may come out as NaN: the transforms add it to itself with both signs). Winograd may spread a NaN further within
+    a tile (its transforms mix the whole input window); never silently finite."""
+    x, gy, wt = inputs(2, 19, 18, 9, 11)
+    if where == "x":
+        x[1, 3, 4, 6] = value
+        x[0, 0, 0, 10] = value  # a corner pixel: read through a tile that overlaps the padding
+    elif where == "weight":
+        wt[5, 2, 0, 1] = value
+    else:
+        gy[0, 7, 8, 0] = value
+        gy[1, 2, 3, 3] = value
+    base, ours = stock(x, gy, wt), winograd(x, gy, wt, tile)
+    for name in base:
+        s, o = base[name], ours[name]
+        assert not torch.isfinite(s).all() or name != "forward" or where == "grad_y", "the test must hit stock"
+        assert torch.isnan(o)[torch.isnan(s)].all(), (name, "stock NaN, winograd not NaN")
+        assert (~torch.isfinite(o))[~torch.isfinite(s)].all(), (name, "stock non-finite, winograd finite")
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_empty_and_channel_free(tile):
+    x, gy, wt = inputs(0, 4, 5, 6, 7)
+    assert winograd(x, gy, wt, tile)["forward"].shape == (0, 5, 6, 7)
+    assert torch.equal(ops.winograd_conv3x3_weight_grad(gy, x, tile), torch.zeros(5, 4, 3, 3))
+    x, gy, wt = inputs(1, 0, 3, 4, 4)
+    assert torch.equal(ops.winograd_conv3x3(x, wt, tile), torch.zeros(1, 3, 4, 4))
+    assert ops.winograd_conv3x3_weight_grad(gy, x, tile).shape == (3, 0, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, w, g: ops.winograd_conv3x3(x, w, 3), "tile must be 2 or 4"),
+        (lambda x, w, g: ops.winograd_conv3x3(x.double(), w, 4), "expected float32 x"),
+        (lambda x, w, g: ops.winograd_conv3x3(x[0], w, 4), "expected 4-D x"),
+        (lambda x, w, g: ops.winograd_conv3x3(x, w[:, :, :2], 4), "expected a 3x3 weight"),
+        (lambda x, w, g: ops.winograd_conv3x3(x, w[:, :2], 4), "expects 2 channels in x"),
+        (lambda x, w, g: ops.winograd_conv3x3_input_grad(x, w, 4), "expects 5 channels in grad_y"),
+        (lambda x, w, g: ops.winograd_conv3x3_weight_grad(g[:, :, :3], x, 4), "does not match x"),
+    ],
+)
+def test_bad_arguments_name_the_problem(call, message):
+    x, gy, wt = inputs(1, 4, 5, 6, 6)
+    with pytest.raises(RuntimeError, match=message):
+        call(x, wt, gy)
+
+
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2", "onednn"])
+@pytest.mark.parametrize("stage", ["plain", "bn_relu", "pool", "concat"])
+def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
+    """conv_bn_relu with its 3x3 convolution, input gradient and weight gradient forced to each candidate
+    (UNETX_WINOGRAD=1 lists Winograd for small layers too; UNETX_CONV_ALGO picks one) against the float64 layer, within the same bound as
+    the kernels; UNETX_WINOGRAD=0 is the stock path."""
+    g = torch.Generator().manual_seed(1)
+    n, c, h, w, co = 2, 17, 10, 14, 9  # >= 16 input channels: the weight gradient's candidates include Winograd
+    c2 = 5 if stage == "concat" else 0
+    f = 2 if stage == "pool" else 1
+    x = torch.randn(n, c, f * h, f * w, generator=g).contiguous(memory_format=CL)
+    x2 = torch.randn(n, c2, h // 2, w // 2, generator=g).contiguous(memory_format=CL) if c2 else None
+    scale = torch.rand(c, generator=g) + 0.5 if stage != "plain" else None
+    shift = torch.randn(c, generator=g) if stage != "plain" else None
+    wt = (torch.randn(co, c + c2, 3, 3, generator=g) / (9 * (c + c2)) ** 0.5).contiguous(memory_format=CL)
+    bias = torch.randn(co, generator=g)
+    gy = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=CL)
+
+    def layer(dt):
+        cast = lambda t: None if t is None else t.to(dt)
+        args = (cast(x), cast(scale), cast(shift), stage == "pool", cast(x2), "nearest" if c2 else "none")
+        y = ops.conv_bn_relu(*args, cast(wt), cast(bias), False, False, False)[0]
+        grads = ops.conv_bn_relu_backward(
+            cast(gy), None, None, *args, cast(wt), True, False, y, y.new_empty(0), False, [True, c2 > 0, True, True]
+        )
+        return {"y": y, "grad_x": grads[0], "grad_w": grads[4]} | ({"grad_x2": grads[3]} if c2 else {})
+
+    ref = layer(torch.float64)
+    monkeypatch.setenv("UNETX_WINOGRAD", "0")
+    base = layer(torch.float32)
+    monkeypatch.setenv("UNETX_WINOGRAD", "1")
+    gw_algo = "gemm" if algo == "onednn" else algo
+    monkeypatch.setenv("UNETX_CONV_ALGO", f"conv3x3_forward={algo},conv3x3_input_grad={algo},weight_grad={gw_algo}")
+    got = layer(torch.float32)
+    tile = {"winograd4": 4, "winograd2": 2, "onednn": 2}[algo]
+    for name, r in ref.items():
+        floor = 2.0**-23 * r.abs().max().item()
+        err, err_base = max_err(got[name], r), max_err(base[name], r)
+        assert err <= K[tile] * max(err_base, floor), (name, err, err_base)
+    # the forced kernel ran: it rounds differently from oneDNN
+    assert torch.equal(got["y"], base["y"]) == (algo == "onednn")
+    assert torch.equal(got["grad_x"], base["grad_x"]) == (algo == "onednn")
+    assert torch.equal(got["grad_w"], base["grad_w"]) == (algo == "onednn")
+
+
+def test_layer_measures_and_caches_its_choice(monkeypatch):
+    """Unforced, the layer measures ATen's and the Winograd kernels once per shape and lists its decisions."""
+    monkeypatch.setenv("UNETX_WINOGRAD", "1")
+    monkeypatch.delenv("UNETX_CONV_ALGO", raising=False)
+    unetx._C.clear_algo_choices()
+    x, gy, wt = inputs(2, 16, 16, 12, 12)
+    for _ in range(2):
+        y = ops.conv_bn_relu(x, None, None, False, None, "none", wt, None, False, False, False)[0]
+        ops.conv_bn_relu_backward(
+            gy,
+            None,
+            None,
+            x,
+            None,
+            None,
+            False,
+            None,
+            "none",
+            wt,
+            False,
+            False,
+            y,
+            y.new_empty(0),
+            False,
+            [True, False, True, False],
+        )
+    decisions = {d["family"]: d for d in unetx._C.algo_choices()}
+    assert {"conv3x3_forward", "conv3x3_input_grad", "weight_grad"} <= set(decisions), decisions
+    assert {"winograd4", "winograd2"} <= set(decisions["weight_grad"]["seconds"]), decisions["weight_grad"]
+    for d in decisions.values():
+        assert d["chosen"] in d["seconds"] and all(v is not None for v in d["seconds"].values()), d
+    monkeypatch.setenv("UNETX_WINOGRAD", "0")
+    unetx._C.clear_algo_choices()
+    ops.conv_bn_relu(x, None, None, False, None, "none", wt, None, False, False, False)
+    assert not [d for d in unetx._C.algo_choices() if d["family"].startswith("conv3x3_")]  # off: not measured
