@@ -168,8 +168,8 @@ def test_bad_arguments_name_the_problem(call, message):
 @pytest.mark.parametrize("stage", ["plain", "bn_relu", "pool", "concat"])
 def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
     """conv_bn_relu with its 3x3 convolution, input gradient and weight gradient forced to each candidate
-    (UNETX_WINOGRAD=1 lists Winograd for small layers too; UNETX_CONV_ALGO picks one) against the float64 layer, within the same bound as
-    the kernels; UNETX_WINOGRAD=0 is the stock path."""
+    (UNETX_WINOGRAD=1 lists Winograd for small layers too; UNETX_CONV_ALGO picks one) against the float64 layer,
+    within the same bound as the kernels; UNETX_WINOGRAD=0 with unetx's GEMM weight gradient is the stock path."""
     g = torch.Generator().manual_seed(1)
     n, c, h, w, co = 2, 17, 10, 14, 9  # >= 16 input channels: the weight gradient's candidates include Winograd
     c2 = 5 if stage == "concat" else 0
@@ -193,6 +193,7 @@ def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
 
     ref = layer(torch.float64)
     monkeypatch.setenv("UNETX_WINOGRAD", "0")
+    monkeypatch.setenv("UNETX_CONV_ALGO", "weight_grad=gemm")  # not whichever weight gradient measured fastest
     base = layer(torch.float32)
     monkeypatch.setenv("UNETX_WINOGRAD", "1")
     gw_algo = "gemm" if algo == "onednn" else algo

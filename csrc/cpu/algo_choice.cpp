@@ -56,14 +56,18 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
     return candidates[f].run(true) ? f : run_in_order(candidates, f);
   if (candidates.size() == 1) return candidates[0].run(true) ? 0 : -1;
   const auto id = std::make_pair(family, key);
-  int cached = -1;
+  // The winner is remembered by name: the same key may come with another candidate list (UNETX_WINOGRAD changed
+  // between calls), where an index would name another candidate. A winner not in this list means measuring again.
+  std::string winner;
   {
     std::lock_guard<std::mutex> lock(table_mutex());
     const auto it = table().find(id);
-    if (it != table().end()) cached = it->second.chosen;
+    if (it != table().end()) winner = it->second.decision.chosen;
   }
-  if (cached >= 0 && cached < static_cast<int>(candidates.size()))
-    return candidates[cached].run(true) ? cached : run_in_order(candidates, cached);
+  int cached = -1;
+  for (size_t i = 0; i < candidates.size() && !winner.empty(); ++i)
+    if (candidates[i].name == winner) cached = static_cast<int>(i);
+  if (cached >= 0) return candidates[cached].run(true) ? cached : run_in_order(candidates, cached);
 
   // Measure: every candidate, kMeasureRuns times each (the first run pays one-off costs), the best time kept.
   Entry e;
