@@ -82,16 +82,19 @@ def run_args(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     tasks = ("train", "eval") if args.task == "both" else (args.task,)
     precisions = [None, "bfloat16"] if args.autocast == "both" else [args.autocast]
+    # CPU-S at both precisions is two named workloads (each with its own targets); anything else is labelled
+    named = args.autocast == "both" and not (cfg or args.size or args.batch) and args.device == "cpu"
+    named = named and (args.workload or "CPU-S") == "CPU-S"
     results = []
     try:
         for autocast in precisions:
             result = run(
                 args.device,
                 args.size,
-                workload=args.workload,
+                workload=("CPU-S-bf16" if autocast else "CPU-S") if named else args.workload,
                 batch=args.batch,
                 config=cfg or None,
-                autocast=autocast,
+                autocast=None if named else autocast,
                 compile=args.compile,
                 max_autotune=args.max_autotune,
                 compile_unetx=args.compile_unetx,
@@ -100,7 +103,7 @@ def run_args(args: argparse.Namespace) -> int:
                 tasks=tasks,
                 log=log,
             )
-            if len(precisions) > 1:  # one table, a row group per precision
+            if len(precisions) > 1 and not named:  # one table, a row group per precision
                 result["workload"] = f"{result['workload']} {autocast or 'float32'}"
             results.append(result)
     except BenchConfigError as e:
