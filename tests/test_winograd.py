@@ -245,3 +245,31 @@ def test_layer_measures_and_caches_its_choice(monkeypatch):
     unetx._C.clear_algo_choices()
     ops.conv_bn_relu(x, None, None, False, None, "none", wt, None, False, False, False)
     assert not [d for d in unetx._C.algo_choices() if d["family"].startswith("conv3x3_")]  # off: not measured
+
+
+# ---- the Python op (unetx.ops.winograd_conv3x3): fake impls, autograd, opcheck
+@pytest.mark.parametrize("tile", [4, 2])
+def test_opcheck_all_three_ops(tile):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 7, generator=g).contiguous(memory_format=CL)
+    w = torch.randn(6, 5, 3, 3, generator=g)
+    gy = torch.randn(2, 6, 9, 7, generator=g).contiguous(memory_format=CL)
+    torch.library.opcheck(ops.winograd_conv3x3.default, (x.requires_grad_(), w.requires_grad_(), tile))
+    torch.library.opcheck(ops.winograd_conv3x3_input_grad.default, (gy, w.detach(), tile))
+    torch.library.opcheck(ops.winograd_conv3x3_weight_grad.default, (gy, x.detach(), tile))
+
+
+@pytest.mark.parametrize("tile", [4, 2])
+def test_wrapper_autograd_matches_the_reference(tile):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 11, 13, generator=g).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(4, 8, 3, 3, generator=g, requires_grad=True)
+    gy = torch.randn(2, 4, 11, 13, generator=g)
+    y = unetx.ops.winograd_conv3x3(x, w, tile)
+    y.backward(gy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = unetx.ops.reference.winograd_conv3x3(xr, wr, tile)
+    yr.backward(gy.double())
+    for got, ref in ((y, yr), (x.grad, xr.grad), (w.grad, wr.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert y.is_contiguous(memory_format=CL)

@@ -7,6 +7,7 @@ fake (meta) impl, autograd formula (each backward is itself a registered op) and
   bn_relu_pool      (bn_relu(y), its 2x2 average pool) in one pass                      (ops/bn_relu.py)
   avg_pool2x2       2x2 average pooling, stride 2                                       (ops/avg_pool2x2.py)
   upsample_concat   cat([skip, upsample2x(x)], dim=1) in one pass                       (ops/upsample_concat.py)
+  winograd_conv3x3  3x3 'same' convolution by Winograd F(4x4) / F(2x2), CPU float32      (ops/winograd_conv3x3.py)
 
 Kernels: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, schemas in csrc/registration.cpp. Plain-PyTorch references:
 unetx.ops.reference. Autocast: unetx.ops.autocast (one rule for all ops). Devices: unetx.ops._dispatch.
@@ -23,6 +24,7 @@ from .avg_pool2x2 import avg_pool2x2
 from .bn_relu import bn_relu, bn_relu_pool
 from .conv_bn_relu import conv_bn_relu
 from .upsample_concat import upsample_concat
+from .winograd_conv3x3 import winograd_conv3x3
 
 __all__ = [
     "FALLBACKS",
@@ -36,4 +38,5 @@ __all__ = [
     "memory_format",
     "reference",
     "upsample_concat",
+    "winograd_conv3x3",
 ]

@@ -1,0 +1,68 @@
+"""unetx.winograd_conv3x3: a 3x3, stride-1, 'same' convolution by Winograd F(4x4,3x3) (tile=4) or F(2x2,3x3)
+(tile=2), with its input and weight gradients; CPU, float32. conv_bn_relu uses these kernels where they measure
+faster than oneDNN for a layer's shape (csrc/cpu/algo_choice.h); this wrapper is for direct use and tests.
+
+Kernels: csrc/cpu/winograd.cpp (CPU only); reference: unetx.ops.reference.winograd_conv3x3 (F.conv2d);
+tests: tests/test_winograd.py; bench: bench/winograd.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import _check_4d, _ops
+
+
+def winograd_conv3x3(x: Tensor, weight: Tensor, tile: int = 4) -> Tensor:
+    """F.conv2d(x, weight, padding=1) for a float32 CPU x [N, C, H, W] and weight [Co, C, 3, 3], by Winograd's
+    minimal filtering: 4x (tile=4) or 2.25x (tile=2) fewer multiplications, a larger rounding error (within 64x resp.
+    4x stock float32's, tests/test_winograd.py). The output is channels-last. Differentiable in x and weight."""
+    return _ops.winograd_conv3x3(x, weight, tile)
+
+
+def _check_weight(weight, op):
+    _check_4d(weight, op, "weight")
+    torch._check(tuple(weight.shape[2:]) == (3, 3), lambda: f"{op}: expected a 3x3 weight, got {tuple(weight.shape)}")
+
+
+@torch.library.register_fake("unetx::winograd_conv3x3")
+def _(x, weight, tile=4):
+    op = "unetx.winograd_conv3x3"
+    _check_4d(x, op, "x")
+    _check_weight(weight, op)
+    n, _, h, w = x.shape
+    return x.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("unetx::winograd_conv3x3_input_grad")
+def _(grad_y, weight, tile=4):
+    op = "unetx.winograd_conv3x3_input_grad"
+    _check_4d(grad_y, op, "grad_y")
+    _check_weight(weight, op)
+    n, _, h, w = grad_y.shape
+    return grad_y.new_empty((n, weight.shape[1], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("unetx::winograd_conv3x3_weight_grad")
+def _(grad_y, x, tile=4):
+    op = "unetx.winograd_conv3x3_weight_grad"
+    _check_4d(grad_y, op, "grad_y")
+    _check_4d(x, op, "x")
+    return x.new_empty((grad_y.shape[1], x.shape[1], 3, 3))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, tile = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.tile = tile
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx = _ops.winograd_conv3x3_input_grad(grad, weight, ctx.tile) if ctx.needs_input_grad[0] else None
+    gw = _ops.winograd_conv3x3_weight_grad(grad, x, ctx.tile) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+torch.library.register_autograd("unetx::winograd_conv3x3", _backward, setup_context=_setup)
