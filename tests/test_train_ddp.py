@@ -20,7 +20,8 @@ from unetx.app.training import train
 @pytest.mark.slow
 def test_torchrun_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
     d = synthetic.write_dataset(tmp_path / "data", n_train=6, n_val=3, size=48, large=0, seed=2)
-    opts = dict(base_channels=4, depth=2, crop=32, epochs=2, patches_per_image=2, loss="ce", seed=3, lr=3e-3)
+    # float32 (--amp off): the comparison is exact up to float32 summation order, which bf16 autocast would swamp
+    opts = dict(base_channels=4, depth=2, crop=32, epochs=2, patches_per_image=2, loss="ce", seed=3, lr=3e-3, amp="off")
     args = [
         "--images",
         d["train_images"],
