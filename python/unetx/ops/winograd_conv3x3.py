@@ -21,27 +21,23 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, tile: int = 4) -> Tensor:
     return _ops.winograd_conv3x3(x, weight, tile)
 
 
-def _check_weight(weight, op):
+def _fake_conv(op, t, name, weight, out_channels):
+    """The forward's and the input gradient's output: t's batch and size, out_channels, channels-last."""
+    _check_4d(t, op, name)
     _check_4d(weight, op, "weight")
     torch._check(tuple(weight.shape[2:]) == (3, 3), lambda: f"{op}: expected a 3x3 weight, got {tuple(weight.shape)}")
+    n, _, h, w = t.shape
+    return t.new_empty((n, out_channels, h, w)).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("unetx::winograd_conv3x3")
 def _(x, weight, tile=4):
-    op = "unetx.winograd_conv3x3"
-    _check_4d(x, op, "x")
-    _check_weight(weight, op)
-    n, _, h, w = x.shape
-    return x.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+    return _fake_conv("unetx.winograd_conv3x3", x, "x", weight, weight.shape[0])
 
 
 @torch.library.register_fake("unetx::winograd_conv3x3_input_grad")
 def _(grad_y, weight, tile=4):
-    op = "unetx.winograd_conv3x3_input_grad"
-    _check_4d(grad_y, op, "grad_y")
-    _check_weight(weight, op)
-    n, _, h, w = grad_y.shape
-    return grad_y.new_empty((n, weight.shape[1], h, w)).contiguous(memory_format=torch.channels_last)
+    return _fake_conv("unetx.winograd_conv3x3_input_grad", grad_y, "grad_y", weight, weight.shape[1])
 
 
 @torch.library.register_fake("unetx::winograd_conv3x3_weight_grad")
