@@ -30,7 +30,10 @@
 // Non-finite values: a NaN or Inf in a tile's input window reaches every output of that tile that any of the
 // window's pixels reaches in the direct convolution, and possibly more (the transforms mix the whole window), as
 // NaN: where stock gives NaN or Inf, these kernels give NaN or Inf (an Inf may come out as NaN).
+#include "cpu/vec.h"  // first: it sets the vector capability for ATen/cpu/vec
+
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -71,6 +74,15 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
   auto bt_ = tb ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts)
                 : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts).t();  // op(B)^T (n x k)
   at::addmm_out(ct, ct, bt_, at_.t(), beta, 1.f);
+}
+
+// Row-major C (m x n, leading dimension ldc) = A (m x k) B (k x n), or += where `accumulate`: oneDNN's batch-reduce
+// GEMM micro-kernel through ATen (JIT-compiled for the CPU, no packing of the operands; ATen falls back to its BLAS
+// where oneDNN's micro-kernels are not built). One thread, as gemm above.
+inline void block_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                       bool accumulate, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 
 constexpr int kLanes = 16;  // channels per transform step: one AVX-512 vector of floats
@@ -348,7 +360,7 @@ void conv_impl(const float* X, const float* U, float* Y, const Grid& g, int64_t 
   };
   auto gemms = [&](const float* V, float* Mb, int64_t nb, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      gemm(false, false, Co, nb, C, U + p * C * Co, Co, V + p * B * C, C, 0.f, Mb + p * B * Co, Co);
+      block_gemm(nb, Co, C, V + p * B * C, C, U + p * C * Co, Co, false, Mb + p * B * Co, Co);
   };
   auto output = [&](const float* Mb, int64_t t0, int64_t t1, int64_t first) {
     for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
