@@ -97,6 +97,33 @@ at::Tensor input_stage(const LayerKernels& k, const Geometry& g, const at::Tenso
   return a;
 }
 
+// Whether the layer's input stage can be built a band of rows at a time (StageRows): there is a stage to build (an
+// identity stage is x itself), and it is not bilinearly upsampled, whose edge rows clamp to the image's edge.
+bool stage_by_rows_possible(const Geometry& g, const OptTensor& scale, bool pool, const OptTensor& x2) {
+  return (scale || pool || x2) && g.mode != Upsample::Bilinear;
+}
+
+// The input stage of input_stage, rows [lo, hi) of image n at a time (StageRows), for the consumers that build it
+// in cache-sized pieces: the CPU weight gradient, the Winograd forward and weight gradient.
+StageRows stage_rows(const LayerKernels& k, const Geometry& g, const at::Tensor& x, const OptTensor& mean,
+                     const OptTensor& scale, const OptTensor& shift, bool pool, const OptTensor& x2) {
+  const int64_t f = pool ? 2 : 1, u = g.mode == Upsample::None ? 1 : 2;
+  return StageRows{
+      [&k, g, &x, &mean, &scale, &shift, pool, &x2, f, u](int64_t n, int64_t lo, int64_t hi, at::Tensor& out) {
+        auto a1 = out.narrow(1, 0, g.C1);
+        const auto xs = x.narrow(0, n, 1).narrow(2, f * lo, f * (hi - lo));
+        if (!scale && !pool)
+          a1.copy_(xs);
+        else
+          k.activation_forward(xs, mean, scale, shift, pool ? nullptr : &a1, pool ? &a1 : nullptr);
+        if (x2) {
+          auto a2 = out.narrow(1, g.C1, g.C2);
+          k.upsample_forward(x2->narrow(0, n, 1).narrow(2, lo / u, (hi - lo) / u), g.mode, a2);
+        }
+      },
+      u};
+}
+
 void check_mean(const OptTensor& x_mean, const OptTensor& x_scale, const at::Tensor& x) {
   if (!x_mean) return;
   TORCH_CHECK(x_scale.has_value(), kOp, ": x_mean needs x_scale and x_shift");
@@ -165,10 +192,12 @@ bool winograd_candidate(const LayerKernels& k, const Geometry& g, const at::Tens
 // Runs `stock` (ATen's convolution, forward or input gradient) or a Winograd kernel (op 0 or 1 of
 // LayerKernels::winograd3x3 on operands p, q), whichever measures fastest for this shape (cpu/algo_choice.h;
 // UNETX_CONV_ALGO=conv3x3_forward=winograd4 and the like force one). ATen's is first: the most accurate wins ties.
-// A forward's bias (ATen's convolution adds it) is added to the Winograd result.
+// A forward's bias (ATen's convolution adds it) is added to the Winograd result. With `rows` (a forward whose input
+// is a stage), p is a placeholder: the Winograd kernels build the stage band by band, `stock` builds it whole.
 template <typename Stock>
 at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op, const at::Tensor& p,
-                           const at::Tensor& q, int64_t out_ch, const at::Tensor* bias, Stock&& stock) {
+                           const at::Tensor& q, int64_t out_ch, const at::Tensor* bias, const StageRows* rows,
+                           Stock&& stock) {
   at::Tensor out[3];
   std::vector<AlgoCandidate> c{{"onednn", [&](bool) {
                                   out[0] = stock();
@@ -177,7 +206,7 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
   for (const int64_t tile : {int64_t(4), int64_t(2)}) {
     const size_t i = c.size();
     c.push_back({"winograd" + std::to_string(tile), [&, i, tile](bool) {
-                   out[i] = k.winograd3x3(p, q, op, tile);
+                   out[i] = k.winograd3x3(p, q, op, tile, rows);
                    if (bias) out[i].add_(bias->view({1, -1, 1, 1}));
                    return true;
                  }});
@@ -203,12 +232,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
   const auto mf = layout_of(x);
   const auto xc = x.contiguous(mf);
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
-  const auto a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
+  // The stage in memory only for ATen's convolution: where a Winograd kernel runs, it builds the stage band by band
+  // from x (and x2) itself, so the stage is never written to memory.
+  const bool by_rows = stage_by_rows_possible(g, x_scale, x_pool, x2c);
+  at::Tensor a;
+  auto stage = [&] {
+    if (!a.defined()) a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
+    return a;
+  };
+  const auto shape = by_rows ? at::empty({g.N, g.C1 + g.C2, g.H, g.W}, xc.options().memory_format(mf)) : stage();
   const ConvParams cp(g.k, transposed);
-  auto stock = [&] { return at::convolution(a, weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1); };
-  auto y = winograd_candidate(k, g, a, weight, transposed)
-               ? fastest_conv3x3(k, g, 0, a, weight, weight.size(0), bias ? &*bias : nullptr, stock)
-               : stock();
+  auto stock = [&] {
+    return at::convolution(stage(), weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1);
+  };
+  at::Tensor y;
+  if (winograd_candidate(k, g, shape, weight, transposed)) {
+    const StageRows rows = stage_rows(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c);
+    y = fastest_conv3x3(k, g, 0, shape, weight, weight.size(0), bias ? &*bias : nullptr, by_rows ? &rows : nullptr,
+                        stock);
+  } else {
+    y = stock();
+  }
   // The backend picks y's layout from a's (and weight's) suggested format, which for degenerate shapes (a of shape
   // (N, 1, 1, 1)) or backends (cuDNN in float64) is not x's. Pin it to what the fake impl promises: x's layout, or
   // channels_last when the weight is; a no-op whenever the backend already chose it.
@@ -275,7 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           ymf == at::MemoryFormat::ChannelsLast;
   // The device's weight gradient builds the recomputed input stage itself, a few rows at a time (see StageRows),
   // where there is a stage to build; not under bilinear upsampling, whose edge rows clamp to the image's edge.
-  const bool stage_by_rows = try_own_gw && (x_scale || x_pool || x2) && g.mode != Upsample::Bilinear;
+  const bool stage_by_rows = try_own_gw && stage_by_rows_possible(g, x_scale, x_pool, x2c);
+  const StageRows rows = stage_rows(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c);
   auto placeholder = [&] { return at::empty({g.N, g.C1 + g.C2, g.H, g.W}, xc.options().memory_format(mf)); };
   at::Tensor a = output_mask[2] && !stage_by_rows ? input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf)
                                                   : placeholder();
@@ -298,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                   transposed, {0, 0}, 1, {true, false, false}));
     };
     ga = winograd_candidate(k, g, gy, weight, transposed)
-             ? fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, stock)
+             ? fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, nullptr, stock)
              : stock();
   }
   if (need_wb) {
@@ -319,23 +364,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          RECORD_FUNCTION("unetx::weight_grad", {});
                          std::optional<at::Tensor> r;
                          if (stage_by_rows) {
-                           const int64_t f = x_pool ? 2 : 1, u = g.mode == Upsample::None ? 1 : 2;
-                           const StageRows rows{
-                               [&](int64_t n, int64_t lo, int64_t hi, at::Tensor& out) {
-                                 auto a1 = out.narrow(1, 0, g.C1);
-                                 const auto xs = xc.narrow(0, n, 1).narrow(2, f * lo, f * (hi - lo));
-                                 if (!x_scale && !x_pool)
-                                   a1.copy_(xs);
-                                 else
-                                   k.activation_forward(xs, x_mean, x_scale, x_shift, x_pool ? nullptr : &a1,
-                                                        x_pool ? &a1 : nullptr);
-                                 if (x2c) {
-                                   auto a2 = out.narrow(1, g.C1, g.C2);
-                                   k.upsample_forward(x2c->narrow(0, n, 1).narrow(2, lo / u, (hi - lo) / u), g.mode,
-                                                      a2);
-                                 }
-                               },
-                               u};
                            r = k.weight_grad(gy, a, &rows, g.k);
                          } else {
                            r = k.weight_grad(gy, a, nullptr, g.k);
@@ -365,14 +393,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             return true;
                           }});
     // Winograd weight gradients (float32 3 x 3; LayerKernels::winograd3x3), from to_planar_min_channels input
-    // channels; each builds the whole stage, so its measured time includes that.
+    // channels; each builds the stage band by band where it can, else whole; its measured time includes that.
     std::vector<AlgoCandidate> wino_c;
     Slot wino[2];
     if (winograd_candidate(k, g, gy, weight, transposed) && g.C1 + g.C2 >= k.to_planar_min_channels) {
       for (const int64_t tile : {int64_t(4), int64_t(2)}) {
         Slot* slot = &wino[tile == 4 ? 0 : 1];
         wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
-                            slot->gw = k.winograd3x3(gy, stage(), 2, tile);
+                            slot->gw = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows)
+                                                     : k.winograd3x3(gy, stage(), 2, tile, nullptr);
                             if (has_bias && output_mask[3]) slot->gb = gy.sum({0, 2, 3});
                             return true;
                           }});

@@ -68,7 +68,9 @@ struct LayerKernels {
   // computed channels-last (cpu/kernels.h): op 0 the forward (a = x, b = weight), 1 the input gradient (grad_y,
   // weight), 2 the weight gradient (grad_y, x); tile 4 or 2. The layer runs them where they measure faster than
   // ATen's convolution for its shape (cpu/algo_choice.h); UNETX_WINOGRAD=0 turns them off.
-  at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile) = nullptr;
+  // With `rows` (ops 0 and 2), x is the layer's input stage, built a band of rows at a time (x a placeholder).
+  at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile,
+                            const StageRows* rows) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,

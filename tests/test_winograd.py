@@ -164,14 +164,28 @@ def test_bad_arguments_name_the_problem(call, message):
         call(x, wt, gy)
 
 
+@pytest.fixture
+def two_threads():
+    """Two threads whatever the machine: the Winograd kernels then cut a single tall image into several bands of
+    tile rows (one per thread at least), each built from the layer's inputs with its own halo rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("algo", ["winograd4", "winograd2", "onednn"])
 @pytest.mark.parametrize("stage", ["plain", "bn_relu", "pool", "concat"])
-def test_layer_uses_winograd_within_bound(monkeypatch, algo, stage):
+@pytest.mark.parametrize("shape", [(2, 10, 14), (1, 42, 6)], ids=["batch", "tall"])
+def test_layer_uses_winograd_within_bound(monkeypatch, two_threads, algo, stage, shape):
     """conv_bn_relu with its 3x3 convolution, input gradient and weight gradient forced to each candidate
     (UNETX_WINOGRAD=1 lists Winograd for small layers too; UNETX_CONV_ALGO picks one) against the float64 layer,
-    within the same bound as the kernels; UNETX_WINOGRAD=0 with unetx's GEMM weight gradient is the stock path."""
+    within the same bound as the kernels; UNETX_WINOGRAD=0 with unetx's GEMM weight gradient is the stock path.
+    The 'tall' image (one image, 42 rows: several bands of tile rows, the last one partial) exercises the kernels'
+    band-wise building of the input stage (normalise + ReLU, pool, upsample-concat) with halo rows."""
     g = torch.Generator().manual_seed(1)
-    n, c, h, w, co = 2, 17, 10, 14, 9  # >= 16 input channels: the weight gradient's candidates include Winograd
+    n, h, w = shape
+    c, co = 17, 9  # >= 16 input channels: the weight gradient's candidates include Winograd
     c2 = 5 if stage == "concat" else 0
     f = 2 if stage == "pool" else 1
     x = torch.randn(n, c, f * h, f * w, generator=g).contiguous(memory_format=CL)

@@ -206,11 +206,12 @@ int64_t block_tiles(int64_t P, int64_t channels, int64_t T) {
   return std::max<int64_t>(1, std::min(fair, std::max<int64_t>(8, budget / per_tile)));
 }
 
-// Loads the alpha x alpha window at (h0, w0) of image n, channels [c, c + VW), zero outside the image; transforms
-// it and stores position p = i * A + j at V + p * vs.
+// Loads the alpha x alpha window at (h0, w0) of one image, channels [c, c + VW), zero outside the image; transforms
+// it and stores position p = i * A + j at V + p * vs. Xi holds the image's rows from `lo` on (row h at
+// Xi + (h - lo) * W * C): the whole image, or the rows of a band built for it (Source).
 template <int M, int VW>
-inline void input_tile(const float* X, const Grid& g, int64_t C, int64_t n, int64_t h0, int64_t w0, int64_t c, float* V,
-                       int64_t vs) {
+inline void input_tile(const float* Xi, int64_t lo, const Grid& g, int64_t C, int64_t h0, int64_t w0, int64_t c,
+                       float* V, int64_t vs) {
   constexpr int A = Tile<M>::A;
   alignas(64) float d[A][A][VW], t[A][A][VW];
   const bool inside = h0 >= 0 && w0 >= 0 && h0 + A <= g.H && w0 + A <= g.W;
@@ -219,7 +220,7 @@ inline void input_tile(const float* X, const Grid& g, int64_t C, int64_t n, int6
     for (int j = 0; j < A; ++j) {
       const int64_t w = w0 + j;
       if (inside || (h >= 0 && h < g.H && w >= 0 && w < g.W)) {
-        const float* src = X + ((n * g.H + h) * g.W + w) * C + c;
+        const float* src = Xi + ((h - lo) * g.W + w) * C + c;
 #pragma omp simd
         for (int l = 0; l < VW; ++l) d[i][j][l] = src[l];
       } else {
@@ -344,90 +345,177 @@ inline void for_tiles(const Grid& g, int64_t t0, int64_t t1, int64_t first, F&& 
   }
 }
 
+// The operand x of a forward or a weight gradient: dense [N, H, W, C] in memory, or a layer's input stage built
+// from the layer's own inputs a band of rows at a time (StageRows: normalise + ReLU, 2 x 2 pool, upsample-concat)
+// into a per-thread buffer that stays in cache, so the stage is never written to memory.
+struct Source {
+  const float* X = nullptr;  // where rows is null
+  const StageRows* rows = nullptr;
+};
+
+// Bands: R tile rows of one image, the unit of work of the band-wise paths; about `B` tiles each, and at least as
+// many bands as threads where the image rows allow.
+struct Bands {
+  int64_t R, per_image, count;
+};
+
+Bands bands(const Grid& g, int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t R = std::max<int64_t>(1, (B + g.tw / 2) / g.tw);
+  R = std::min(R, std::max<int64_t>(1, g.N * g.th / threads));
+  const int64_t per_image = (g.th + R - 1) / R;
+  return {R, per_image, g.N * per_image};
+}
+
+// Rows of the buffer a band's input is built in: the band's R * m rows, one halo row on each side, rounded out to
+// the source's alignment.
+int64_t band_buffer_rows(const Source& src, const Grid& g, int64_t R, int M) {
+  const int64_t align = std::max<int64_t>(1, src.rows->align);
+  return std::min(g.H, R * M + 2 + 2 * (align - 1));
+}
+
+// Image n's input rows for tile rows [ty0, ty1): its rows in memory, or those rows built into `buf`; `lo` is the
+// first row held.
+template <int M>
+inline const float* band_input(const Source& src, const Grid& g, int64_t C, int64_t n, int64_t ty0, int64_t ty1,
+                               float* buf, int64_t& lo) {
+  if (!src.rows) {
+    lo = 0;
+    return src.X + n * g.H * g.W * C;
+  }
+  const int64_t align = std::max<int64_t>(1, src.rows->align);
+  lo = std::max<int64_t>(0, ty0 * M - 1) / align * align;
+  const int64_t hi = std::min(g.H, (std::min(g.H, ty1 * M + 1) + align - 1) / align * align);
+  auto view = at::from_blob(buf, {1, C, hi - lo, g.W}, {(hi - lo) * g.W * C, 1, g.W * C, C},
+                            at::TensorOptions().dtype(at::kFloat));
+  src.rows->fill(n, lo, hi, view);
+  return buf;
+}
+
+// The whole of x in memory (the paths that share one block among the threads, small images only): src.X, or the
+// stage built image by image into `dense`.
+const float* whole_input(const Source& src, const Grid& g, int64_t C, at::Tensor& dense) {
+  if (!src.rows) return src.X;
+  dense = at::empty({g.N, C, g.H, g.W},
+                    at::TensorOptions().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  for (int64_t n = 0; n < g.N; ++n) {
+    auto image = dense.narrow(0, n, 1);
+    src.rows->fill(n, 0, g.H, image);
+  }
+  return dense.const_data_ptr<float>();
+}
+
 // y = conv3x3(x, U) for x [N, H, W, C] and U [P, C, Co] (a transformed weight), y [N, H, W, Co].
 template <int M>
-void conv_impl(const float* X, const float* U, float* Y, const Grid& g, int64_t C, int64_t Co) {
+void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
-  const bool shared = P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
-  // shared blocks: as many tiles as the weight has floats per position, so that its traffic stays below the
-  // GEMM's own
-  const int64_t B = shared ? std::min(g.T, std::max<int64_t>(256, C * Co / 256)) : block_tiles(P, C + Co, g.T);
-  const int64_t blocks = (g.T + B - 1) / B;
-  auto input = [&](float* V, int64_t t0, int64_t t1, int64_t first) {
-    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
-      over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(X, g, C, n, h0 - 1, w0 - 1, c, V + t * C, B * C); });
-    });
+  auto output = [&](const float* Mb, int64_t cap, int64_t t, int64_t n, int64_t h0, int64_t w0) {
+    over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, cap * Co, g, Co, n, h0, w0, c, Y); });
   };
-  auto gemms = [&](const float* V, float* Mb, int64_t nb, int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      block_gemm(nb, Co, C, V + p * B * C, C, U + p * C * Co, Co, false, Mb + p * B * Co, Co);
-  };
-  auto output = [&](const float* Mb, int64_t t0, int64_t t1, int64_t first) {
-    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
-      over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, B * Co, g, Co, n, h0, w0, c, Y); });
-    });
-  };
-  if (shared) {
+  if (P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes()) {
+    // shared blocks: as many tiles as the weight has floats per position, so that its traffic stays below the
+    // GEMM's own; each step split among the threads (by tiles, by positions, by tiles)
+    at::Tensor dense;
+    const float* X = whole_input(src, g, C, dense);
+    const int64_t B = std::min(g.T, std::max<int64_t>(256, C * Co / 256));
     std::unique_ptr<float[]> V(new float[P * B * C]), Mb(new float[P * B * Co]);
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
-      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { input(V.get(), b, e, t0); });
-      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Mb.get(), nb, b, e); });
-      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { output(Mb.get(), b, e, t0); });
+    for (int64_t t0 = 0; t0 < g.T; t0 += B) {
+      const int64_t nb = std::min(B, g.T - t0);
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
+        for_tiles<M>(g, b, e, t0, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+          const float* Xi = X + n * g.H * g.W * C;
+          over_channels(
+              C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, 0, g, C, h0 - 1, w0 - 1, c, V.get() + t * C, B * C); });
+        });
+      });
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p)
+          block_gemm(nb, Co, C, V.get() + p * B * C, C, U + p * C * Co, Co, false, Mb.get() + p * B * Co, Co);
+      });
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
+        for_tiles<M>(g, b, e, t0,
+                     [&](int64_t t, int64_t n, int64_t h0, int64_t w0) { output(Mb.get(), B, t, n, h0, w0); });
+      });
     }
     return;
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::unique_ptr<float[]> V(new float[P * B * C]), Mb(new float[P * B * Co]);
+  // bands in parallel, each: its input rows (built, where the source is a stage) -> input transform -> P GEMMs ->
+  // output transform, all within the thread's cache
+  const Bands bd = bands(g, block_tiles(P, C + Co, g.T));
+  const int64_t cap = bd.R * g.tw;
+  at::parallel_for(0, bd.count, 1, [&](int64_t b0, int64_t b1) {
+    std::unique_ptr<float[]> V(new float[P * cap * C]), Mb(new float[P * cap * Co]);
+    std::unique_ptr<float[]> rows(src.rows ? new float[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
-      input(V.get(), t0, t0 + nb, t0);
-      gemms(V.get(), Mb.get(), nb, 0, P);
-      output(Mb.get(), t0, t0 + nb, t0);
+      const int64_t n = blk / bd.per_image, ty0 = blk % bd.per_image * bd.R, ty1 = std::min(g.th, ty0 + bd.R);
+      const int64_t nb = (ty1 - ty0) * g.tw;
+      int64_t lo;
+      const float* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
+      for (int64_t t = 0; t < nb; ++t) {
+        const int64_t h0 = (ty0 + t / g.tw) * M, w0 = t % g.tw * M;
+        over_channels(C, [&]<int VW>(int64_t c) {
+          input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V.get() + t * C, cap * C);
+        });
+      }
+      for (int64_t p = 0; p < P; ++p)
+        block_gemm(nb, Co, C, V.get() + p * cap * C, C, U + p * C * Co, Co, false, Mb.get() + p * cap * Co, Co);
+      for (int64_t t = 0; t < nb; ++t) output(Mb.get(), cap, t, n, (ty0 + t / g.tw) * M, t % g.tw * M);
     }
   });
 }
 
 // grad_w [Co, C, 3, 3] of y = conv3x3(x, w) from gy [N, H, W, Co] and x [N, H, W, C].
 template <int M>
-void weight_grad_impl(const float* GY, const float* X, at::Tensor& gw, const Grid& g, int64_t C, int64_t Co) {
+void weight_grad_impl(const float* GY, const Source& src, at::Tensor& gw, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
   // shared: one accumulator, large blocks split among the threads by position (see conv_impl); else one
-  // accumulator per thread, each thread a contiguous range of cache-sized blocks
+  // accumulator per thread, each thread a contiguous range of bands
   const bool shared = P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
-  const int64_t B = shared ? std::min(g.T, std::max<int64_t>(256, C * Co / 256)) : block_tiles(P, C + Co, g.T);
-  const int64_t blocks = (g.T + B - 1) / B;
-  const int64_t threads = shared ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+  const int64_t B = std::min(g.T, std::max<int64_t>(256, C * Co / 256));
+  const Bands bd = bands(g, block_tiles(P, C + Co, g.T));
+  const int64_t threads = shared ? 1 : std::min<int64_t>(at::get_num_threads(), bd.count);
   // Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS
   auto Z = at::zeros({threads, P, Co, C}, gw.options());
   float* Zp = Z.data_ptr<float>();
-  auto transform = [&](float* V, float* Tg, int64_t t0, int64_t t1, int64_t first) {
-    for_tiles<M>(g, t0, t1, first, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
-      over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(X, g, C, n, h0 - 1, w0 - 1, c, V + t * C, B * C); });
-      over_channels(Co,
-                    [&]<int VW>(int64_t c) { grad_output_tile<M, VW>(GY, g, Co, n, h0, w0, c, Tg + t * Co, B * Co); });
-    });
+  auto transform = [&](const float* Xi, int64_t lo, float* V, float* Tg, int64_t cap, int64_t t, int64_t n, int64_t h0,
+                       int64_t w0) {
+    over_channels(C,
+                  [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V + t * C, cap * C); });
+    over_channels(Co,
+                  [&]<int VW>(int64_t c) { grad_output_tile<M, VW>(GY, g, Co, n, h0, w0, c, Tg + t * Co, cap * Co); });
   };
   // Z[p] (C x Co, column-major) += V[p]^T (C x nb) . Tg[p] (nb x Co)
-  auto gemms = [&](const float* V, const float* Tg, float* Zt, int64_t nb, int64_t p0, int64_t p1) {
+  auto gemms = [&](const float* V, const float* Tg, int64_t cap, float* Zt, int64_t nb, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      gemm(false, true, C, Co, nb, V + p * B * C, C, Tg + p * B * Co, Co, 1.f, Zt + p * Co * C, C);
+      gemm(false, true, C, Co, nb, V + p * cap * C, C, Tg + p * cap * Co, Co, 1.f, Zt + p * Co * C, C);
   };
   if (shared) {
+    at::Tensor dense;
+    const float* X = whole_input(src, g, C, dense);
     std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
-      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) { transform(V.get(), Tg.get(), b, e, t0); });
-      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Tg.get(), Zp, nb, b, e); });
+    for (int64_t t0 = 0; t0 < g.T; t0 += B) {
+      const int64_t nb = std::min(B, g.T - t0);
+      at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
+        for_tiles<M>(g, b, e, t0, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+          transform(X + n * g.H * g.W * C, 0, V.get(), Tg.get(), B, t, n, h0, w0);
+        });
+      });
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Tg.get(), B, Zp, nb, b, e); });
     }
   } else {
+    const int64_t cap = bd.R * g.tw;
     auto run = [&](int64_t tid) {
-      const int64_t b0 = blocks * tid / threads, b1 = blocks * (tid + 1) / threads;
-      std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
+      const int64_t b0 = bd.count * tid / threads, b1 = bd.count * (tid + 1) / threads;
+      std::unique_ptr<float[]> V(new float[P * cap * C]), Tg(new float[P * cap * Co]);
+      std::unique_ptr<float[]> rows(src.rows ? new float[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t t0 = blk * B, nb = std::min(B, g.T - t0);
-        transform(V.get(), Tg.get(), t0, t0 + nb, t0);
-        gemms(V.get(), Tg.get(), Zp + tid * P * Co * C, nb, 0, P);
+        const int64_t n = blk / bd.per_image, ty0 = blk % bd.per_image * bd.R, ty1 = std::min(g.th, ty0 + bd.R);
+        const int64_t nb = (ty1 - ty0) * g.tw;
+        int64_t lo;
+        const float* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
+        for (int64_t t = 0; t < nb; ++t)
+          transform(Xi, lo, V.get(), Tg.get(), cap, t, n, (ty0 + t / g.tw) * M, t % g.tw * M);
+        gemms(V.get(), Tg.get(), cap, Zp + tid * P * Co * C, nb, 0, P);
       }
     };
     if (threads <= 1) {
@@ -480,39 +568,30 @@ void check_weight(const at::Tensor& w, const char* op) {
   TORCH_CHECK(w.size(2) == 3 && w.size(3) == 3, op, ": expected a 3x3 weight, got shape ", w.sizes());
 }
 
-at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, int64_t m, bool adjoint, const char* op) {
+// With `rows`, x (the forward's) is a placeholder for its shape, its values built band by band (Source).
+at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& weight, int64_t m, bool adjoint,
+                const char* op) {
   check_tile(m, op);
   check_operand(x, op, adjoint ? "grad_y" : "x");
   check_weight(weight, op);
   const int64_t in = adjoint ? weight.size(0) : weight.size(1), out = adjoint ? weight.size(1) : weight.size(0);
   TORCH_CHECK(x.size(1) == in, op, ": weight ", weight.sizes(), " expects ", in, " channels in ",
               adjoint ? "grad_y" : "x", ", got ", x.sizes());
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = rows ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   auto y = at::empty({N, out, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   if (in == 0) return y.zero_();
   const Grid g(N, H, W, int(m));
+  const Source src{rows ? nullptr : xc.const_data_ptr<float>(), rows};
   if (m == 4)
-    conv_impl<4>(xc.const_data_ptr<float>(), transform_weight<4>(weight, adjoint).const_data_ptr<float>(),
-                 y.data_ptr<float>(), g, in, out);
+    conv_impl<4>(src, transform_weight<4>(weight, adjoint).const_data_ptr<float>(), y.data_ptr<float>(), g, in, out);
   else
-    conv_impl<2>(xc.const_data_ptr<float>(), transform_weight<2>(weight, adjoint).const_data_ptr<float>(),
-                 y.data_ptr<float>(), g, in, out);
+    conv_impl<2>(src, transform_weight<2>(weight, adjoint).const_data_ptr<float>(), y.data_ptr<float>(), g, in, out);
   return y;
 }
 
-}  // namespace
-
-at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t tile) {
-  return conv(x, weight, tile, /*adjoint=*/false, "unetx.winograd_conv3x3");
-}
-
-at::Tensor winograd_conv3x3_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, int64_t tile) {
-  return conv(grad_y, weight, tile, /*adjoint=*/true, "unetx.winograd_conv3x3_input_grad");
-}
-
-at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, int64_t tile) {
+at::Tensor wino_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, const StageRows* rows, int64_t tile) {
   const char* op = "unetx.winograd_conv3x3_weight_grad";
   check_tile(tile, op);
   check_operand(grad_y, op, "grad_y");
@@ -524,23 +603,38 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
   if (gw.numel() == 0) return gw;
   if (N * H * W == 0) return gw.zero_();
   const auto gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto xc = rows ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   const Grid g(N, H, W, int(tile));
+  const Source src{rows ? nullptr : xc.const_data_ptr<float>(), rows};
   if (tile == 4)
-    weight_grad_impl<4>(gyc.const_data_ptr<float>(), xc.const_data_ptr<float>(), gw, g, C, Co);
+    weight_grad_impl<4>(gyc.const_data_ptr<float>(), src, gw, g, C, Co);
   else
-    weight_grad_impl<2>(gyc.const_data_ptr<float>(), xc.const_data_ptr<float>(), gw, g, C, Co);
+    weight_grad_impl<2>(gyc.const_data_ptr<float>(), src, gw, g, C, Co);
   return gw;
 }
 
-at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile) {
+}  // namespace
+
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t tile) {
+  return conv(x, nullptr, weight, tile, /*adjoint=*/false, "unetx.winograd_conv3x3");
+}
+
+at::Tensor winograd_conv3x3_input_grad(const at::Tensor& grad_y, const at::Tensor& weight, int64_t tile) {
+  return conv(grad_y, nullptr, weight, tile, /*adjoint=*/true, "unetx.winograd_conv3x3_input_grad");
+}
+
+at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, int64_t tile) {
+  return wino_weight_grad(grad_y, x, nullptr, tile);
+}
+
+at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows) {
   switch (op) {
     case 0:
-      return winograd_conv3x3(a, b, tile);
+      return conv(a, rows, b, tile, /*adjoint=*/false, "unetx.winograd_conv3x3");
     case 1:
       return winograd_conv3x3_input_grad(a, b, tile);
     default:
-      return winograd_conv3x3_weight_grad(a, b, tile);
+      return wino_weight_grad(a, b, rows, tile);
   }
 }
 
