@@ -392,6 +392,13 @@ inline const float* band_input(const Source& src, const Grid& g, int64_t C, int6
   return buf;
 }
 
+// Floats between consecutive transform positions of a block's transformed tensors (`tiles` x `channels` each),
+// padded by a cache line: unpadded, the stride is often a multiple of 4 KiB, and the P stores (loads) of one tile's
+// transform would all fall in one L1 cache set.
+inline int64_t position_stride(int64_t tiles, int64_t channels) {
+  return tiles * channels + 16;
+}
+
 // The whole of x in memory (the paths that share one block among the threads, small images only): src.X, or the
 // stage built image by image into `dense`.
 const float* whole_input(const Source& src, const Grid& g, int64_t C, at::Tensor& dense) {
@@ -409,8 +416,8 @@ const float* whole_input(const Source& src, const Grid& g, int64_t C, at::Tensor
 template <int M>
 void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
-  auto output = [&](const float* Mb, int64_t cap, int64_t t, int64_t n, int64_t h0, int64_t w0) {
-    over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, cap * Co, g, Co, n, h0, w0, c, Y); });
+  auto output = [&](const float* Mb, int64_t ms, int64_t t, int64_t n, int64_t h0, int64_t w0) {
+    over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, ms, g, Co, n, h0, w0, c, Y); });
   };
   if (P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes()) {
     // shared blocks: as many tiles as the weight has floats per position, so that its traffic stays below the
@@ -418,23 +425,24 @@ void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64
     at::Tensor dense;
     const float* X = whole_input(src, g, C, dense);
     const int64_t B = std::min(g.T, std::max<int64_t>(256, C * Co / 256));
-    std::unique_ptr<float[]> V(new float[P * B * C]), Mb(new float[P * B * Co]);
+    const int64_t vs = position_stride(B, C), ms = position_stride(B, Co);
+    std::unique_ptr<float[]> V(new float[P * vs]), Mb(new float[P * ms]);
     for (int64_t t0 = 0; t0 < g.T; t0 += B) {
       const int64_t nb = std::min(B, g.T - t0);
       at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
         for_tiles<M>(g, b, e, t0, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
           const float* Xi = X + n * g.H * g.W * C;
           over_channels(
-              C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, 0, g, C, h0 - 1, w0 - 1, c, V.get() + t * C, B * C); });
+              C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, 0, g, C, h0 - 1, w0 - 1, c, V.get() + t * C, vs); });
         });
       });
       at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
         for (int64_t p = b; p < e; ++p)
-          block_gemm(nb, Co, C, V.get() + p * B * C, C, U + p * C * Co, Co, false, Mb.get() + p * B * Co, Co);
+          block_gemm(nb, Co, C, V.get() + p * vs, C, U + p * C * Co, Co, false, Mb.get() + p * ms, Co);
       });
       at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
         for_tiles<M>(g, b, e, t0,
-                     [&](int64_t t, int64_t n, int64_t h0, int64_t w0) { output(Mb.get(), B, t, n, h0, w0); });
+                     [&](int64_t t, int64_t n, int64_t h0, int64_t w0) { output(Mb.get(), ms, t, n, h0, w0); });
       });
     }
     return;
@@ -444,7 +452,8 @@ void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64
   const Bands bd = bands(g, block_tiles(P, C + Co, g.T));
   const int64_t cap = bd.R * g.tw;
   at::parallel_for(0, bd.count, 1, [&](int64_t b0, int64_t b1) {
-    std::unique_ptr<float[]> V(new float[P * cap * C]), Mb(new float[P * cap * Co]);
+    const int64_t vs = position_stride(cap, C), ms = position_stride(cap, Co);
+    std::unique_ptr<float[]> V(new float[P * vs]), Mb(new float[P * ms]);
     std::unique_ptr<float[]> rows(src.rows ? new float[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n = blk / bd.per_image, ty0 = blk % bd.per_image * bd.R, ty1 = std::min(g.th, ty0 + bd.R);
@@ -453,13 +462,12 @@ void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64
       const float* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
       for (int64_t t = 0; t < nb; ++t) {
         const int64_t h0 = (ty0 + t / g.tw) * M, w0 = t % g.tw * M;
-        over_channels(C, [&]<int VW>(int64_t c) {
-          input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V.get() + t * C, cap * C);
-        });
+        over_channels(
+            C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V.get() + t * C, vs); });
       }
       for (int64_t p = 0; p < P; ++p)
-        block_gemm(nb, Co, C, V.get() + p * cap * C, C, U + p * C * Co, Co, false, Mb.get() + p * cap * Co, Co);
-      for (int64_t t = 0; t < nb; ++t) output(Mb.get(), cap, t, n, (ty0 + t / g.tw) * M, t % g.tw * M);
+        block_gemm(nb, Co, C, V.get() + p * vs, C, U + p * C * Co, Co, false, Mb.get() + p * ms, Co);
+      for (int64_t t = 0; t < nb; ++t) output(Mb.get(), ms, t, n, (ty0 + t / g.tw) * M, t % g.tw * M);
     }
   });
 }
@@ -479,20 +487,20 @@ void weight_grad_impl(const float* GY, const Source& src, at::Tensor& gw, const 
   float* Zp = Z.data_ptr<float>();
   auto transform = [&](const float* Xi, int64_t lo, float* V, float* Tg, int64_t cap, int64_t t, int64_t n, int64_t h0,
                        int64_t w0) {
-    over_channels(C,
-                  [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V + t * C, cap * C); });
-    over_channels(Co,
-                  [&]<int VW>(int64_t c) { grad_output_tile<M, VW>(GY, g, Co, n, h0, w0, c, Tg + t * Co, cap * Co); });
+    const int64_t vs = position_stride(cap, C), ts = position_stride(cap, Co);
+    over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V + t * C, vs); });
+    over_channels(Co, [&]<int VW>(int64_t c) { grad_output_tile<M, VW>(GY, g, Co, n, h0, w0, c, Tg + t * Co, ts); });
   };
   // Z[p] (C x Co, column-major) += V[p]^T (C x nb) . Tg[p] (nb x Co)
   auto gemms = [&](const float* V, const float* Tg, int64_t cap, float* Zt, int64_t nb, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      gemm(false, true, C, Co, nb, V + p * cap * C, C, Tg + p * cap * Co, Co, 1.f, Zt + p * Co * C, C);
+      gemm(false, true, C, Co, nb, V + p * position_stride(cap, C), C, Tg + p * position_stride(cap, Co), Co, 1.f,
+           Zt + p * Co * C, C);
   };
   if (shared) {
     at::Tensor dense;
     const float* X = whole_input(src, g, C, dense);
-    std::unique_ptr<float[]> V(new float[P * B * C]), Tg(new float[P * B * Co]);
+    std::unique_ptr<float[]> V(new float[P * position_stride(B, C)]), Tg(new float[P * position_stride(B, Co)]);
     for (int64_t t0 = 0; t0 < g.T; t0 += B) {
       const int64_t nb = std::min(B, g.T - t0);
       at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
@@ -506,7 +514,7 @@ void weight_grad_impl(const float* GY, const Source& src, at::Tensor& gw, const 
     const int64_t cap = bd.R * g.tw;
     auto run = [&](int64_t tid) {
       const int64_t b0 = bd.count * tid / threads, b1 = bd.count * (tid + 1) / threads;
-      std::unique_ptr<float[]> V(new float[P * cap * C]), Tg(new float[P * cap * Co]);
+      std::unique_ptr<float[]> V(new float[P * position_stride(cap, C)]), Tg(new float[P * position_stride(cap, Co)]);
       std::unique_ptr<float[]> rows(src.rows ? new float[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t n = blk / bd.per_image, ty0 = blk % bd.per_image * bd.R, ty1 = std::min(g.th, ty0 + bd.R);
