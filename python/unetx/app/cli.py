@@ -585,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()  # every command allocates activation-sized tensors step after step (see allocator.py)
     if argv and argv[0] == "bench":
         try:
             from .. import bench

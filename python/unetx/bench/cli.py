@@ -66,6 +66,9 @@ def _positive(v: int | None, name: str) -> None:
 
 def run_args(args: argparse.Namespace) -> int:
     """Run `unetx bench` from parsed arguments (see add_arguments); prints the table. Returns the exit code."""
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the other commands run, for stock PyTorch and unetx alike (see unetx/allocator.py)
     for name in ("size", "batch", "rounds", "threads"):
         _positive(getattr(args, name), "--" + name)
     cfg = {
@@ -114,7 +117,8 @@ def run_args(args: argparse.Namespace) -> int:
         print(
             "\n".join(f"{r['workload']}: {r['description']}" for r in results)
             + f"\n{m.get('gpu') or m['cpu']} ({m['cores']} CPU cores, {m['threads']} threads; CPU flags: {flags}), "
-            f"torch {m['torch']}, medians of {args.rounds} interleaved rounds\n"
+            f"torch {m['torch']}, {m.get('allocator', 'malloc not recorded')}, medians of {args.rounds} interleaved "
+            "rounds\n"
         )
     print(format_table(results if len(results) > 1 else results[0]), flush=True)
     across = format_across_precisions(results)

@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from .. import allocator
 from .cases import Case, _inputs
 from .convs import conv_replay, record_convs
 from .measure import median, peak_allocated, saved_bytes, time_interleaved
@@ -39,6 +40,7 @@ def machine_info(device: str = "cpu") -> dict:
         python=platform.python_version(),
         os=f"{platform.system()} {platform.release()}",
         cpu_flags=[f for f in SPEED_FLAGS if f in flags],
+        allocator=allocator.describe(),
     )
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
