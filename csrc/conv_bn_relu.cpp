@@ -175,14 +175,15 @@ struct ConvParams {
 constexpr double kWinogradMinMacs = 5e7;
 
 // Whether the device's Winograd kernels are candidates for this 3 x 3 convolution (LayerKernels::winograd3x3):
-// float32, channels-last operands, stride-1 'same', unless UNETX_WINOGRAD=0; UNETX_WINOGRAD=1 makes them candidates
-// for small convolutions too (tests).
+// float32 or bfloat16 (computed in float32 either way), channels-last operands, stride-1 'same', unless
+// UNETX_WINOGRAD=0; UNETX_WINOGRAD=1 makes them candidates for small convolutions too (tests).
 bool winograd_candidate(const LayerKernels& k, const Geometry& g, const at::Tensor& a, const at::Tensor& weight,
                         bool transposed) {
   if (!k.winograd3x3 || transposed || g.k != 3) return false;
   const char* env = std::getenv("UNETX_WINOGRAD");
   if (env && std::strcmp(env, "0") == 0) return false;
-  if (a.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+  const auto dt = a.scalar_type();
+  if ((dt != at::kFloat && dt != at::kBFloat16) || weight.scalar_type() != dt ||
       !a.is_contiguous(at::MemoryFormat::ChannelsLast))
     return false;
   const double macs = double(g.N) * g.H * g.W * (g.C1 + g.C2) * weight.size(0) * 9;
@@ -212,7 +213,9 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
                  }});
   }
   const int ran = run_fastest(op == 0 ? "conv3x3_forward" : "conv3x3_input_grad",
-                              algo_key(at::get_num_threads(), g.N, g.C1 + g.C2, out_ch, g.H, g.W), c);
+                              algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch,
+                                       g.H, g.W, rows != nullptr),
+                              c);
   TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no 3x3 convolution candidate applied");
   return out[ran];
 }

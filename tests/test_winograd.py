@@ -90,6 +90,21 @@ def test_matches_float64_within_bound(shape, tile):
 
 
 @pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_within_twice_stock_bfloat16(shape, tile):
+    """bfloat16 operands and results (what the layers get under CPU bf16 autocast), transforms and tile products in
+    float32 inside: the error against float64 (of the same bfloat16 inputs) is at most twice stock bfloat16's, the
+    bar of the bf16 issue; the rounding of the result to bfloat16 dominates Winograd's own error."""
+    x, gy, wt = (t.bfloat16() for t in inputs(*shape))
+    refs, base, ours = references(x, gy, wt), stock(x, gy, wt), winograd(x, gy, wt, tile)
+    for name, ref in refs.items():
+        assert ours[name].shape == ref.shape and ours[name].dtype == torch.bfloat16, name
+        floor = 2.0**-8 * ref.abs().max().item()  # stock exact (tiny problems): half a bfloat16 ulp of the largest
+        err, err_stock = max_err(ours[name], ref), max_err(base[name], ref)
+        assert err <= 2 * max(err_stock, floor), (name, err, err_stock, floor)
+
+
+@pytest.mark.parametrize("tile", TILES)
 def test_layouts_and_threads(tile):
     """Planar (NCHW) and non-contiguous operands give the channels-last result; one thread gives the same."""
     x, gy, wt = inputs(2, 20, 24, 11, 10)
@@ -150,7 +165,9 @@ def test_empty_and_channel_free(tile):
     "call, message",
     [
         (lambda x, w, g: ops.winograd_conv3x3(x, w, 3), "tile must be 2 or 4"),
-        (lambda x, w, g: ops.winograd_conv3x3(x.double(), w, 4), "expected float32 x"),
+        (lambda x, w, g: ops.winograd_conv3x3(x.double(), w, 4), "expected float32 or bfloat16 x"),
+        (lambda x, w, g: ops.winograd_conv3x3(x.bfloat16(), w, 4), "x is BFloat16 but weight is Float"),
+        (lambda x, w, g: ops.winograd_conv3x3_weight_grad(g, x.bfloat16(), 4), "grad_y is Float but x is BFloat16"),
         (lambda x, w, g: ops.winograd_conv3x3(x[0], w, 4), "expected 4-D x"),
         (lambda x, w, g: ops.winograd_conv3x3(x, w[:, :, :2], 4), "expected a 3x3 weight"),
         (lambda x, w, g: ops.winograd_conv3x3(x, w[:, :2], 4), "expects 2 channels in x"),
@@ -174,15 +191,10 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("algo", ["winograd4", "winograd2", "onednn"])
-@pytest.mark.parametrize("stage", ["plain", "bn_relu", "pool", "concat"])
-@pytest.mark.parametrize("shape", [(2, 10, 14), (1, 42, 6)], ids=["batch", "tall"])
-def test_layer_uses_winograd_within_bound(monkeypatch, two_threads, algo, stage, shape):
-    """conv_bn_relu with its 3x3 convolution, input gradient and weight gradient forced to each candidate
-    (UNETX_WINOGRAD=1 lists Winograd for small layers too; UNETX_CONV_ALGO picks one) against the float64 layer,
-    within the same bound as the kernels; UNETX_WINOGRAD=0 with unetx's GEMM weight gradient is the stock path.
-    The 'tall' image (one image, 42 rows: several bands of tile rows, the last one partial) exercises the kernels'
-    band-wise building of the input stage (normalise + ReLU, pool, upsample-concat) with halo rows."""
+def layer_case(stage: str, shape: tuple[int, int, int], bf16_values: bool = False):
+    """conv_bn_relu's forward and backward on one input stage ('plain', 'bn_relu', 'pool', 'concat'), as a function
+    of the dtype it runs in: returns {'y', 'grad_x', 'grad_w'(, 'grad_x2')}. With bf16_values, the activations,
+    weight, bias and output gradient hold bfloat16 values (exact in any dtype), as under bf16 autocast."""
     g = torch.Generator().manual_seed(1)
     n, h, w = shape
     c, co = 17, 9  # >= 16 input channels: the weight gradient's candidates include Winograd
@@ -195,23 +207,47 @@ def test_layer_uses_winograd_within_bound(monkeypatch, two_threads, algo, stage,
     wt = (torch.randn(co, c + c2, 3, 3, generator=g) / (9 * (c + c2)) ** 0.5).contiguous(memory_format=CL)
     bias = torch.randn(co, generator=g)
     gy = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=CL)
+    if bf16_values:
+        x, x2, wt, bias, gy = (None if t is None else t.bfloat16().float() for t in (x, x2, wt, bias, gy))
 
-    def layer(dt):
+    def layer(dt, params_dt=None):
         cast = lambda t: None if t is None else t.to(dt)
-        args = (cast(x), cast(scale), cast(shift), stage == "pool", cast(x2), "nearest" if c2 else "none")
+        pcast = lambda t: None if t is None else t.to(params_dt or dt)
+        args = (cast(x), pcast(scale), pcast(shift), stage == "pool", cast(x2), "nearest" if c2 else "none")
         y = ops.conv_bn_relu(*args, cast(wt), cast(bias), False, False, False)[0]
         grads = ops.conv_bn_relu_backward(
             cast(gy), None, None, *args, cast(wt), True, False, y, y.new_empty(0), False, [True, c2 > 0, True, True]
         )
         return {"y": y, "grad_x": grads[0], "grad_w": grads[4]} | ({"grad_x2": grads[3]} if c2 else {})
 
-    ref = layer(torch.float64)
-    monkeypatch.setenv("UNETX_WINOGRAD", "0")
-    monkeypatch.setenv("UNETX_CONV_ALGO", "weight_grad=gemm")  # not whichever weight gradient measured fastest
-    base = layer(torch.float32)
-    monkeypatch.setenv("UNETX_WINOGRAD", "1")
+    return layer
+
+
+def force(monkeypatch, algo):
+    """The layer's 3x3 convolution, input gradient and weight gradient forced to one candidate: UNETX_WINOGRAD=1
+    lists Winograd for small layers too, UNETX_CONV_ALGO picks one ('onednn' with unetx's GEMM weight gradient is
+    the stock path)."""
+    monkeypatch.setenv("UNETX_WINOGRAD", "1" if algo != "onednn" else "0")
     gw_algo = "gemm" if algo == "onednn" else algo
     monkeypatch.setenv("UNETX_CONV_ALGO", f"conv3x3_forward={algo},conv3x3_input_grad={algo},weight_grad={gw_algo}")
+
+
+LAYER_SHAPES = pytest.mark.parametrize("shape", [(2, 10, 14), (1, 42, 6)], ids=["batch", "tall"])
+STAGES = pytest.mark.parametrize("stage", ["plain", "bn_relu", "pool", "concat"])
+
+
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2", "onednn"])
+@STAGES
+@LAYER_SHAPES
+def test_layer_uses_winograd_within_bound(monkeypatch, two_threads, algo, stage, shape):
+    """conv_bn_relu with its convolutions forced to each candidate against the float64 layer, within the same bound
+    as the kernels. The 'tall' image (one image, 42 rows: several bands of tile rows, the last one partial) exercises
+    the kernels' band-wise building of the input stage (normalise + ReLU, pool, upsample-concat) with halo rows."""
+    layer = layer_case(stage, shape)
+    ref = layer(torch.float64)
+    force(monkeypatch, "onednn")
+    base = layer(torch.float32)
+    force(monkeypatch, algo)
     got = layer(torch.float32)
     tile = {"winograd4": 4, "winograd2": 2, "onednn": 2}[algo]
     for name, r in ref.items():
@@ -222,6 +258,27 @@ def test_layer_uses_winograd_within_bound(monkeypatch, two_threads, algo, stage,
     assert torch.equal(got["y"], base["y"]) == (algo == "onednn")
     assert torch.equal(got["grad_x"], base["grad_x"]) == (algo == "onednn")
     assert torch.equal(got["grad_w"], base["grad_w"]) == (algo == "onednn")
+
+
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2"])
+@STAGES
+@LAYER_SHAPES
+def test_layer_in_bfloat16_within_twice_stock(monkeypatch, two_threads, algo, stage, shape):
+    """The layer as CPU bf16 autocast runs it (bfloat16 activations and weight, float32 normalisation parameters)
+    with Winograd forced: error against the float64 layer on the same bfloat16 values at most twice the stock
+    path's (oneDNN's bfloat16 convolutions)."""
+    layer = layer_case(stage, shape, bf16_values=True)
+    ref = layer(torch.float64)
+    force(monkeypatch, "onednn")
+    base = layer(torch.bfloat16, params_dt=torch.float32)
+    force(monkeypatch, algo)
+    got = layer(torch.bfloat16, params_dt=torch.float32)
+    for name, r in ref.items():
+        assert got[name].dtype == torch.bfloat16, name
+        floor = 2.0**-8 * r.abs().max().item()
+        err, err_base = max_err(got[name], r), max_err(base[name], r)
+        assert err <= 2 * max(err_base, floor), (name, err, err_base)
+    assert not torch.equal(got["y"], base["y"])  # the forced kernel ran
 
 
 def test_layer_measures_and_caches_its_choice(monkeypatch):
@@ -263,11 +320,12 @@ def test_layer_measures_and_caches_its_choice(monkeypatch):
 
 # ---- the Python op (unetx.ops.winograd_conv3x3): fake impls, autograd, opcheck
 @pytest.mark.parametrize("tile", [4, 2])
-def test_opcheck_all_three_ops(tile):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_all_three_ops(tile, dtype):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, 9, 7, generator=g).contiguous(memory_format=CL)
-    w = torch.randn(6, 5, 3, 3, generator=g)
-    gy = torch.randn(2, 6, 9, 7, generator=g).contiguous(memory_format=CL)
+    x = torch.randn(2, 5, 9, 7, generator=g).contiguous(memory_format=CL).to(dtype)
+    w = torch.randn(6, 5, 3, 3, generator=g).to(dtype)
+    gy = torch.randn(2, 6, 9, 7, generator=g).contiguous(memory_format=CL).to(dtype)
     torch.library.opcheck(ops.winograd_conv3x3.default, (x.requires_grad_(), w.requires_grad_(), tile))
     torch.library.opcheck(ops.winograd_conv3x3_input_grad.default, (gy, w.detach(), tile))
     torch.library.opcheck(ops.winograd_conv3x3_weight_grad.default, (gy, x.detach(), tile))

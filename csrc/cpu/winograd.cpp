@@ -1,5 +1,7 @@
 // CPU kernels: Winograd F(m x m, 3 x 3) convolution (m = 4 or 2) of a 3 x 3, stride-1, padding-1 convolution on
-// dense channels-last float32 operands: forward, input gradient and weight gradient.
+// dense channels-last float32 or bfloat16 operands: forward, input gradient and weight gradient. Operands and results
+// are in their own dtype; the transforms, the tile products and every sum are float32 (bfloat16 values are read into
+// float32 exactly, and results rounded once, as oneDNN's bfloat16 convolutions round theirs).
 //
 // With alpha = m + 2 and P = alpha^2 transform positions, the image is cut into m x m output tiles, each reading an
 // alpha x alpha input window (zero outside the image). Per tile and channel
@@ -14,14 +16,22 @@
 //     grad_g = G^T [ sum over tiles and pixels of (A dY A^T) (.) (B^T d B) ] G,
 // i.e. for each position one GEMM over tiles, Z[p] (Co x C) += (A dY A^T)[p]^T . V[p], accumulated per thread.
 //
-// Cache blocking: tiles are processed in blocks (consecutive tiles, so a block covers whole strips of tile rows):
-// input transform -> P GEMMs -> output transform, with the block's transformed tensors (P * tiles * (C + Co) floats)
-// sized to stay in the core's L2 cache, so the P/m^2 = 2.25x (m = 4) larger transformed tensors never go to memory.
-// Blocks run in parallel (at::parallel_for), each GEMM single-threaded inside it.
+// Cache blocking: tiles are processed in bands (R whole tile rows of one image): input transform -> P GEMMs ->
+// output transform, with the band's transformed tensors (P * tiles * (C + Co) floats) sized to stay in the core's
+// L2 cache, so the P/m^2 = 2.25x (m = 4) larger transformed tensors never go to memory. Bands run in parallel
+// (at::parallel_for), each GEMM single-threaded inside it: oneDNN's JIT batch-reduce GEMM micro-kernel for the
+// forward and input gradient (through ATen's cpublas::brgemm), MKL's sgemm for the weight gradient (whose operand
+// the micro-kernel would need transposed). Where the transformed weight is too large to stay in cache, one large
+// block at a time is split among the threads instead (by tiles for the transforms, by positions for the GEMMs).
 //
-// Memory traffic: forward and input gradient read the input once and write the output once, plus the transformed
-// weight (P * C * Co floats) read once per block (from cache where it fits). The weight gradient reads both
-// operands once and writes the gradient once. Nothing is saved for backward.
+// Fused input stage: where x is a layer's input stage (normalise + ReLU of the previous layer's pre-normalisation
+// output, 2 x 2 average pool, upsample-concat), the forward and the weight gradient build each band's input rows
+// (plus a one-row halo, rounded out to whole source rows) from the layer's own inputs into a per-thread buffer
+// (StageRows), so the stage is never written to memory; about (R * m + 2) / (R * m) of the stage work is redone.
+//
+// Memory traffic: forward and input gradient read the input (or the stage's inputs) once and write the output once,
+// plus the transformed weight (P * C * Co floats) read once per band (from cache where it fits). The weight gradient
+// reads both operands once and writes the gradient once. Nothing is saved for backward.
 //
 // Transforms: the 1-D transforms written out with their common subexpressions (16 channels at a time, one AVX-512
 // vector; the loops over the 16 lanes vectorise under -march=native), applied along rows then columns. The weight
@@ -209,9 +219,9 @@ int64_t block_tiles(int64_t P, int64_t channels, int64_t T) {
 // Loads the alpha x alpha window at (h0, w0) of one image, channels [c, c + VW), zero outside the image; transforms
 // it and stores position p = i * A + j at V + p * vs. Xi holds the image's rows from `lo` on (row h at
 // Xi + (h - lo) * W * C): the whole image, or the rows of a band built for it (Source).
-template <int M, int VW>
-inline void input_tile(const float* Xi, int64_t lo, const Grid& g, int64_t C, int64_t h0, int64_t w0, int64_t c,
-                       float* V, int64_t vs) {
+template <int M, int VW, typename T>
+inline void input_tile(const T* Xi, int64_t lo, const Grid& g, int64_t C, int64_t h0, int64_t w0, int64_t c, float* V,
+                       int64_t vs) {
   constexpr int A = Tile<M>::A;
   alignas(64) float d[A][A][VW], t[A][A][VW];
   const bool inside = h0 >= 0 && w0 >= 0 && h0 + A <= g.H && w0 + A <= g.W;
@@ -220,9 +230,9 @@ inline void input_tile(const float* Xi, int64_t lo, const Grid& g, int64_t C, in
     for (int j = 0; j < A; ++j) {
       const int64_t w = w0 + j;
       if (inside || (h >= 0 && h < g.H && w >= 0 && w < g.W)) {
-        const float* src = Xi + ((h - lo) * g.W + w) * C + c;
+        const T* src = Xi + ((h - lo) * g.W + w) * C + c;
 #pragma omp simd
-        for (int l = 0; l < VW; ++l) d[i][j][l] = src[l];
+        for (int l = 0; l < VW; ++l) d[i][j][l] = static_cast<float>(src[l]);
       } else {
 #pragma omp simd
         for (int l = 0; l < VW; ++l) d[i][j][l] = 0.f;
@@ -235,9 +245,9 @@ inline void input_tile(const float* Xi, int64_t lo, const Grid& g, int64_t C, in
 
 // Transforms the A x A products at Mp + p * ms (channels [c, c + VW)) back to the m x m outputs of the tile at
 // (h0, w0) of image n, writing the ones inside the image.
-template <int M, int VW>
+template <int M, int VW, typename T>
 inline void output_tile(const float* Mp, int64_t ms, const Grid& g, int64_t Co, int64_t n, int64_t h0, int64_t w0,
-                        int64_t c, float* Y) {
+                        int64_t c, T* Y) {
   constexpr int A = Tile<M>::A;
   alignas(64) float t[M][A][VW], y[M][M][VW];
   for (int j = 0; j < A; ++j) Tile<M>::template output<VW>(Mp + j * ms + c, A * ms, &t[0][j][0], A * VW);
@@ -245,25 +255,25 @@ inline void output_tile(const float* Mp, int64_t ms, const Grid& g, int64_t Co, 
   const int64_t hn = std::min<int64_t>(M, g.H - h0), wn = std::min<int64_t>(M, g.W - w0);
   for (int64_t i = 0; i < hn; ++i)
     for (int64_t j = 0; j < wn; ++j) {
-      float* dst = Y + ((n * g.H + h0 + i) * g.W + w0 + j) * Co + c;
+      T* dst = Y + ((n * g.H + h0 + i) * g.W + w0 + j) * Co + c;
 #pragma omp simd
-      for (int l = 0; l < VW; ++l) dst[l] = y[i][j][l];
+      for (int l = 0; l < VW; ++l) dst[l] = static_cast<T>(y[i][j][l]);
     }
 }
 
 // Loads the m x m output gradient of the tile at (h0, w0) (zero outside the image), transforms it to A x A and
 // stores position p at T + p * ts.
-template <int M, int VW>
-inline void grad_output_tile(const float* GY, const Grid& g, int64_t Co, int64_t n, int64_t h0, int64_t w0, int64_t c,
+template <int M, int VW, typename T>
+inline void grad_output_tile(const T* GY, const Grid& g, int64_t Co, int64_t n, int64_t h0, int64_t w0, int64_t c,
                              float* Tp, int64_t ts) {
   constexpr int A = Tile<M>::A;
   alignas(64) float y[M][M][VW], t[A][M][VW];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < M; ++j) {
       if (h0 + i < g.H && w0 + j < g.W) {
-        const float* src = GY + ((n * g.H + h0 + i) * g.W + w0 + j) * Co + c;
+        const T* src = GY + ((n * g.H + h0 + i) * g.W + w0 + j) * Co + c;
 #pragma omp simd
-        for (int l = 0; l < VW; ++l) y[i][j][l] = src[l];
+        for (int l = 0; l < VW; ++l) y[i][j][l] = static_cast<float>(src[l]);
       } else {
 #pragma omp simd
         for (int l = 0; l < VW; ++l) y[i][j][l] = 0.f;
@@ -286,7 +296,7 @@ inline void over_channels(int64_t C, F&& f) {
 template <int M>
 at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
   constexpr int A = Tile<M>::A, P = A * A;
-  const auto w = weight.contiguous();
+  const auto w = weight.to(at::kFloat).contiguous();  // a bfloat16 weight exactly
   const int64_t O = w.size(0), I = w.size(1);
   const int64_t rows = adjoint ? O : I, cols = adjoint ? I : O;  // U[p] is rows x cols: GEMM inputs x outputs
   auto U = at::empty({P, rows, cols}, w.options());
@@ -348,8 +358,9 @@ inline void for_tiles(const Grid& g, int64_t t0, int64_t t1, int64_t first, F&& 
 // The operand x of a forward or a weight gradient: dense [N, H, W, C] in memory, or a layer's input stage built
 // from the layer's own inputs a band of rows at a time (StageRows: normalise + ReLU, 2 x 2 pool, upsample-concat)
 // into a per-thread buffer that stays in cache, so the stage is never written to memory.
+template <typename T>
 struct Source {
-  const float* X = nullptr;  // where rows is null
+  const T* X = nullptr;  // where rows is null
   const StageRows* rows = nullptr;
 };
 
@@ -369,16 +380,17 @@ Bands bands(const Grid& g, int64_t B) {
 
 // Rows of the buffer a band's input is built in: the band's R * m rows, one halo row on each side, rounded out to
 // the source's alignment.
-int64_t band_buffer_rows(const Source& src, const Grid& g, int64_t R, int M) {
+template <typename T>
+int64_t band_buffer_rows(const Source<T>& src, const Grid& g, int64_t R, int M) {
   const int64_t align = std::max<int64_t>(1, src.rows->align);
   return std::min(g.H, R * M + 2 + 2 * (align - 1));
 }
 
 // Image n's input rows for tile rows [ty0, ty1): its rows in memory, or those rows built into `buf`; `lo` is the
 // first row held.
-template <int M>
-inline const float* band_input(const Source& src, const Grid& g, int64_t C, int64_t n, int64_t ty0, int64_t ty1,
-                               float* buf, int64_t& lo) {
+template <int M, typename T>
+inline const T* band_input(const Source<T>& src, const Grid& g, int64_t C, int64_t n, int64_t ty0, int64_t ty1, T* buf,
+                           int64_t& lo) {
   if (!src.rows) {
     lo = 0;
     return src.X + n * g.H * g.W * C;
@@ -387,7 +399,7 @@ inline const float* band_input(const Source& src, const Grid& g, int64_t C, int6
   lo = std::max<int64_t>(0, ty0 * M - 1) / align * align;
   const int64_t hi = std::min(g.H, (std::min(g.H, ty1 * M + 1) + align - 1) / align * align);
   auto view = at::from_blob(buf, {1, C, hi - lo, g.W}, {(hi - lo) * g.W * C, 1, g.W * C, C},
-                            at::TensorOptions().dtype(at::kFloat));
+                            at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   src.rows->fill(n, lo, hi, view);
   return buf;
 }
@@ -401,20 +413,22 @@ inline int64_t position_stride(int64_t tiles, int64_t channels) {
 
 // The whole of x in memory (the paths that share one block among the threads, small images only): src.X, or the
 // stage built image by image into `dense`.
-const float* whole_input(const Source& src, const Grid& g, int64_t C, at::Tensor& dense) {
+template <typename T>
+const T* whole_input(const Source<T>& src, const Grid& g, int64_t C, at::Tensor& dense) {
   if (!src.rows) return src.X;
-  dense = at::empty({g.N, C, g.H, g.W},
-                    at::TensorOptions().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  dense = at::empty(
+      {g.N, C, g.H, g.W},
+      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value).memory_format(at::MemoryFormat::ChannelsLast));
   for (int64_t n = 0; n < g.N; ++n) {
     auto image = dense.narrow(0, n, 1);
     src.rows->fill(n, 0, g.H, image);
   }
-  return dense.const_data_ptr<float>();
+  return dense.const_data_ptr<T>();
 }
 
 // y = conv3x3(x, U) for x [N, H, W, C] and U [P, C, Co] (a transformed weight), y [N, H, W, Co].
-template <int M>
-void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64_t C, int64_t Co) {
+template <int M, typename T>
+void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
   auto output = [&](const float* Mb, int64_t ms, int64_t t, int64_t n, int64_t h0, int64_t w0) {
     over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, ms, g, Co, n, h0, w0, c, Y); });
@@ -423,7 +437,7 @@ void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64
     // shared blocks: as many tiles as the weight has floats per position, so that its traffic stays below the
     // GEMM's own; each step split among the threads (by tiles, by positions, by tiles)
     at::Tensor dense;
-    const float* X = whole_input(src, g, C, dense);
+    const T* X = whole_input(src, g, C, dense);
     const int64_t B = std::min(g.T, std::max<int64_t>(256, C * Co / 256));
     const int64_t vs = position_stride(B, C), ms = position_stride(B, Co);
     std::unique_ptr<float[]> V(new float[P * vs]), Mb(new float[P * ms]);
@@ -431,7 +445,7 @@ void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64
       const int64_t nb = std::min(B, g.T - t0);
       at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
         for_tiles<M>(g, b, e, t0, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
-          const float* Xi = X + n * g.H * g.W * C;
+          const T* Xi = X + n * g.H * g.W * C;
           over_channels(
               C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, 0, g, C, h0 - 1, w0 - 1, c, V.get() + t * C, vs); });
         });
@@ -454,12 +468,12 @@ void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64
   at::parallel_for(0, bd.count, 1, [&](int64_t b0, int64_t b1) {
     const int64_t vs = position_stride(cap, C), ms = position_stride(cap, Co);
     std::unique_ptr<float[]> V(new float[P * vs]), Mb(new float[P * ms]);
-    std::unique_ptr<float[]> rows(src.rows ? new float[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
+    std::unique_ptr<T[]> rows(src.rows ? new T[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n = blk / bd.per_image, ty0 = blk % bd.per_image * bd.R, ty1 = std::min(g.th, ty0 + bd.R);
       const int64_t nb = (ty1 - ty0) * g.tw;
       int64_t lo;
-      const float* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
+      const T* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
       for (int64_t t = 0; t < nb; ++t) {
         const int64_t h0 = (ty0 + t / g.tw) * M, w0 = t % g.tw * M;
         over_channels(
@@ -473,8 +487,8 @@ void conv_impl(const Source& src, const float* U, float* Y, const Grid& g, int64
 }
 
 // grad_w [Co, C, 3, 3] of y = conv3x3(x, w) from gy [N, H, W, Co] and x [N, H, W, C].
-template <int M>
-void weight_grad_impl(const float* GY, const Source& src, at::Tensor& gw, const Grid& g, int64_t C, int64_t Co) {
+template <int M, typename T>
+void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
   // shared: one accumulator, large blocks split among the threads by position (see conv_impl); else one
   // accumulator per thread, each thread a contiguous range of bands
@@ -483,9 +497,9 @@ void weight_grad_impl(const float* GY, const Source& src, at::Tensor& gw, const 
   const Bands bd = bands(g, block_tiles(P, C + Co, g.T));
   const int64_t threads = shared ? 1 : std::min<int64_t>(at::get_num_threads(), bd.count);
   // Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS
-  auto Z = at::zeros({threads, P, Co, C}, gw.options());
+  auto Z = at::zeros({threads, P, Co, C}, gw.options().dtype(at::kFloat));
   float* Zp = Z.data_ptr<float>();
-  auto transform = [&](const float* Xi, int64_t lo, float* V, float* Tg, int64_t cap, int64_t t, int64_t n, int64_t h0,
+  auto transform = [&](const T* Xi, int64_t lo, float* V, float* Tg, int64_t cap, int64_t t, int64_t n, int64_t h0,
                        int64_t w0) {
     const int64_t vs = position_stride(cap, C), ts = position_stride(cap, Co);
     over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V + t * C, vs); });
@@ -499,7 +513,7 @@ void weight_grad_impl(const float* GY, const Source& src, at::Tensor& gw, const 
   };
   if (shared) {
     at::Tensor dense;
-    const float* X = whole_input(src, g, C, dense);
+    const T* X = whole_input(src, g, C, dense);
     std::unique_ptr<float[]> V(new float[P * position_stride(B, C)]), Tg(new float[P * position_stride(B, Co)]);
     for (int64_t t0 = 0; t0 < g.T; t0 += B) {
       const int64_t nb = std::min(B, g.T - t0);
@@ -515,12 +529,12 @@ void weight_grad_impl(const float* GY, const Source& src, at::Tensor& gw, const 
     auto run = [&](int64_t tid) {
       const int64_t b0 = bd.count * tid / threads, b1 = bd.count * (tid + 1) / threads;
       std::unique_ptr<float[]> V(new float[P * position_stride(cap, C)]), Tg(new float[P * position_stride(cap, Co)]);
-      std::unique_ptr<float[]> rows(src.rows ? new float[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
+      std::unique_ptr<T[]> rows(src.rows ? new T[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t n = blk / bd.per_image, ty0 = blk % bd.per_image * bd.R, ty1 = std::min(g.th, ty0 + bd.R);
         const int64_t nb = (ty1 - ty0) * g.tw;
         int64_t lo;
-        const float* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
+        const T* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
         for (int64_t t = 0; t < nb; ++t)
           transform(Xi, lo, V.get(), Tg.get(), cap, t, n, (ty0 + t / g.tw) * M, t % g.tw * M);
         gemms(V.get(), Tg.get(), cap, Zp + tid * P * Co * C, nb, 0, P);
@@ -568,7 +582,21 @@ void check_tile(int64_t m, const char* op) {
 void check_operand(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 4, op, ": expected 4-D ", name, ", got shape ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": expected float32 ", name, ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": expected float32 or bfloat16 ",
+              name, ", got ", t.scalar_type());
+}
+
+void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na, const char* nb) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", na, " is ", a.scalar_type(), " but ", nb, " is ",
+              b.scalar_type(), "; give both in one dtype");
+}
+
+// Runs f(T{}) with T the C++ type of float32 or bfloat16 operands: inputs and outputs in T, transforms, tile
+// products and accumulation in float32.
+template <typename F>
+decltype(auto) with_io_type(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) return f(c10::BFloat16{});
+  return f(float{});
 }
 
 void check_weight(const at::Tensor& w, const char* op) {
@@ -585,17 +613,23 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
   const int64_t in = adjoint ? weight.size(0) : weight.size(1), out = adjoint ? weight.size(1) : weight.size(0);
   TORCH_CHECK(x.size(1) == in, op, ": weight ", weight.sizes(), " expects ", in, " channels in ",
               adjoint ? "grad_y" : "x", ", got ", x.sizes());
+  check_same_dtype(x, weight, op, adjoint ? "grad_y" : "x", "weight");
   const auto xc = rows ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   auto y = at::empty({N, out, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   if (in == 0) return y.zero_();
   const Grid g(N, H, W, int(m));
-  const Source src{rows ? nullptr : xc.const_data_ptr<float>(), rows};
-  if (m == 4)
-    conv_impl<4>(src, transform_weight<4>(weight, adjoint).const_data_ptr<float>(), y.data_ptr<float>(), g, in, out);
-  else
-    conv_impl<2>(src, transform_weight<2>(weight, adjoint).const_data_ptr<float>(), y.data_ptr<float>(), g, in, out);
+  with_io_type(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const Source<T> src{rows ? nullptr : xc.template const_data_ptr<T>(), rows};
+    if (m == 4)
+      conv_impl<4>(src, transform_weight<4>(weight, adjoint).const_data_ptr<float>(), y.template data_ptr<T>(), g, in,
+                   out);
+    else
+      conv_impl<2>(src, transform_weight<2>(weight, adjoint).const_data_ptr<float>(), y.template data_ptr<T>(), g, in,
+                   out);
+  });
   return y;
 }
 
@@ -606,19 +640,24 @@ at::Tensor wino_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, const
   check_operand(x, op, "x");
   TORCH_CHECK(grad_y.size(0) == x.size(0) && grad_y.size(2) == x.size(2) && grad_y.size(3) == x.size(3), op,
               ": grad_y ", grad_y.sizes(), " does not match x ", x.sizes(), " (a 'same' convolution's output)");
+  check_same_dtype(grad_y, x, op, "grad_y", "x");
   const int64_t N = x.size(0), C = x.size(1), Co = grad_y.size(1), H = x.size(2), W = x.size(3);
-  auto gw = at::empty({Co, C, 3, 3}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (gw.numel() == 0) return gw;
-  if (N * H * W == 0) return gw.zero_();
+  // accumulated in float32 whatever the operands' dtype, returned in theirs
+  auto gw = at::empty({Co, C, 3, 3}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  if (gw.numel() == 0) return gw.to(x.scalar_type());
+  if (N * H * W == 0) return gw.zero_().to(x.scalar_type());
   const auto gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   const auto xc = rows ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   const Grid g(N, H, W, int(tile));
-  const Source src{rows ? nullptr : xc.const_data_ptr<float>(), rows};
-  if (tile == 4)
-    weight_grad_impl<4>(gyc.const_data_ptr<float>(), src, gw, g, C, Co);
-  else
-    weight_grad_impl<2>(gyc.const_data_ptr<float>(), src, gw, g, C, Co);
-  return gw;
+  with_io_type(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    const Source<T> src{rows ? nullptr : xc.template const_data_ptr<T>(), rows};
+    if (tile == 4)
+      weight_grad_impl<4>(gyc.template const_data_ptr<T>(), src, gw, g, C, Co);
+    else
+      weight_grad_impl<2>(gyc.template const_data_ptr<T>(), src, gw, g, C, Co);
+  });
+  return gw.to(x.scalar_type());
 }
 
 }  // namespace

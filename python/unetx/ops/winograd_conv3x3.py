@@ -1,5 +1,6 @@
 """unetx.winograd_conv3x3: a 3x3, stride-1, 'same' convolution by Winograd F(4x4,3x3) (tile=4) or F(2x2,3x3)
-(tile=2), with its input and weight gradients; CPU, float32. conv_bn_relu uses these kernels where they measure
+(tile=2), with its input and weight gradients; CPU, float32 or bfloat16 (inputs and results in that dtype,
+transforms and tile products in float32). conv_bn_relu uses these kernels where they measure
 faster than oneDNN for a layer's shape (csrc/cpu/algo_choice.h); this wrapper is for direct use and tests.
 
 Kernels: csrc/cpu/winograd.cpp (CPU only); reference: unetx.ops.reference.winograd_conv3x3 (F.conv2d);
@@ -15,9 +16,10 @@ from ._common import _check_4d, _ops
 
 
 def winograd_conv3x3(x: Tensor, weight: Tensor, tile: int = 4) -> Tensor:
-    """F.conv2d(x, weight, padding=1) for a float32 CPU x [N, C, H, W] and weight [Co, C, 3, 3], by Winograd's
-    minimal filtering: 4x (tile=4) or 2.25x (tile=2) fewer multiplications, a larger rounding error (within 64x resp.
-    4x stock float32's, tests/test_winograd.py). The output is channels-last. Differentiable in x and weight."""
+    """F.conv2d(x, weight, padding=1) for a float32 or bfloat16 CPU x [N, C, H, W] and weight [Co, C, 3, 3] (one
+    dtype), by Winograd's minimal filtering: 4x (tile=4) or 2.25x (tile=2) fewer multiplications, a larger rounding
+    error in float32 (within 64x resp. 4x stock float32's; in bfloat16 within 2x stock bfloat16's, the result's
+    rounding dominating; tests/test_winograd.py). The output is channels-last. Differentiable in x and weight."""
     return _ops.winograd_conv3x3(x, weight, tile)
 
 
