@@ -13,6 +13,7 @@ import time
 
 import torch
 from unetx import bench as ub
+from unetx.allocator import keep_freed_memory
 
 
 def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str) -> None:
@@ -20,6 +21,7 @@ def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str
     from torch.profiler import profile as tprofile
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as `unetx bench` and the other commands run (unetx/allocator.py)
     w = dataclasses.replace(ub.WORKLOADS["CPU-S"], autocast=autocast)
     state, x, target = ub._inputs(w)
     case = ub.Case(w, ub.Form(impl, layout), "train", state, x, target)

@@ -147,6 +147,9 @@ def test_epochs_without_time_plans_sizes_but_not_the_length(cells, tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["budget_s"] is None and "epochs" not in plan["planned"] and "crop" in plan["planned"]
     assert plan["values"]["epochs"] == 1
+    # patches per image left to the data (no budget to size them by): said in words, not as "None"
+    assert plan["values"]["patches_per_image"] is None
+    assert "as many per image per epoch as cover its area" in p.stdout and "None" not in p.stdout, p.stdout
 
 
 def test_resume_keeps_the_plan_and_the_budget_spent(cells, tmp_path):

@@ -3,8 +3,8 @@ predict or measure: a process setting, below the layers, importing nothing of un
 
 glibc's malloc serves every block above its mmap threshold (which its own rule caps at 32 MiB) with a fresh mmap and
 unmaps it when freed. A U-Net training step allocates and frees activation-sized tensors every step (CPU-S in
-float32: 33.5 MiB each), so every step faults in every page of them again; on this project's CPUs that is about a
-sixth of a CPU training step, for stock PyTorch and unetx alike (BENCHMARKS.md, "Allocator"). Raising the mmap and
+float32: 33.5 MiB each), so every step faults in every page of them again: a measurable share of a CPU training
+step, for stock PyTorch and unetx alike (README, "Memory allocator"; BENCHMARKS.md, "Allocator"). Raising the mmap and
 trim thresholds keeps freed blocks in the heap for the next step, which is what jemalloc or tcmalloc (the PyTorch
 CPU performance guide's advice) give too. The cost: the process keeps its peak heap until it exits, which a training
 or prediction run reaches in its first step anyway.

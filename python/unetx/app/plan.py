@@ -157,7 +157,11 @@ class Plan:
         net = (
             f"network: base {v['base_channels']}{src('base_channels')}, depth {v['depth']}{src('depth')}; "
             f"patches {v['crop']} px{src('crop')} x {v['batch_size']}{src('batch_size')} per step, "
-            f"{v['patches_per_image']} per image per epoch{src('patches_per_image')}"
+            + (
+                f"{v['patches_per_image']} per image per epoch{src('patches_per_image')}"
+                if v["patches_per_image"] is not None
+                else "as many per image per epoch as cover its area"
+            )
         )
         out.append(net)
         if self.budget_s is not None and self.step_s is not None:
