@@ -220,6 +220,40 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
   return out[ran];
 }
 
+// Whether the device's GEMM kernels of the 2 x 2 stride-2 transposed convolution (LayerKernels::conv_transpose2x2)
+// are candidates: float32 channels-last operands of a transposed layer with a 2 x 2 kernel, unless
+// UNETX_CONV_ALGO forces another.
+bool transposed2x2_candidate(const LayerKernels& k, const Geometry& g, const at::Tensor& a, const at::Tensor& weight,
+                             bool transposed) {
+  return k.conv_transpose2x2 && transposed && g.k == 2 && a.scalar_type() == at::kFloat &&
+         weight.scalar_type() == at::kFloat && a.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Runs `stock` (ATen's transposed convolution pass) or the device's GEMM kernel (op 0 forward, 1 input gradient of
+// LayerKernels::conv_transpose2x2 on p, q), whichever measures faster for this shape (cpu/algo_choice.h; ATen's
+// first, so it wins ties).
+template <typename Stock>
+at::Tensor fastest_transposed2x2(const LayerKernels& k, const Geometry& g, int64_t op, const at::Tensor& p,
+                                 const at::Tensor& q, const OptTensor& bias, int64_t out_ch, Stock&& stock) {
+  at::Tensor out[2];
+  std::vector<AlgoCandidate> c{{"onednn",
+                                [&](bool) {
+                                  out[0] = stock();
+                                  return true;
+                                }},
+                               {"gemm", [&](bool) {
+                                  auto r = k.conv_transpose2x2(p, q, bias, op);
+                                  if (!r) return false;
+                                  out[1] = *r;
+                                  return true;
+                                }}};
+  const int ran = run_fastest(
+      op == 0 ? "convT2x2_forward" : "convT2x2_input_grad",
+      algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch, g.H, g.W), c);
+  TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no transposed convolution candidate applied");
+  return out[ran];
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,
@@ -253,6 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
     const StageRows rows = stage_rows(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c);
     y = fastest_conv3x3(k, g, 0, shape, weight, weight.size(0), bias ? &*bias : nullptr, by_rows ? &rows : nullptr,
                         stock);
+  } else if (transposed2x2_candidate(k, g, shape, weight, transposed)) {
+    y = fastest_transposed2x2(k, g, 0, stage(), weight, bias, weight.size(1), stock);
   } else {
     y = stock();
   }
@@ -345,9 +381,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       return std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},
                                                   transposed, {0, 0}, 1, {true, false, false}));
     };
-    ga = winograd_candidate(k, g, gy, weight, transposed)
-             ? fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, nullptr, stock)
-             : stock();
+    if (winograd_candidate(k, g, gy, weight, transposed))
+      ga = fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, nullptr, stock);
+    else if (transposed2x2_candidate(k, g, gy, weight, transposed))
+      ga = fastest_transposed2x2(k, g, 1, gy, weight, std::nullopt, g.C1 + g.C2, stock);
+    else
+      ga = stock();
   }
   if (need_wb) {
     struct Slot {
@@ -410,6 +449,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           }});
       }
     }
+    // The device's GEMM kernel of a 2 x 2 transposed convolution (LayerKernels::conv_transpose2x2).
+    Slot gemm2x2;
+    std::vector<AlgoCandidate> gemm2x2_c;
+    if (output_mask[2] && transposed2x2_candidate(k, g, gy, weight, transposed))
+      gemm2x2_c.push_back({"gemm", [&](bool) {
+                             auto r = k.conv_transpose2x2(gy, stage(), std::nullopt, 2);
+                             if (!r) return false;
+                             gemm2x2.gw = *r;
+                             if (has_bias && output_mask[3]) gemm2x2.gb = gy.sum({0, 2, 3});
+                             return true;
+                           }});
     // List order is the preference on ties and where a measurement is cut short: the device's own kernels from
     // LayerKernels::to_planar_min_channels input channels, ATen's channels-last one below.
     std::vector<AlgoCandidate> cands;
@@ -421,6 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (own_first) add(own_c, &own), add(planar_c, &planar);
     cands.push_back(aten_c), slots.push_back(&aten);
     if (!own_first) add(own_c, &own), add(planar_c, &planar);
+    add(gemm2x2_c, &gemm2x2);
     // Winograd last: on a tie the more accurate kernels win
     for (size_t i = 0; i < wino_c.size(); ++i) cands.push_back(wino_c[i]), slots.push_back(&wino[i]);
     const std::string key = algo_key(c10::toString(xc.scalar_type()), at::get_num_threads(), g.N, g.C1, g.C2, g.H, g.W,

@@ -71,6 +71,13 @@ struct LayerKernels {
   // With `rows` (ops 0 and 2), x is the layer's input stage, built a band of rows at a time (x a placeholder).
   at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile,
                             const StageRows* rows) = nullptr;
+
+  // Where not null: the 2 x 2, stride-2 transposed convolution of the expanding path as GEMMs (cpu/kernels.h): op 0
+  // the forward (a = x, b = weight, plus bias), 1 the input gradient (grad_y, weight), 2 the weight gradient
+  // (grad_y, x); std::nullopt where it does not apply (dtype, shape). The layer runs it where it measures faster
+  // than ATen's for its shape.
+  std::optional<at::Tensor> (*conv_transpose2x2)(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
+                                                 int64_t op) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,

@@ -20,6 +20,7 @@ const LayerKernels kKernels{
     /*activation_backward_in_place=*/true,  // written for grad_x == grad_z (see bn_relu.cpp)
     /*to_planar_min_channels=*/kPlanarWeightGradMinChannels,
     /*winograd3x3=*/winograd3x3,
+    /*conv_transpose2x2=*/conv_transpose2x2_op,
 };
 
 }  // namespace
