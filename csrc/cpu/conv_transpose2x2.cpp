@@ -120,8 +120,8 @@ std::optional<at::Tensor> conv_transpose2x2_weight_grad(const at::Tensor& grad_y
           const int64_t n = nh / H, h = nh % H;
           for (int64_t i = 0; i < 2; ++i)
             // column-major G^T (2Co x C) += gY(n, 2h+i)^T (2Co x W) . X(n, h) (W x C)
-            gemm(false, true, 2 * Co, C, W, GY + ((n * 2 * H + 2 * h + i) * 2 * W) * Co, 2 * Co, X + nh * W * C, C,
-                 1.f, A + (t * 2 + i) * C * 2 * Co, 2 * Co);
+            gemm(false, true, 2 * Co, C, W, GY + ((n * 2 * H + 2 * h + i) * 2 * W) * Co, 2 * Co, X + nh * W * C, C, 1.f,
+                 A + (t * 2 + i) * C * 2 * Co, 2 * Co);
         }
     });
   // [i][c][j][co] -> w layout [c][co][i][j]
