@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import unetx
+from conftest import max_err
 
 ops = torch.ops.unetx
 CL = torch.channels_last
@@ -40,10 +41,6 @@ def inputs(n, c, co, h, w, staged, seed=0):
     return x, scale, shift, wt, b, gy
 
 
-def err(a, ref):
-    return (a.double() - ref).abs().max().item()
-
-
 @pytest.mark.parametrize("staged", [False, True], ids=["plain", "bn_relu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gemm_kernels_match_float64_within_twice_aten(monkeypatch, shape, staged):
@@ -56,7 +53,8 @@ def test_gemm_kernels_match_float64_within_twice_aten(monkeypatch, shape, staged
     for name, r in ref.items():
         assert got[name].shape == r.shape and got[name].dtype == torch.float32, name
         floor = 2.0**-23 * r.abs().max().item()
-        assert err(got[name], r) <= 2 * max(err(base[name], r), floor), (name, err(got[name], r), err(base[name], r))
+        err, err_base = max_err(got[name], r), max_err(base[name], r)
+        assert err <= 2 * max(err_base, floor), (name, err, err_base)
     for name in ("y", "grad_x", "grad_w"):  # the layouts ATen's path gives (the parameter's own, for grad_w)
         for mf in (torch.contiguous_format, CL):
             assert got[name].is_contiguous(memory_format=mf) == base[name].is_contiguous(memory_format=mf), (name, mf)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import unetx  # registers torch.ops.unetx
+from conftest import max_err
 
 ops = torch.ops.unetx
 aten = torch.ops.aten
@@ -71,10 +72,6 @@ def winograd(x, gy, wt, tile):
         "input_grad": ops.winograd_conv3x3_input_grad(gy, wt, tile),
         "weight_grad": ops.winograd_conv3x3_weight_grad(gy, x, tile),
     }
-
-
-def max_err(a, ref):
-    return (a.double() - ref).abs().max().item()
 
 
 @pytest.mark.parametrize("tile", TILES)
