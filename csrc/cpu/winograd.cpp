@@ -306,6 +306,17 @@ int64_t streamed_weight_bytes() {
   return bytes;
 }
 
+// The shared-block path, for the forward and the weight gradient alike: whether the transformed weight of P
+// positions is streamed (see streamed_weight_bytes), and the tiles of one shared block: as many as the weight has
+// floats per position / 256, so that its traffic stays below the GEMM's own.
+bool weight_streamed(int64_t P, int64_t C, int64_t Co) {
+  return P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
+}
+
+int64_t shared_block_tiles(const Grid& g, int64_t C, int64_t Co) {
+  return std::min(g.T, std::max<int64_t>(256, C * Co / 256));
+}
+
 // The tiles of block `blk` (B tiles from tile blk * B): f(t, n, h0, w0) for each, the tile's index in the block,
 // its image and its output origin.
 template <int M, typename F>
@@ -395,12 +406,11 @@ void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_
   auto output = [&](const float* Mb, int64_t ms, int64_t t, int64_t n, int64_t h0, int64_t w0) {
     over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, ms, g, Co, n, h0, w0, c, Y); });
   };
-  if (P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes()) {
-    // shared blocks: as many tiles as the weight has floats per position, so that its traffic stays below the
-    // GEMM's own; each step split among the threads (by tiles, by positions, by tiles)
+  if (weight_streamed(P, C, Co)) {
+    // shared blocks, each step split among the threads (by tiles, by positions, by tiles)
     at::Tensor dense;
     const T* X = whole_input(src, g, C, dense);
-    const int64_t B = std::min(g.T, std::max<int64_t>(256, C * Co / 256));
+    const int64_t B = shared_block_tiles(g, C, Co);
     const int64_t vs = position_stride(B, C), ms = position_stride(B, Co);
     std::unique_ptr<float[]> V(new float[P * vs]), Mb(new float[P * ms]);
     for (int64_t t0 = 0; t0 < g.T; t0 += B) {
@@ -454,8 +464,8 @@ void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const G
   constexpr int A = Tile<M>::A, P = A * A;
   // shared: one accumulator, large blocks split among the threads by position (see conv_impl); else one
   // accumulator per thread, each thread a contiguous range of bands
-  const bool shared = P * C * Co * int64_t(sizeof(float)) > streamed_weight_bytes();
-  const int64_t B = std::min(g.T, std::max<int64_t>(256, C * Co / 256));
+  const bool shared = weight_streamed(P, C, Co);
+  const int64_t B = shared_block_tiles(g, C, Co);
   const Bands bd = bands(g, block_tiles(P, C + Co, g.T));
   const int64_t threads = shared ? 1 : std::min<int64_t>(at::get_num_threads(), bd.count);
   // Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS
