@@ -221,8 +221,7 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
 }
 
 // Whether the device's GEMM kernels of the 2 x 2 stride-2 transposed convolution (LayerKernels::conv_transpose2x2)
-// are candidates: float32 channels-last operands of a transposed layer with a 2 x 2 kernel, unless
-// UNETX_CONV_ALGO forces another.
+// are candidates: float32 channels-last operands of a transposed layer with a 2 x 2 kernel.
 bool transposed2x2_candidate(const LayerKernels& k, const Geometry& g, const at::Tensor& a, const at::Tensor& weight,
                              bool transposed) {
   return k.conv_transpose2x2 && transposed && g.k == 2 && a.scalar_type() == at::kFloat &&
@@ -269,9 +268,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
   const auto mf = layout_of(x);
   const auto xc = x.contiguous(mf);
   const OptTensor x2c = x2 ? OptTensor(x2->contiguous(mf)) : std::nullopt;
-  // The stage in memory only for ATen's convolution: where a Winograd kernel runs, it builds the stage band by band
-  // from x (and x2) itself, so the stage is never written to memory.
-  const bool by_rows = stage_by_rows_possible(g, x_scale, x_pool, x2c);
+  // The stage in memory only for ATen's convolution: where a Winograd kernel may run, it builds the stage band by
+  // band from x (and x2) itself, so the stage is never written to memory; elsewhere (no Winograd kernels on the
+  // device, transposed or 1 x 1 layers) the stage is built whole at once, with no placeholder beside it.
+  const bool by_rows = k.winograd3x3 && !transposed && g.k == 3 && stage_by_rows_possible(g, x_scale, x_pool, x2c);
   at::Tensor a;
   auto stage = [&] {
     if (!a.defined()) a = input_stage(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c, mf);
