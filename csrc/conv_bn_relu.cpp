@@ -369,8 +369,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
   const ConvParams cp(g.k, transposed);
   const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
-  const std::vector<int64_t> bias_size{out_ch};
-  const at::OptionalIntArrayRef bias_sizes = has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt;
   // Planar copies: k x k (k > 1) channels-last layers on a device with to_planar (LayerKernels::to_planar).
   const bool can_split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1;
   at::Tensor ga, gw, gb_;
@@ -393,14 +391,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor gw, gb;
     };
     Slot own, aten, planar;
-    const std::array<bool, 3> wb_mask{false, output_mask[2], has_bias && output_mask[3]};
+    // The bias gradient is grad_y summed, for every candidate: the backends' own is no faster, and oneDNN's for a
+    // bfloat16 transposed convolution is a scalar reference loop that doubles that layer's weight-gradient time
+    // (BENCHMARKS.md, "Transposed-convolution bias gradient").
+    const bool need_gb = has_bias && output_mask[3];
+    auto bias_grad = [&] { return need_gb ? gy.sum({0, 2, 3}) : at::Tensor(); };
+    const std::array<bool, 3> w_mask{false, true, false};
     std::vector<AlgoCandidate> own_c, planar_c;
-    const AlgoCandidate aten_c{"onednn", [&](bool) {
-                                 std::tie(std::ignore, aten.gw, aten.gb) =
-                                     at::convolution_backward(gy, stage(), weight, bias_sizes, cp.stride, cp.padding,
-                                                              {1, 1}, transposed, {0, 0}, 1, wb_mask);
-                                 return true;
-                               }};
+    const AlgoCandidate aten_c{
+        "onednn", [&](bool) {
+          if (output_mask[2])
+            aten.gw = std::get<1>(at::convolution_backward(gy, stage(), weight, std::nullopt, cp.stride, cp.padding,
+                                                           {1, 1}, transposed, {0, 0}, 1, w_mask));
+          aten.gb = bias_grad();
+          return true;
+        }};
     if (try_own_gw)
       own_c.push_back({"gemm", [&](bool) {
                          RECORD_FUNCTION("unetx::weight_grad", {});
@@ -412,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          }
                          if (!r) return false;
                          own.gw = *r;
-                         if (has_bias && output_mask[3]) own.gb = gy.sum({0, 2, 3});
+                         own.gb = bias_grad();
                          return true;
                        }});
     if (can_split)
@@ -425,13 +430,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               // the only run: free each channels-last operand once its planar copy exists, so
                               // peak memory stays one operand above the unsplit backward's
                               if (only) gy = at::Tensor();
-                              a_p = output_mask[2] ? k.to_planar(stage())
-                                                   : at::empty(a.sizes(), a.options().memory_format(planar_mf));
+                              if (!output_mask[2]) {  // the bias gradient alone
+                                planar.gb = gy_p.sum({0, 2, 3});
+                                return true;
+                              }
+                              a_p = k.to_planar(stage());
                               if (only) a = at::Tensor();
                             }
-                            std::tie(std::ignore, planar.gw, planar.gb) =
-                                at::convolution_backward(gy_p, a_p, weight.contiguous(planar_mf), bias_sizes, cp.stride,
-                                                         cp.padding, {1, 1}, transposed, {0, 0}, 1, wb_mask);
+                            planar.gw = std::get<1>(at::convolution_backward(gy_p, a_p, weight.contiguous(planar_mf),
+                                                                             std::nullopt, cp.stride, cp.padding,
+                                                                             {1, 1}, transposed, {0, 0}, 1, w_mask));
+                            if (need_gb) planar.gb = gy_p.sum({0, 2, 3});
                             return true;
                           }});
     // Winograd weight gradients (float32 3 x 3; LayerKernels::winograd3x3), from to_planar_min_channels input
@@ -444,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
                             slot->gw = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows)
                                                      : k.winograd3x3(gy, stage(), 2, tile, nullptr);
-                            if (has_bias && output_mask[3]) slot->gb = gy.sum({0, 2, 3});
+                            slot->gb = bias_grad();
                             return true;
                           }});
       }
@@ -457,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              auto r = k.conv_transpose2x2(gy, stage(), std::nullopt, 2);
                              if (!r) return false;
                              gemm2x2.gw = *r;
-                             if (has_bias && output_mask[3]) gemm2x2.gb = gy.sum({0, 2, 3});
+                             gemm2x2.gb = bias_grad();
                              return true;
                            }});
     // List order is the preference on ties and where a measurement is cut short: the device's own kernels from

@@ -507,6 +507,28 @@ def test_each_weight_gradient_candidate_matches_reference(case, algo, dtype, mon
     check_case(CASES[case], dtype, "cpu", "channels_last")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("algo", WEIGHT_GRAD_ALGOS)
+@pytest.mark.parametrize("case", ["transposed", "train-scale-bias", "train-wide-k5-h1w2-bias"])
+def test_bias_gradient_with_frozen_weight(case, algo, dtype, monkeypatch):
+    """Every candidate sums grad_y for the bias gradient itself (not the backend's: oneDNN's for a bfloat16 transposed
+    convolution is a scalar loop), also where the weight is frozen and its gradient is not asked for."""
+    monkeypatch.setenv("UNETX_CONV_ALGO", f"weight_grad={algo}")
+    c = CASES[case]
+    gen = torch.Generator().manual_seed(5)
+    t = make_inputs(c, dtype, "cpu", "channels_last", gen)
+    t["weight"].requires_grad_(False)
+    ours = run_op(c, t)
+    cots = cotangents(ours, gen)
+    (g_ours,) = grads_of(ours, cots, [t["bias"]])
+    exact_in = cast_inputs(t, torch.float64)
+    (g_exact,) = grads_of(run_ref(c, exact_in), cots, [exact_in["bias"]])
+    stock_in = cast_inputs(t, dtype)
+    (g_stock,) = grads_of(run_ref(c, stock_in), cots, [stock_in["bias"]])
+    assert g_ours.dtype == dtype
+    check_outputs([g_ours], [g_stock], [g_exact], dtype, "grad bias")
+
+
 def test_weight_gradient_choice_is_measured_once_and_listed(monkeypatch):
     monkeypatch.delenv("UNETX_CONV_ALGO", raising=False)
     unetx._C.clear_algo_choices()
