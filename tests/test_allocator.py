@@ -67,3 +67,24 @@ def test_cli_applies_it_and_bench_reports_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1].startswith("True glibc malloc, freed blocks kept"), out
+
+
+@pytest.mark.parametrize("command", [["train", "--help"], ["bench", "--rounds", "1"]])
+def test_misspelt_setting_is_a_clear_error(command):
+    """A value other than system/keep stops the command before it does anything: one line naming the value and the
+    fix, exit 2, no traceback."""
+    out = subprocess.run(
+        [sys.executable, "-m", "unetx", *command],
+        env={**os.environ, "UNETX_MALLOC": "sytem"},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr and out.stdout == "", out
+    (line,) = out.stderr.strip().splitlines()
+    assert "UNETX_MALLOC='sytem'" in line and "UNETX_MALLOC=system" in line, line
+
+
+def test_keep_is_the_default_by_name():
+    faults, pages = _faults("import unetx.allocator as a; assert a.keep_freed_memory()", UNETX_MALLOC="keep")
+    assert faults < pages // 10, (faults, pages)

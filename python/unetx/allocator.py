@@ -10,7 +10,8 @@ CPU performance guide's advice) give too. The cost: the process keeps its peak h
 or prediction run reaches in its first step anyway.
 
 `import unetx` changes nothing: a library does not retune its host process's allocator. UNETX_MALLOC=system turns
-it off for the commands too (to compare, or where another allocator is preloaded).
+it off for the commands too (to compare, or where another allocator is preloaded); UNETX_MALLOC=keep (or unset) is
+the default; any other value is an error, so that a misspelt opt-out is not silently ignored.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ THRESHOLD = 1 << 30
 _applied: bool | None = None
 
 
+SETTINGS = ("keep", "system")
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to THRESHOLD bytes, once per process. True where it took effect (Linux
-    with glibc and no UNETX_MALLOC=system), False where it does not apply."""
+    with glibc and no UNETX_MALLOC=system), False where it does not apply. ValueError for an UNETX_MALLOC that is
+    not one of SETTINGS (before anything is changed)."""
     global _applied
     if _applied is None:
         _applied = _apply()
@@ -39,7 +44,13 @@ def keep_freed_memory() -> bool:
 
 
 def _apply() -> bool:
-    if os.environ.get("UNETX_MALLOC", "").strip().lower() == "system":
+    setting = os.environ.get("UNETX_MALLOC", "").strip().lower() or "keep"
+    if setting not in SETTINGS:
+        raise ValueError(
+            f"UNETX_MALLOC={os.environ['UNETX_MALLOC']!r} is not a setting: use UNETX_MALLOC=system for the system's "
+            "malloc as configured, or leave it unset (keep freed blocks for the next step)"
+        )
+    if setting == "system":
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

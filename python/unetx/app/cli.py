@@ -587,7 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from ..allocator import keep_freed_memory
 
-    keep_freed_memory()  # every command allocates activation-sized tensors step after step (see allocator.py)
+    try:
+        keep_freed_memory()  # every command allocates activation-sized tensors step after step (see allocator.py)
+    except ValueError as e:
+        print(f"unetx: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if argv and argv[0] == "bench":
         try:
             from .. import bench

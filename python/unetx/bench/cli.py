@@ -68,7 +68,10 @@ def run_args(args: argparse.Namespace) -> int:
     """Run `unetx bench` from parsed arguments (see add_arguments); prints the table. Returns the exit code."""
     from ..allocator import keep_freed_memory
 
-    keep_freed_memory()  # as the other commands run, for stock PyTorch and unetx alike (see unetx/allocator.py)
+    try:
+        keep_freed_memory()  # as the other commands run, for stock PyTorch and unetx alike (see unetx/allocator.py)
+    except ValueError as e:
+        raise SystemExit(f"unetx bench: error: {e}") from None
     for name in ("size", "batch", "rounds", "threads"):
         _positive(getattr(args, name), "--" + name)
     cfg = {
