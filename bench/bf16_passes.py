@@ -28,6 +28,7 @@ import time
 
 import torch
 import unetx
+from unetx.allocator import keep_freed_memory
 
 
 def cpu_flags() -> str:
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
     if a.weight_grad:
         os.environ["UNETX_CONV_ALGO"] = f"weight_grad={a.weight_grad}"
     torch.manual_seed(0)

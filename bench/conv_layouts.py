@@ -18,6 +18,7 @@ import sys
 
 import torch
 from unetx import bench
+from unetx.allocator import keep_freed_memory
 
 aten = torch.ops.aten
 CL, NCHW = torch.channels_last, torch.contiguous_format
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
     w = bench.WORKLOADS[args.workload]
     if args.quick:
         config = dict(w.config, base_channels=4, depth=2)

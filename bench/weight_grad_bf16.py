@@ -11,10 +11,12 @@ import statistics
 import time
 
 import torch
+from unetx.allocator import keep_freed_memory
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--threads", type=int, default=2)
 torch.set_num_threads(parser.parse_args().threads)
+keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
 
 
 def med(f, r=5):
