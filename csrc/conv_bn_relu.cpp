@@ -193,28 +193,29 @@ bool winograd_candidate(const LayerKernels& k, const Geometry& g, const at::Tens
 // Runs `stock` (ATen's convolution, forward or input gradient) or a Winograd kernel (op 0 or 1 of
 // LayerKernels::winograd3x3 on operands p, q), whichever measures fastest for this shape (cpu/algo_choice.h;
 // UNETX_CONV_ALGO=conv3x3_forward=winograd4 and the like force one). ATen's is first: the most accurate wins ties.
-// A forward's bias (ATen's convolution adds it) is added to the Winograd result. With `rows` (a forward whose input
-// is a stage), p is a placeholder: the Winograd kernels build the stage band by band, `stock` builds it whole.
+// A forward's bias (ATen's convolution adds it) and, with `relu` (an eval layer), its ReLU are applied in the Winograd
+// kernels' output transform; `stock` is relu'd in place, inside its timing. With `rows` (a forward whose input is a
+// stage), p is a placeholder: the Winograd kernels build the stage band by band, `stock` builds it whole.
 template <typename Stock>
 at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op, const at::Tensor& p,
-                           const at::Tensor& q, int64_t out_ch, const at::Tensor* bias, const StageRows* rows,
-                           Stock&& stock) {
+                           const at::Tensor& q, int64_t out_ch, const at::Tensor* bias, bool relu,
+                           const StageRows* rows, Stock&& stock) {
   at::Tensor out[3];
   std::vector<AlgoCandidate> c{{"onednn", [&](bool) {
                                   out[0] = stock();
+                                  if (relu) out[0].relu_();
                                   return true;
                                 }}};
   for (const int64_t tile : {int64_t(4), int64_t(2)}) {
     const size_t i = c.size();
     c.push_back({"winograd" + std::to_string(tile), [&, i, tile](bool) {
-                   out[i] = k.winograd3x3(p, q, op, tile, rows);
-                   if (bias) out[i].add_(bias->view({1, -1, 1, 1}));
+                   out[i] = k.winograd3x3(p, q, op, tile, rows, bias, relu);
                    return true;
                  }});
   }
   const int ran = run_fastest(op == 0 ? "conv3x3_forward" : "conv3x3_input_grad",
                               algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch,
-                                       g.H, g.W, rows != nullptr),
+                                       g.H, g.W, rows != nullptr, bias != nullptr, relu),
                               c);
   TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no 3x3 convolution candidate applied");
   return out[ran];
@@ -283,10 +284,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
     return at::convolution(stage(), weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1);
   };
   at::Tensor y;
+  bool relu_done = false;  // an eval layer's ReLU, where the convolution applied it
   if (winograd_candidate(k, g, shape, weight, transposed)) {
     const StageRows rows = stage_rows(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c);
-    y = fastest_conv3x3(k, g, 0, shape, weight, weight.size(0), bias ? &*bias : nullptr, by_rows ? &rows : nullptr,
-                        stock);
+    y = fastest_conv3x3(k, g, 0, shape, weight, weight.size(0), bias ? &*bias : nullptr, relu,
+                        by_rows ? &rows : nullptr, stock);
+    relu_done = relu;
   } else if (transposed2x2_candidate(k, g, shape, weight, transposed)) {
     y = fastest_transposed2x2(k, g, 0, stage(), weight, bias, weight.size(1), stock);
   } else {
@@ -296,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
   // (N, 1, 1, 1)) or backends (cuDNN in float64) is not x's. Pin it to what the fake impl promises: x's layout, or
   // channels_last when the weight is; a no-op whenever the backend already chose it.
   y = y.contiguous(output_layout(x, weight));
-  if (relu) y.relu_();
+  if (relu && !relu_done) y.relu_();
   if (!stats) return {y, at::empty({0}, y.options()), at::empty({0}, y.options())};
   TORCH_CHECK_VALUE(y.numel() / y.size(1) > 1, kOp,  // ValueError, as nn.BatchNorm2d raises
                     ": Expected more than 1 value per channel when training, got input size ", y.sizes(),
@@ -380,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                   transposed, {0, 0}, 1, {true, false, false}));
     };
     if (winograd_candidate(k, g, gy, weight, transposed))
-      ga = fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, nullptr, stock);
+      ga = fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, false, nullptr, stock);
     else if (transposed2x2_candidate(k, g, gy, weight, transposed))
       ga = fastest_transposed2x2(k, g, 1, gy, weight, std::nullopt, g.C1 + g.C2, stock);
     else
@@ -451,8 +454,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (const int64_t tile : {int64_t(4), int64_t(2)}) {
         Slot* slot = &wino[tile == 4 ? 0 : 1];
         wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
-                            slot->gw = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows)
-                                                     : k.winograd3x3(gy, stage(), 2, tile, nullptr);
+                            slot->gw = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, nullptr, false)
+                                                     : k.winograd3x3(gy, stage(), 2, tile, nullptr, nullptr, false);
                             slot->gb = bias_grad();
                             return true;
                           }});

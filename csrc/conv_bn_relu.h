@@ -69,8 +69,10 @@ struct LayerKernels {
   // weight), 2 the weight gradient (grad_y, x); tile 4 or 2. The layer runs them where they measure faster than
   // ATen's convolution for its shape (cpu/algo_choice.h); UNETX_WINOGRAD=0 turns them off.
   // With `rows` (ops 0 and 2), x is the layer's input stage, built a band of rows at a time (x a placeholder).
-  at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile,
-                            const StageRows* rows) = nullptr;
+  // The forward adds `bias` (where not null) and applies ReLU (`relu`) in its output transform: an eval layer's
+  // output is written once (null and false for ops 1 and 2).
+  at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
+                            const at::Tensor* bias, bool relu) = nullptr;
 
   // Where not null: the 2 x 2, stride-2 transposed convolution of the expanding path as GEMMs (cpu/kernels.h): op 0
   // the forward (a = x, b = weight, plus bias), 1 the input gradient (grad_y, weight), 2 the weight gradient

@@ -206,14 +206,28 @@ inline void input_tile(const T* Xi, int64_t lo, const Grid& g, int64_t C, int64_
 }
 
 // Transforms the A x A products at Mp + p * ms (channels [c, c + VW)) back to the m x m outputs of the tile at
-// (h0, w0) of image n, writing the ones inside the image.
-template <int M, int VW, typename T>
+// (h0, w0) of image n, writing the ones inside the image; with BIAS plus bias[c + l], with RELU then relu'd (a NaN
+// stays NaN, as torch.relu), both in float32 before the one rounding to T.
+template <int M, int VW, bool BIAS, bool RELU, typename T>
 inline void output_tile(const float* Mp, int64_t ms, const Grid& g, int64_t Co, int64_t n, int64_t h0, int64_t w0,
-                        int64_t c, T* Y) {
+                        int64_t c, const float* bias, T* Y) {
   constexpr int A = Tile<M>::A;
   alignas(64) float t[M][A][VW], y[M][M][VW];
   for (int j = 0; j < A; ++j) Tile<M>::template output<VW>(Mp + j * ms + c, A * ms, &t[0][j][0], A * VW);
   for (int i = 0; i < M; ++i) Tile<M>::template output<VW>(&t[i][0][0], VW, &y[i][0][0], VW);
+  // the epilogue on the float32 tile, apart from the stores: fused into the rounding loop below, the bfloat16 stores
+  // stopped vectorising (2.4x slower layers)
+  if constexpr (BIAS || RELU)
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < M; ++j) {
+#pragma omp simd
+        for (int l = 0; l < VW; ++l) {
+          float v = y[i][j][l];
+          if constexpr (BIAS) v += bias[c + l];
+          if constexpr (RELU) v = v <= 0.f ? 0.f : v;
+          y[i][j][l] = v;
+        }
+      }
   const int64_t hn = std::min<int64_t>(M, g.H - h0), wn = std::min<int64_t>(M, g.W - w0);
   for (int64_t i = 0; i < hn; ++i)
     for (int64_t j = 0; j < wn; ++j) {
@@ -222,6 +236,13 @@ inline void output_tile(const float* Mp, int64_t ms, const Grid& g, int64_t Co, 
       for (int l = 0; l < VW; ++l) dst[l] = static_cast<T>(y[i][j][l]);
     }
 }
+
+// The forward's output epilogue: bias (float32, one per output channel) added and ReLU applied in the output
+// transform, so that an eval layer (BatchNorm folded into weight and bias, ReLU fused) writes its output once.
+struct Epilogue {
+  const float* bias = nullptr;
+  bool relu = false;
+};
 
 // Loads the m x m output gradient of the tile at (h0, w0) (zero outside the image), transforms it to A x A and
 // stores position p at T + p * ts.
@@ -401,10 +422,22 @@ const T* whole_input(const Source<T>& src, const Grid& g, int64_t C, at::Tensor&
 
 // y = conv3x3(x, U) for x [N, H, W, C] and U [P, C, Co] (a transformed weight), y [N, H, W, Co].
 template <int M, typename T>
-void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_t C, int64_t Co) {
+void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_t C, int64_t Co, Epilogue ep) {
   constexpr int A = Tile<M>::A, P = A * A;
   auto output = [&](const float* Mb, int64_t ms, int64_t t, int64_t n, int64_t h0, int64_t w0) {
-    over_channels(Co, [&]<int VW>(int64_t c) { output_tile<M, VW>(Mb + t * Co, ms, g, Co, n, h0, w0, c, Y); });
+    auto tiles = [&]<bool BIAS, bool RELU>() {
+      over_channels(Co, [&]<int VW>(int64_t c) {
+        output_tile<M, VW, BIAS, RELU>(Mb + t * Co, ms, g, Co, n, h0, w0, c, ep.bias, Y);
+      });
+    };
+    if (ep.bias && ep.relu)
+      tiles.template operator()<true, true>();
+    else if (ep.bias)
+      tiles.template operator()<true, false>();
+    else if (ep.relu)
+      tiles.template operator()<false, true>();
+    else
+      tiles.template operator()<false, false>();
   };
   if (weight_streamed(P, C, Co)) {
     // shared blocks, each step split among the threads (by tiles, by positions, by tiles)
@@ -576,9 +609,10 @@ void check_weight(const at::Tensor& w, const char* op) {
   TORCH_CHECK(w.size(2) == 3 && w.size(3) == 3, op, ": expected a 3x3 weight, got shape ", w.sizes());
 }
 
-// With `rows`, x (the forward's) is a placeholder for its shape, its values built band by band (Source).
+// With `rows`, x (the forward's) is a placeholder for its shape, its values built band by band (Source). With
+// `bias` and / or `relu` (the forward only), the output epilogue (Epilogue).
 at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& weight, int64_t m, bool adjoint,
-                const char* op) {
+                const char* op, const at::Tensor* bias = nullptr, bool relu = false) {
   check_tile(m, op);
   check_operand(x, op, adjoint ? "grad_y" : "x");
   check_weight(weight, op);
@@ -590,17 +624,28 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   auto y = at::empty({N, out, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  if (in == 0) return y.zero_();
+  at::Tensor bias_f;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": expected a bias of shape [", out, "], got ",
+                bias->sizes());
+    bias_f = bias->to(at::kFloat).contiguous();  // a bfloat16 bias exactly
+  }
+  if (in == 0) {  // the output is the epilogue of zero
+    y.zero_();
+    if (bias) y.add_(bias_f.view({1, -1, 1, 1}));
+    return relu ? y.relu_() : y;
+  }
   const Grid g(N, H, W, int(m));
+  const Epilogue ep{bias ? bias_f.const_data_ptr<float>() : nullptr, relu};
   with_io_type(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     const Source<T> src{rows ? nullptr : xc.template const_data_ptr<T>(), rows};
     if (m == 4)
       conv_impl<4>(src, transform_weight<4>(weight, adjoint).const_data_ptr<float>(), y.template data_ptr<T>(), g, in,
-                   out);
+                   out, ep);
     else
       conv_impl<2>(src, transform_weight<2>(weight, adjoint).const_data_ptr<float>(), y.template data_ptr<T>(), g, in,
-                   out);
+                   out, ep);
   });
   return y;
 }
@@ -646,10 +691,12 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
   return wino_weight_grad(grad_y, x, nullptr, tile);
 }
 
-at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows) {
+at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
+                       const at::Tensor* bias, bool relu) {
+  TORCH_INTERNAL_ASSERT(op == 0 || (!bias && !relu), "unetx: a Winograd epilogue is for the forward only");
   switch (op) {
     case 0:
-      return conv(a, rows, b, tile, /*adjoint=*/false, "unetx.winograd_conv3x3");
+      return conv(a, rows, b, tile, /*adjoint=*/false, "unetx.winograd_conv3x3", bias, relu);
     case 1:
       return winograd_conv3x3_input_grad(a, b, tile);
     default:
