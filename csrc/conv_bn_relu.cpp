@@ -193,31 +193,51 @@ bool winograd_candidate(const LayerKernels& k, const Geometry& g, const at::Tens
 // Runs `stock` (ATen's convolution, forward or input gradient) or a Winograd kernel (op 0 or 1 of
 // LayerKernels::winograd3x3 on operands p, q), whichever measures fastest for this shape (cpu/algo_choice.h;
 // UNETX_CONV_ALGO=conv3x3_forward=winograd4 and the like force one). ATen's is first: the most accurate wins ties.
-// A forward's bias (ATen's convolution adds it) and, with `relu` (an eval layer), its ReLU are applied in the Winograd
-// kernels' output transform; `stock` is relu'd in place, inside its timing. With `rows` (a forward whose input is a
-// stage), p is a placeholder: the Winograd kernels build the stage band by band, `stock` builds it whole.
+// A forward's epilogue `ep` (ConvEpilogue: the bias, which ATen's convolution adds; an eval layer's ReLU; a training
+// layer's batch statistics) is applied in the Winograd kernels' output transform, and to `stock`'s output by the
+// device's passes, inside its timing. With `rows` (a forward whose input is a stage), p is a placeholder: the
+// Winograd kernels build the stage band by band, `stock` builds it whole.
 template <typename Stock>
 at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op, const at::Tensor& p,
-                           const at::Tensor& q, int64_t out_ch, const at::Tensor* bias, bool relu,
-                           const StageRows* rows, Stock&& stock) {
+                           const at::Tensor& q, int64_t out_ch, const ConvEpilogue& ep, const StageRows* rows,
+                           Stock&& stock) {
   at::Tensor out[3];
+  // each candidate's own statistics, so that the ones returned are of the output returned
+  at::Tensor mean[3], var[3];
+  auto own = [&](size_t i) {
+    ConvEpilogue e = ep;
+    if (ep.mean) {
+      mean[i] = at::empty_like(*ep.mean), var[i] = at::empty_like(*ep.var);
+      e.mean = &mean[i], e.var = &var[i];
+    }
+    return e;
+  };
   std::vector<AlgoCandidate> c{{"onednn", [&](bool) {
+                                  const ConvEpilogue e = own(0);
                                   out[0] = stock();
-                                  if (relu) out[0].relu_();
+                                  if (e.relu) out[0].relu_();
+                                  if (e.mean) {
+                                    RECORD_FUNCTION("unetx::batch_stats", {});
+                                    k.batch_stats(out[0], *e.mean, *e.var);
+                                  }
                                   return true;
                                 }}};
   for (const int64_t tile : {int64_t(4), int64_t(2)}) {
     const size_t i = c.size();
     c.push_back({"winograd" + std::to_string(tile), [&, i, tile](bool) {
-                   out[i] = k.winograd3x3(p, q, op, tile, rows, bias, relu);
+                   out[i] = k.winograd3x3(p, q, op, tile, rows, own(i));
                    return true;
                  }});
   }
   const int ran = run_fastest(op == 0 ? "conv3x3_forward" : "conv3x3_input_grad",
                               algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch,
-                                       g.H, g.W, rows != nullptr, bias != nullptr, relu),
+                                       g.H, g.W, rows != nullptr, ep.bias != nullptr, ep.relu, ep.mean != nullptr),
                               c);
   TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no 3x3 convolution candidate applied");
+  if (ep.mean) {
+    *ep.mean = mean[ran];
+    *ep.var = var[ran];
+  }
   return out[ran];
 }
 
@@ -284,12 +304,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
     return at::convolution(stage(), weight, bias, cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1);
   };
   at::Tensor y;
-  bool relu_done = false;  // an eval layer's ReLU, where the convolution applied it
+  const auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor mean, var;
+  if (stats) mean = at::empty({weight.size(transposed ? 1 : 0)}, acc_opts), var = at::empty_like(mean);
+  bool epilogue_done = false;  // the ReLU / batch statistics, where the convolution computed them
   if (winograd_candidate(k, g, shape, weight, transposed)) {
     const StageRows rows = stage_rows(k, g, xc, x_mean, x_scale, x_shift, x_pool, x2c);
-    y = fastest_conv3x3(k, g, 0, shape, weight, weight.size(0), bias ? &*bias : nullptr, relu,
-                        by_rows ? &rows : nullptr, stock);
-    relu_done = relu;
+    const ConvEpilogue ep{bias ? &*bias : nullptr, relu, stats ? &mean : nullptr, stats ? &var : nullptr};
+    y = fastest_conv3x3(k, g, 0, shape, weight, weight.size(0), ep, by_rows ? &rows : nullptr, stock);
+    epilogue_done = true;
   } else if (transposed2x2_candidate(k, g, shape, weight, transposed)) {
     y = fastest_transposed2x2(k, g, 0, stage(), weight, bias, weight.size(1), stock);
   } else {
@@ -299,15 +322,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
   // (N, 1, 1, 1)) or backends (cuDNN in float64) is not x's. Pin it to what the fake impl promises: x's layout, or
   // channels_last when the weight is; a no-op whenever the backend already chose it.
   y = y.contiguous(output_layout(x, weight));
-  if (relu && !relu_done) y.relu_();
+  if (relu && !epilogue_done) y.relu_();
   if (!stats) return {y, at::empty({0}, y.options()), at::empty({0}, y.options())};
   TORCH_CHECK_VALUE(y.numel() / y.size(1) > 1, kOp,  // ValueError, as nn.BatchNorm2d raises
                     ": Expected more than 1 value per channel when training, got input size ", y.sizes(),
                     " (batch statistics need batch * height * width > 1)");
   y = y.contiguous(layout_of(y));
-  auto opts = y.options().dtype(acc_type(y.scalar_type()));
-  auto mean = at::empty({y.size(1)}, opts), var = at::empty({y.size(1)}, opts);
-  {
+  if (!epilogue_done) {
     RECORD_FUNCTION("unetx::batch_stats", {});
     k.batch_stats(y, mean, var);
   }
@@ -383,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                   transposed, {0, 0}, 1, {true, false, false}));
     };
     if (winograd_candidate(k, g, gy, weight, transposed))
-      ga = fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, nullptr, false, nullptr, stock);
+      ga = fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, ConvEpilogue{}, nullptr, stock);
     else if (transposed2x2_candidate(k, g, gy, weight, transposed))
       ga = fastest_transposed2x2(k, g, 1, gy, weight, std::nullopt, g.C1 + g.C2, stock);
     else
@@ -454,8 +475,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (const int64_t tile : {int64_t(4), int64_t(2)}) {
         Slot* slot = &wino[tile == 4 ? 0 : 1];
         wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
-                            slot->gw = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, nullptr, false)
-                                                     : k.winograd3x3(gy, stage(), 2, tile, nullptr, nullptr, false);
+                            slot->gw = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, ConvEpilogue{})
+                                                     : k.winograd3x3(gy, stage(), 2, tile, nullptr, ConvEpilogue{});
                             slot->gb = bias_grad();
                             return true;
                           }});

@@ -30,6 +30,17 @@ struct StageRows {
   int64_t align = 1;
 };
 
+// What a device's convolution kernel may do to its output while it writes it (LayerKernels::winograd3x3's forward):
+// add `bias` (where not null), apply ReLU, and, with mean and var (float32 or float64 vectors, one value per output
+// channel), compute the output's biased batch statistics as batch_stats does; so a layer's output is written once and
+// not read again in its forward.
+struct ConvEpilogue {
+  const at::Tensor* bias = nullptr;
+  bool relu = false;
+  at::Tensor* mean = nullptr;
+  at::Tensor* var = nullptr;
+};
+
 // One device's kernels (see cpu/kernels.h for what each one does and its memory traffic). Every op (csrc/ops.cpp:
 // checks, outputs, composition) is written once over this table; a device supplies only the table.
 struct LayerKernels {
@@ -69,10 +80,10 @@ struct LayerKernels {
   // weight), 2 the weight gradient (grad_y, x); tile 4 or 2. The layer runs them where they measure faster than
   // ATen's convolution for its shape (cpu/algo_choice.h); UNETX_WINOGRAD=0 turns them off.
   // With `rows` (ops 0 and 2), x is the layer's input stage, built a band of rows at a time (x a placeholder).
-  // The forward adds `bias` (where not null) and applies ReLU (`relu`) in its output transform: an eval layer's
-  // output is written once (null and false for ops 1 and 2).
+  // The forward applies `out` (ConvEpilogue: bias, ReLU, batch statistics) in its output transform; ops 1 and 2
+  // take an empty one.
   at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
-                            const at::Tensor* bias, bool relu) = nullptr;
+                            const ConvEpilogue& out) = nullptr;
 
   // Where not null: the 2 x 2, stride-2 transposed convolution of the expanding path as GEMMs (cpu/kernels.h): op 0
   // the forward (a = x, b = weight, plus bias), 1 the input gradient (grad_y, weight), 2 the weight gradient

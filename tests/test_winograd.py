@@ -325,6 +325,57 @@ def test_eval_layer_adds_bias_and_relu_in_the_output_transform(monkeypatch, two_
     assert (o[r < -bound] == 0).all() and (o >= 0).all()
 
 
+# (N, C, Co, H, W, stage): bands of one thread's work, a tall image (several bands per image), and a weight large
+# enough for the shared-block path (transformed weight above 8 MiB for F(4x4): 36 * 256 * 240 floats)
+STATS_SHAPES = {
+    "bands": (2, 17, 9, 10, 14, "bn_relu"),
+    "tall": (1, 17, 9, 42, 6, "plain"),
+    "shared-block": (2, 256, 240, 9, 11, "plain"),
+}
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "mean-1e3"])
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(STATS_SHAPES))
+def test_training_layer_statistics_in_the_output_transform(monkeypatch, two_threads, shape, dtype, algo, offset):
+    """A training layer (stats=True) with Winograd forced accumulates its batch statistics in the output transform:
+    they are the statistics of the output it returns (float64 torch.var_mean of it), also where the mean is 1000
+    standard deviations from zero (a bias of 1e3: naive float32 sums of squares would cancel)."""
+    n, c, co, h, w, stage = STATS_SHAPES[shape]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=CL)
+    wt = (torch.randn(co, c, 3, 3, generator=g) / (9 * c) ** 0.5).to(dtype).contiguous(memory_format=CL)
+    bias = (offset + torch.randn(co, generator=g)).to(dtype) if offset else None
+    scale = torch.rand(c, generator=g) + 0.5 if stage == "bn_relu" else None
+    shift = torch.randn(c, generator=g) if stage == "bn_relu" else None
+    force(monkeypatch, algo)
+    y, mean, var = ops.conv_bn_relu(x, scale, shift, False, None, "none", wt, bias, False, True, False)
+    assert mean.dtype == var.dtype == torch.float32
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
+    sd = ref_var.sqrt()
+    assert ((mean.double() - ref_mean).abs() <= 1e-5 * sd + 1e-6 * ref_mean.abs()).all(), (mean, ref_mean)
+    assert ((var.double() - ref_var).abs() <= 1e-4 * ref_var + 1e-12).all(), (var, ref_var)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2"])
+def test_training_layer_statistics_of_nonfinite_outputs(monkeypatch, two_threads, algo, value):
+    """Where the output holds an Inf or NaN, the statistics say so as torch.var_mean of the output does (the fused
+    sums fall back to batch_stats, whose mean stays Inf rather than becoming Inf - Inf)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 17, 10, 14, generator=g).contiguous(memory_format=CL)
+    x[1, 2, 3, 4] = value
+    wt = (torch.randn(9, 17, 3, 3, generator=g) / 12).abs().contiguous(memory_format=CL)  # an Inf stays +Inf
+    force(monkeypatch, algo)
+    y, mean, var = ops.conv_bn_relu(x, None, None, False, None, "none", wt, None, False, True, False)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
+    for got, ref in ((mean, ref_mean), (var, ref_var)):
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf()), (got, ref)
+        fin = ref.isfinite()  # (every channel reads the bad pixel: none is finite here, but the check stays general)
+        assert torch.allclose(got.double()[fin], ref[fin], rtol=1e-4, atol=1e-6)
+
+
 def test_layer_measures_and_caches_its_choice(monkeypatch):
     """Unforced, the layer measures ATen's and the Winograd kernels once per shape and lists its decisions."""
     monkeypatch.setenv("UNETX_WINOGRAD", "1")

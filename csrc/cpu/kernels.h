@@ -101,8 +101,9 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
 // The three as one LayerKernels entry: op 0 forward (x, weight), 1 input gradient (grad_y, weight), 2 weight
 // gradient (grad_y, x). With `rows` (ops 0 and 2), x is a layer's input stage built band by band from the layer's
 // own inputs into a per-thread buffer (x itself only a placeholder for its shape), never written to memory whole.
-// The forward's bias (where not null) and ReLU are applied in its output transform, before the rounding to x's dtype.
+// The forward's epilogue (bias, ReLU: before the rounding to x's dtype; batch statistics: of the rounded output) is
+// applied in its output transform.
 at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
-                       const at::Tensor* bias, bool relu);
+                       const ConvEpilogue& out);
 
 }  // namespace unetx::cpu

@@ -48,8 +48,11 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
@@ -237,11 +240,97 @@ inline void output_tile(const float* Mp, int64_t ms, const Grid& g, int64_t Co, 
     }
 }
 
+// Batch statistics of the forward's output, accumulated while it is written (training layers): every piece of work
+// (a band, or a chunk of a shared block's tiles) sums its stored outputs' differences from its own pivot (its
+// first output pixel, per channel) in float32, 16 tiles at a time, then in double; the pieces' (count, mean, M2)
+// are merged in double (Chan et al.'s pairwise update), so a large mean cancels no more than in batch_stats.
+class StatsSink {
+ public:
+  explicit StatsSink(int64_t Co) : Co_(Co), mean_(Co, 0.0), m2_(Co, 0.0) {}
+  void merge(int64_t n, const double* mean, const double* m2) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const double na = double(n_), nb = double(n), nn = na + nb;
+    for (int64_t c = 0; c < Co_; ++c) {
+      const double d = mean[c] - mean_[c];
+      mean_[c] += d * nb / nn;
+      m2_[c] += m2[c] + d * d * na * nb / nn;
+    }
+    n_ += n;
+  }
+  int64_t count() const { return n_; }
+  double mean(int64_t c) const { return mean_[c]; }
+  double var(int64_t c) const { return std::max(m2_[c] / double(n_), 0.0); }
+
+ private:
+  int64_t Co_, n_ = 0;
+  std::vector<double> mean_, m2_;
+  std::mutex mu_;
+};
+
+template <typename T>
+class PieceStats {
+ public:
+  explicit PieceStats(int64_t Co) : Co_(Co), piv_(Co), s1_(Co), s2_(Co), d1_(Co), d2_(Co) {}
+  // the outputs of the m x m tile at (h0, w0) of image n (those inside the image), just stored
+  template <int M>
+  void add_tile(const T* Y, const Grid& g, int64_t n, int64_t h0, int64_t w0) {
+    const int64_t hn = std::min<int64_t>(M, g.H - h0), wn = std::min<int64_t>(M, g.W - w0);
+    const T* first = Y + ((n * g.H + h0) * g.W + w0) * Co_;
+    if (count_ == 0)
+      for (int64_t c = 0; c < Co_; ++c) {
+        const float v = static_cast<float>(first[c]);
+        piv_[c] = std::isfinite(v) ? v : 0.f;  // an Inf pivot would make every difference Inf - Inf = NaN
+      }
+    const float* __restrict piv = piv_.data();
+    float* __restrict s1 = s1_.data();
+    float* __restrict s2 = s2_.data();
+    for (int64_t i = 0; i < hn; ++i)
+      for (int64_t j = 0; j < wn; ++j) {
+        const T* __restrict y = first + (i * g.W + j) * Co_;
+#pragma omp simd
+        for (int64_t c = 0; c < Co_; ++c) {
+          const float d = static_cast<float>(y[c]) - piv[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+    count_ += hn * wn;
+    if (++tiles_ % 16 == 0) spill();
+  }
+  // into the sink, and start again
+  void flush(StatsSink& sink) {
+    if (count_ == 0) return;
+    spill();
+    const double n = double(count_);
+    for (int64_t c = 0; c < Co_; ++c) {
+      const double m1 = d1_[c] / n;
+      d2_[c] -= d1_[c] * m1;  // M2 about the piece's own mean
+      d1_[c] = piv_[c] + m1;  // the piece's mean
+    }
+    sink.merge(count_, d1_.data(), d2_.data());
+    std::fill(d1_.begin(), d1_.end(), 0.0);
+    std::fill(d2_.begin(), d2_.end(), 0.0);
+    count_ = tiles_ = 0;
+  }
+
+ private:
+  void spill() {
+    for (int64_t c = 0; c < Co_; ++c) d1_[c] += s1_[c], d2_[c] += s2_[c];
+    std::fill(s1_.begin(), s1_.end(), 0.f);
+    std::fill(s2_.begin(), s2_.end(), 0.f);
+  }
+  int64_t Co_, count_ = 0, tiles_ = 0;
+  std::vector<float> piv_, s1_, s2_;
+  std::vector<double> d1_, d2_;
+};
+
 // The forward's output epilogue: bias (float32, one per output channel) added and ReLU applied in the output
-// transform, so that an eval layer (BatchNorm folded into weight and bias, ReLU fused) writes its output once.
+// transform, so that an eval layer (BatchNorm folded into weight and bias, ReLU fused) writes its output once; with
+// `stats`, the output's batch statistics accumulated there too (training layers).
 struct Epilogue {
   const float* bias = nullptr;
   bool relu = false;
+  StatsSink* stats = nullptr;
 };
 
 // Loads the m x m output gradient of the tile at (h0, w0) (zero outside the image), transforms it to A x A and
@@ -424,7 +513,8 @@ const T* whole_input(const Source<T>& src, const Grid& g, int64_t C, at::Tensor&
 template <int M, typename T>
 void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_t C, int64_t Co, Epilogue ep) {
   constexpr int A = Tile<M>::A, P = A * A;
-  auto output = [&](const float* Mb, int64_t ms, int64_t t, int64_t n, int64_t h0, int64_t w0) {
+  // one tile's outputs, all channels; then, with statistics, their sums (read back from L1) into `st`
+  auto output = [&](const float* Mb, int64_t ms, int64_t t, int64_t n, int64_t h0, int64_t w0, PieceStats<T>* st) {
     auto tiles = [&]<bool BIAS, bool RELU>() {
       over_channels(Co, [&]<int VW>(int64_t c) {
         output_tile<M, VW, BIAS, RELU>(Mb + t * Co, ms, g, Co, n, h0, w0, c, ep.bias, Y);
@@ -438,7 +528,9 @@ void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_
       tiles.template operator()<false, true>();
     else
       tiles.template operator()<false, false>();
+    if (st) st->template add_tile<M>(Y, g, n, h0, w0);
   };
+  auto piece_stats = [&]() { return std::unique_ptr<PieceStats<T>>(ep.stats ? new PieceStats<T>(Co) : nullptr); };
   if (weight_streamed(P, C, Co)) {
     // shared blocks, each step split among the threads (by tiles, by positions, by tiles)
     at::Tensor dense;
@@ -460,8 +552,11 @@ void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_
           block_gemm(nb, Co, C, V.get() + p * vs, C, U + p * C * Co, Co, false, Mb.get() + p * ms, Co);
       });
       at::parallel_for(t0, t0 + nb, 1, [&](int64_t b, int64_t e) {
-        for_tiles<M>(g, b, e, t0,
-                     [&](int64_t t, int64_t n, int64_t h0, int64_t w0) { output(Mb.get(), ms, t, n, h0, w0); });
+        auto st = piece_stats();
+        for_tiles<M>(g, b, e, t0, [&](int64_t t, int64_t n, int64_t h0, int64_t w0) {
+          output(Mb.get(), ms, t, n, h0, w0, st.get());
+        });
+        if (st) st->flush(*ep.stats);
       });
     }
     return;
@@ -474,6 +569,7 @@ void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_
     const int64_t vs = position_stride(cap, C), ms = position_stride(cap, Co);
     std::unique_ptr<float[]> V(new float[P * vs]), Mb(new float[P * ms]);
     std::unique_ptr<T[]> rows(src.rows ? new T[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
+    auto st = piece_stats();  // this thread's bands, one piece
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n = blk / bd.per_image, ty0 = blk % bd.per_image * bd.R, ty1 = std::min(g.th, ty0 + bd.R);
       const int64_t nb = (ty1 - ty0) * g.tw;
@@ -486,8 +582,9 @@ void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_
       }
       for (int64_t p = 0; p < P; ++p)
         block_gemm(nb, Co, C, V.get() + p * vs, C, U + p * C * Co, Co, false, Mb.get() + p * ms, Co);
-      for (int64_t t = 0; t < nb; ++t) output(Mb.get(), ms, t, n, (ty0 + t / g.tw) * M, t % g.tw * M);
+      for (int64_t t = 0; t < nb; ++t) output(Mb.get(), ms, t, n, (ty0 + t / g.tw) * M, t % g.tw * M, st.get());
     }
+    if (st) st->flush(*ep.stats);
   });
 }
 
@@ -609,10 +706,12 @@ void check_weight(const at::Tensor& w, const char* op) {
   TORCH_CHECK(w.size(2) == 3 && w.size(3) == 3, op, ": expected a 3x3 weight, got shape ", w.sizes());
 }
 
-// With `rows`, x (the forward's) is a placeholder for its shape, its values built band by band (Source). With
-// `bias` and / or `relu` (the forward only), the output epilogue (Epilogue).
+// With `rows`, x (the forward's) is a placeholder for its shape, its values built band by band (Source). `out`: the
+// forward's output epilogue (bias, ReLU, batch statistics; Epilogue).
 at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& weight, int64_t m, bool adjoint,
-                const char* op, const at::Tensor* bias = nullptr, bool relu = false) {
+                const char* op, const ConvEpilogue& out_ep = {}) {
+  const at::Tensor* bias = out_ep.bias;
+  const bool relu = out_ep.relu;
   check_tile(m, op);
   check_operand(x, op, adjoint ? "grad_y" : "x");
   check_weight(weight, op);
@@ -630,13 +729,19 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
                 bias->sizes());
     bias_f = bias->to(at::kFloat).contiguous();  // a bfloat16 bias exactly
   }
+  const bool stats = out_ep.mean != nullptr;
+  TORCH_INTERNAL_ASSERT(!stats || (out_ep.var && out_ep.mean->numel() == out && out_ep.var->numel() == out), op,
+                        ": mean and var of one value per output channel");
   if (in == 0) {  // the output is the epilogue of zero
     y.zero_();
     if (bias) y.add_(bias_f.view({1, -1, 1, 1}));
-    return relu ? y.relu_() : y;
+    if (relu) y.relu_();
+    if (stats) batch_stats(y, *out_ep.mean, *out_ep.var);
+    return y;
   }
   const Grid g(N, H, W, int(m));
-  const Epilogue ep{bias ? bias_f.const_data_ptr<float>() : nullptr, relu};
+  StatsSink sink(stats ? out : 0);
+  const Epilogue ep{bias ? bias_f.const_data_ptr<float>() : nullptr, relu, stats ? &sink : nullptr};
   with_io_type(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     const Source<T> src{rows ? nullptr : xc.template const_data_ptr<T>(), rows};
@@ -647,6 +752,23 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
       conv_impl<2>(src, transform_weight<2>(weight, adjoint).const_data_ptr<float>(), y.template data_ptr<T>(), g, in,
                    out, ep);
   });
+  if (stats) {
+    TORCH_INTERNAL_ASSERT(sink.count() == N * H * W, op, ": statistics of ", sink.count(), " outputs, not ", N * H * W);
+    auto mean = at::empty({out}, at::kDouble), var = at::empty({out}, at::kDouble);
+    double* Mn = mean.data_ptr<double>();
+    double* Vr = var.data_ptr<double>();
+    bool finite = true;
+    for (int64_t c = 0; c < out; ++c) {
+      Mn[c] = sink.mean(c), Vr[c] = sink.var(c);
+      finite = finite && std::isfinite(Mn[c]) && std::isfinite(Vr[c]);
+    }
+    if (finite) {
+      out_ep.mean->copy_(mean);
+      out_ep.var->copy_(var);
+    } else {  // an Inf or NaN output: batch_stats's exact semantics (an Inf mean stays Inf, not Inf - Inf)
+      batch_stats(y, *out_ep.mean, *out_ep.var);
+    }
+  }
   return y;
 }
 
@@ -692,11 +814,13 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
 }
 
 at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
-                       const at::Tensor* bias, bool relu) {
-  TORCH_INTERNAL_ASSERT(op == 0 || (!bias && !relu), "unetx: a Winograd epilogue is for the forward only");
+                       const ConvEpilogue& out) {
+  TORCH_INTERNAL_ASSERT(op == 0 || (!out.bias && !out.relu && !out.mean),
+                        "unetx: a Winograd epilogue is for the "
+                        "forward only");
   switch (op) {
     case 0:
-      return conv(a, rows, b, tile, /*adjoint=*/false, "unetx.winograd_conv3x3", bias, relu);
+      return conv(a, rows, b, tile, /*adjoint=*/false, "unetx.winograd_conv3x3", out);
     case 1:
       return winograd_conv3x3_input_grad(a, b, tile);
     default:
