@@ -59,12 +59,14 @@ def check(
     kinds=True,
     patterns: list | None = None,
     alternatives: list | None = None,
+    spread: int = 0,
 ):
     """Non-finite elements (NaN, +Inf, -Inf; with kinds=False only which are non-finite) as stock's at the same dtype
     or, elementwise, as one of `patterns` (stock in other layouts or float32: stock's own convolution backends
     differ on NaN x zero padding and within their blocked layouts); finite ones within tol of `exact` (float32/64)
     or near stock's own bfloat16 error. `alternatives`: other stock results (same dtype) the values may match
-    instead of exact's."""
+    instead of exact's. `spread`: bfloat16 elements allowed off besides the few of the input stage's own ReLU (an
+    output ReLU's mask flips, times the input elements each one reads)."""
     if not patterns:
         check_nonfinite_pattern(actual, stock, what, kinds)
     else:
@@ -100,7 +102,7 @@ def check(
         # once, stock after each op): that element gets the whole gradient or none, and passes it to every input
         # element it reads. A few such elements are allowed.
         over = int(((a - e).abs() > bound).sum())
-        assert over <= max(8, a.numel() // 50), (
+        assert over <= max(8, a.numel() // 50) + spread, (
             f"{what}: {over} elements over {BF16_RATIO} x stock's error {stock_err:.3g} + floor (max error {err:.3g})"
         )
     else:
@@ -300,6 +302,14 @@ def test_op_equals_its_stock_composition(case, dtype):
     # mean by a sum; ours is a sum (as BatchNorm2d). The same elements are non-finite; their kind (NaN or Inf) is
     # compared only without Inf in the inputs.
     kinds = not any(torch.isinf(v).any() for v in values.values())
+    # An eval layer's output ReLU (relu=True) flips where y is within bfloat16 rounding of 0: that output element's
+    # gradient is passed or not, to each of the k x k x C_in input elements it reads (one flip gave 10 elements of
+    # grad x2 off, 2 channels x 3 x 3).
+    spread = 0
+    if dtype == torch.bfloat16 and op == "conv_bn_relu" and flags["relu"] and ours_out[0].numel():
+        flips = int(((ours_out[0].detach().double() > 0) != (exact_out[0].detach().double() > 0)).sum())
+        w = values["weight"]
+        spread = flips * w.shape[2] * w.shape[3] * w.shape[0 if flags["transposed"] else 1]
     for i in live:
         assert ours_out[i].dtype == (dtype if ours_out[i].dim() == 4 else ours_out[i].dtype)
         check(
@@ -330,6 +340,7 @@ def test_op_equals_its_stock_composition(case, dtype):
                 kinds=kinds,
                 patterns=[alt[1][k] for alt in alternatives],
                 alternatives=[alt[1][k] for alt in alternatives],
+                spread=spread if g_ours[k].dim() == 4 else 0,
             )
 
 
