@@ -377,7 +377,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // they are, or ATen's on planar copies of them (LayerKernels::to_planar).
   const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
   const bool need_a = need_x || need_x2;
-  const bool need_wb = output_mask[2] || (has_bias && output_mask[3]);
   const bool try_own_gw = k.weight_grad && output_mask[2] && !transposed && mf == at::MemoryFormat::ChannelsLast &&
                           ymf == at::MemoryFormat::ChannelsLast;
   // The device's weight gradient builds the recomputed input stage itself, a few rows at a time (see StageRows),
@@ -394,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const ConvParams cp(g.k, transposed);
   const int64_t out_ch = transposed ? weight.size(1) : weight.size(0);
   // Planar copies: k x k (k > 1) channels-last layers on a device with to_planar (LayerKernels::to_planar).
-  const bool can_split = k.to_planar != nullptr && need_wb && ymf == at::MemoryFormat::ChannelsLast && g.k > 1;
+  const bool can_split = k.to_planar != nullptr && output_mask[2] && ymf == at::MemoryFormat::ChannelsLast && g.k > 1;
   at::Tensor ga, gw, gb_;
   // The input gradient alone (the weight gradient is chosen below): ATen's, or a Winograd kernel where one measures
   // faster for this shape (fastest_conv3x3).
@@ -410,24 +409,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     else
       ga = stock();
   }
-  if (need_wb) {
-    struct Slot {
-      at::Tensor gw, gb;
-    };
-    Slot own, aten, planar;
-    // The bias gradient is grad_y summed, for every candidate: the backends' own is no faster, and oneDNN's for a
-    // bfloat16 transposed convolution is a scalar reference loop that doubles that layer's weight-gradient time
-    // (BENCHMARKS.md, "Transposed-convolution bias gradient").
-    const bool need_gb = has_bias && output_mask[3];
-    auto bias_grad = [&] { return need_gb ? gy.sum({0, 2, 3}) : at::Tensor(); };
+  // The bias gradient is grad_y summed, whichever weight gradient runs: the backends' own is no faster, and
+  // oneDNN's for a bfloat16 transposed convolution is a scalar reference loop that doubles that layer's
+  // weight-gradient time (BENCHMARKS.md, "Transposed-convolution bias gradient").
+  if (has_bias && output_mask[3]) gb_ = gy.sum({0, 2, 3});
+  if (output_mask[2]) {
+    at::Tensor own, aten, planar;
     const std::array<bool, 3> w_mask{false, true, false};
     std::vector<AlgoCandidate> own_c, planar_c;
     const AlgoCandidate aten_c{
         "onednn", [&](bool) {
-          if (output_mask[2])
-            aten.gw = std::get<1>(at::convolution_backward(gy, stage(), weight, std::nullopt, cp.stride, cp.padding,
-                                                           {1, 1}, transposed, {0, 0}, 1, w_mask));
-          aten.gb = bias_grad();
+          aten = std::get<1>(at::convolution_backward(gy, stage(), weight, std::nullopt, cp.stride, cp.padding, {1, 1},
+                                                      transposed, {0, 0}, 1, w_mask));
           return true;
         }};
     if (try_own_gw)
@@ -440,8 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                            r = k.weight_grad(gy, a, nullptr, g.k);
                          }
                          if (!r) return false;
-                         own.gw = *r;
-                         own.gb = bias_grad();
+                         own = *r;
                          return true;
                        }});
     if (can_split)
@@ -454,51 +446,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               // the only run: free each channels-last operand once its planar copy exists, so
                               // peak memory stays one operand above the unsplit backward's
                               if (only) gy = at::Tensor();
-                              if (!output_mask[2]) {  // the bias gradient alone
-                                planar.gb = gy_p.sum({0, 2, 3});
-                                return true;
-                              }
                               a_p = k.to_planar(stage());
                               if (only) a = at::Tensor();
                             }
-                            planar.gw = std::get<1>(at::convolution_backward(gy_p, a_p, weight.contiguous(planar_mf),
-                                                                             std::nullopt, cp.stride, cp.padding,
-                                                                             {1, 1}, transposed, {0, 0}, 1, w_mask));
-                            if (need_gb) planar.gb = gy_p.sum({0, 2, 3});
+                            planar = std::get<1>(at::convolution_backward(gy_p, a_p, weight.contiguous(planar_mf),
+                                                                          std::nullopt, cp.stride, cp.padding, {1, 1},
+                                                                          transposed, {0, 0}, 1, w_mask));
                             return true;
                           }});
     // Winograd weight gradients (float32 3 x 3; LayerKernels::winograd3x3), from to_planar_min_channels input
     // channels; each builds the stage band by band where it can, else whole; its measured time includes that.
     std::vector<AlgoCandidate> wino_c;
-    Slot wino[2];
+    at::Tensor wino[2];
     if (winograd_candidate(k, g, gy, weight, transposed) && g.C1 + g.C2 >= k.to_planar_min_channels) {
       for (const int64_t tile : {int64_t(4), int64_t(2)}) {
-        Slot* slot = &wino[tile == 4 ? 0 : 1];
+        at::Tensor* slot = &wino[tile == 4 ? 0 : 1];
         wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
-                            slot->gw = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, ConvEpilogue{})
-                                                     : k.winograd3x3(gy, stage(), 2, tile, nullptr, ConvEpilogue{});
-                            slot->gb = bias_grad();
+                            *slot = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, ConvEpilogue{})
+                                                  : k.winograd3x3(gy, stage(), 2, tile, nullptr, ConvEpilogue{});
                             return true;
                           }});
       }
     }
     // The device's GEMM kernel of a 2 x 2 transposed convolution (LayerKernels::conv_transpose2x2).
-    Slot gemm2x2;
+    at::Tensor gemm2x2;
     std::vector<AlgoCandidate> gemm2x2_c;
-    if (output_mask[2] && transposed2x2_candidate(k, g, gy, weight, transposed))
+    if (transposed2x2_candidate(k, g, gy, weight, transposed))
       gemm2x2_c.push_back({"gemm", [&](bool) {
                              auto r = k.conv_transpose2x2(gy, stage(), std::nullopt, 2);
                              if (!r) return false;
-                             gemm2x2.gw = *r;
-                             gemm2x2.gb = bias_grad();
+                             gemm2x2 = *r;
                              return true;
                            }});
     // List order is the preference on ties and where a measurement is cut short: the device's own kernels from
     // LayerKernels::to_planar_min_channels input channels, ATen's channels-last one below.
     std::vector<AlgoCandidate> cands;
-    std::vector<Slot*> slots;
+    std::vector<at::Tensor*> slots;
     const bool own_first = g.C1 + g.C2 >= k.to_planar_min_channels;
-    auto add = [&](const std::vector<AlgoCandidate>& c, Slot* slot) {
+    auto add = [&](const std::vector<AlgoCandidate>& c, at::Tensor* slot) {
       for (const auto& cand : c) cands.push_back(cand), slots.push_back(slot);
     };
     if (own_first) add(own_c, &own), add(planar_c, &planar);
@@ -512,13 +497,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      output_mask[2], has_bias && output_mask[3]);
     const int ran = run_fastest("weight_grad", key, cands);
     TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no weight gradient candidate applied");
-    gw = slots[ran]->gw;
-    gb_ = slots[ran]->gb;
+    gw = *slots[ran];
   }
-  // Some backends (oneDNN) compute the weight and bias gradients together and return both whatever the mask says;
-  // the op returns exactly the masked-in ones, as its fake impl does.
-  if (!output_mask[2]) gw = at::Tensor();
-  if (!(has_bias && output_mask[3])) gb_ = at::Tensor();
   // The backend picks the weight gradient's layout from the input's (oneDNN's bf16 one differs from its float32
   // one in the strides of size-1 dimensions); the gradient takes its parameter's exact strides, as the fake impl
   // and the fallback return it, so that autograd accumulates it without another copy.

@@ -816,8 +816,7 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
 at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
                        const ConvEpilogue& out) {
   TORCH_INTERNAL_ASSERT(op == 0 || (!out.bias && !out.relu && !out.mean),
-                        "unetx: a Winograd epilogue is for the "
-                        "forward only");
+                        "unetx: a Winograd epilogue is for the forward only");
   switch (op) {
     case 0:
       return conv(a, rows, b, tile, /*adjoint=*/false, "unetx.winograd_conv3x3", out);
