@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-        keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
+    keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
     w = bench.WORKLOADS[args.workload]
     if args.quick:
         config = dict(w.config, base_channels=4, depth=2)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes, args.reps = QUICK_SHAPES, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-        keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
+    keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, medians of {args.reps}\n")
     print(
         "| input [N, C, H, W] | C_out | unetx (channels_last) | oneDNN channels_last | oneDNN planar | "

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-        keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
+    keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
     reps = 1 if args.quick else args.reps
     print(
         f"{platform.processor() or platform.machine()} ({cpu_flags()}), {torch.get_num_threads()} threads, "
