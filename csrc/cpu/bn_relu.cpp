@@ -68,6 +68,28 @@ inline P add4_quarter(const P& a, const P& b, const P& c, const P& d) {
   return r;
 }
 
+// out[w * os + c] = f(c, n)(in[w * is + c]) for W pixels of C channels, whole kSize-channel chunks first, then the
+// partial one (n < kSize lanes). Everything the loop reads is an argument or captured by value (f): the vector stores
+// may alias any memory, so values reached through a caller's by-reference captures would be reloaded after each one.
+template <typename T, typename F>
+inline void pixels_map(const T* in, int64_t is, T* out, int64_t os, int64_t W, int64_t C, F f) {
+  using L = Lanes<T>;
+  const int64_t full = C / L::kSize * L::kSize;
+  const int64_t nt = C - full;
+  if (nt == 0) {
+    for (int64_t w = 0; w < W; ++w)
+      for (int64_t c = 0; c < full; c += L::kSize) L::store(out + w * os + c, f(c, L::kSize)(L::load(in + w * is + c)));
+    return;
+  }
+  const auto tail = f(full, nt);  // the partial chunk's op, its parameters loaded once
+  for (int64_t w = 0; w < W; ++w) {
+    const T* ip = in + w * is;
+    T* op = out + w * os;
+    for (int64_t c = 0; c < full; c += L::kSize) L::store(op + c, f(c, L::kSize)(L::load(ip + c)));
+    L::store(op + full, tail(L::load(ip + full, nt)), nt);
+  }
+}
+
 template <typename T, bool ACT>
 void forward_loops(const at::Tensor& x, const float* M, const float* S, const float* Tt, const double* Md,
                    const double* Sd, const double* Td, at::Tensor* z, at::Tensor* p) {
@@ -150,16 +172,13 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
     for (int64_t r = b; r < e; ++r) {
       const int64_t n = r / (pool ? Ho : H), h = r % (pool ? Ho : H);
       if (!pool) {
-        for (int64_t w = 0; w < W; ++w) {
-          const T* __restrict__ xp = X + n * xs.n + h * xs.h + w * xs.w;
-          T* __restrict__ zp = Z + n * zs.n + h * zs.h + w * zs.w;
-          for (int64_t c = 0; c < C; c += L::kSize) {
-            Pk mv, sv, tv;
-            if constexpr (ACT)
-              mv = L::load_acc(m + c, C - c), sv = L::load_acc(s + c, C - c), tv = L::load_acc(t + c, C - c);
-            L::store(zp + c, act_v<ACT>(L::load(xp + c, C - c), mv, sv, tv), C - c);
-          }
-        }
+        pixels_map(X + n * xs.n + h * xs.h, xs.w, Z + n * zs.n + h * zs.h, zs.w, W, C,
+                   [m, s, t](int64_t c, int64_t nc) {
+                     Pk mv, sv, tv;
+                     if constexpr (ACT)
+                       mv = L::load_acc(m + c, nc), sv = L::load_acc(s + c, nc), tv = L::load_acc(t + c, nc);
+                     return [mv, sv, tv](const Pk& v) { return act_v<ACT>(v, mv, sv, tv); };
+                   });
         continue;
       }
       for (int64_t wo = 0; wo < Wo; ++wo) {

@@ -58,6 +58,14 @@ struct Lanes {
   static inline Pack load(const T* p, int64_t n) {
     if (n >= kSize) return load(p);
     if constexpr (kReduced) {
+#if defined(CPU_CAPABILITY_AVX512)
+      // n <= kV lanes (a 16-channel tail): one 256-bit load and one conversion instead of two
+      if (n <= kV) {
+        __m512 lo;
+        at::vec::cvt_to_fp32<T>(_mm256_maskz_loadu_epi16(half_mask(n), p), lo);
+        return Pack{{V(lo), V(0)}};
+      }
+#endif
       auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
       return Pack{{a, b}};
     } else {
@@ -77,6 +85,21 @@ struct Lanes {
 #endif
     return at::vec::convert_from_float<T>(x.v[0], x.v[1]);
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  static inline __mmask16 half_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  // kV float lanes rounded to T (as narrow(), one vector)
+  static inline __m256i narrow_low(const V& x) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+      return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+      return at::vec::cvtfp32_bf16(__m512(x));
+#endif
+    } else {
+      return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+  }
+#endif
   static inline void store(T* p, const Pack& x) {
     if constexpr (kReduced) {
       narrow(x).store(p);
@@ -87,6 +110,12 @@ struct Lanes {
   static inline void store(T* p, const Pack& x, int64_t n) {
     if (n >= kSize) return store(p, x);
     if constexpr (kReduced) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if (n <= kV) {  // the first vector only (the load above leaves the second zero)
+        _mm256_mask_storeu_epi16(p, half_mask(n), narrow_low(x.v[0]));
+        return;
+      }
+#endif
       narrow(x).store(p, n);
     } else {
       x.v[0].store(p, n);
