@@ -51,9 +51,9 @@ inline acc_t act(acc_t v, acc_t m, acc_t s, acc_t t) {
   }
 }
 
-// act() on kSize lanes: params m, s, t per lane
-template <bool ACT, typename P>
-inline P act_v(P x, const P& m, const P& s, const P& t) {
+// act() on a pack's lanes: params m, s, t per lane (a Lanes pack; x may be a HalfLanes pack, its first vector)
+template <bool ACT, typename P, typename Q>
+inline P act_v(P x, const Q& m, const Q& s, const Q& t) {
   if constexpr (ACT) {
     for (int j = 0; j < int(sizeof(x.v) / sizeof(x.v[0])); ++j)
       x.v[j] = relu_keep_nan(at::vec::fmadd(x.v[j] - m.v[j], s.v[j], t.v[j]));
@@ -68,26 +68,66 @@ inline P add4_quarter(const P& a, const P& b, const P& c, const P& d) {
   return r;
 }
 
-// out[w * os + c] = f(c, n)(in[w * is + c]) for W pixels of C channels, whole kSize-channel chunks first, then the
-// partial one (n < kSize lanes). Everything the loop reads is an argument or captured by value (f): the vector stores
-// may alias any memory, so values reached through a caller's by-reference captures would be reloaded after each one.
+// out[w * os + c] = f(c, n)(in[w * is + c]) for W pixels of C channels: whole kSize-channel chunks, then the partial
+// one (n < kSize lanes, its op made once; with_tail_lanes). f(c, n) returns the op on chunk [c, c + n), a generic
+// callable of a Lanes or HalfLanes pack. Everything the loop reads is an argument or captured by value: the vector
+// stores may alias any memory, so values reached through a caller's by-reference captures would be reloaded after
+// every store.
 template <typename T, typename F>
 inline void pixels_map(const T* in, int64_t is, T* out, int64_t os, int64_t W, int64_t C, F f) {
   using L = Lanes<T>;
-  const int64_t full = C / L::kSize * L::kSize;
-  const int64_t nt = C - full;
-  if (nt == 0) {
-    for (int64_t w = 0; w < W; ++w)
-      for (int64_t c = 0; c < full; c += L::kSize) L::store(out + w * os + c, f(c, L::kSize)(L::load(in + w * is + c)));
-    return;
-  }
-  const auto tail = f(full, nt);  // the partial chunk's op, its parameters loaded once
-  for (int64_t w = 0; w < W; ++w) {
-    const T* ip = in + w * is;
-    T* op = out + w * os;
-    for (int64_t c = 0; c < full; c += L::kSize) L::store(op + c, f(c, L::kSize)(L::load(ip + c)));
-    L::store(op + full, tail(L::load(ip + full, nt)), nt);
-  }
+  const int64_t full = C - C % L::kSize;
+  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
+    using LT = decltype(lanes);
+    if (nt == 0) {
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < full; c += L::kSize)
+          L::store(out + w * os + c, f(c, L::kSize)(L::load(in + w * is + c)));
+      return;
+    }
+    const auto tail = f(full, nt);
+    for (int64_t w = 0; w < W; ++w) {
+      const T* ip = in + w * is;
+      T* op = out + w * os;
+      for (int64_t c = 0; c < full; c += L::kSize) L::store(op + c, f(c, L::kSize)(L::load(ip + c)));
+      LT::store(op + full, tail(LT::load(ip + full, nt)), nt);
+    }
+  });
+}
+
+// One pooled output row: for Wo output pixels, each input pixel of its 2 x 2 window (x: pixel stride xw, row stride
+// xh) through f(c, n) (as pixels_map), into z (when given) and averaged into p. Arguments by value, as pixels_map.
+template <typename T, typename F>
+inline void pool_pixels(const T* x, int64_t xw, int64_t xh, T* p, int64_t pw, T* z, int64_t zw, int64_t zh, int64_t Wo,
+                        int64_t C, F f) {
+  using L = Lanes<T>;
+  const auto chunk = [=](auto lanes, const auto& op, int64_t wo, int64_t c, int64_t n) {
+    using LL = decltype(lanes);
+    const T* a0 = x + 2 * wo * xw + c;
+    const auto v00 = op(LL::load(a0, n)), v01 = op(LL::load(a0 + xw, n));
+    const auto v10 = op(LL::load(a0 + xh, n)), v11 = op(LL::load(a0 + xh + xw, n));
+    if (z) {
+      T* q = z + 2 * wo * zw + c;
+      LL::store(q, v00, n);
+      LL::store(q + zw, v01, n);
+      LL::store(q + zh, v10, n);
+      LL::store(q + zh + zw, v11, n);
+    }
+    LL::store(p + wo * pw + c, add4_quarter(v00, v01, v10, v11), n);
+  };
+  const int64_t full = C - C % L::kSize;
+  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
+    if (nt == 0) {
+      for (int64_t wo = 0; wo < Wo; ++wo)
+        for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, f(c, L::kSize), wo, c, L::kSize);
+      return;
+    }
+    const auto tail = f(full, nt);
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, f(c, L::kSize), wo, c, L::kSize);
+      chunk(lanes, tail, wo, full, nt);
+    }
+  });
 }
 
 template <typename T, bool ACT>
@@ -168,41 +208,20 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
   }
   // channels-last: rows of W pixels with C contiguous channels each
   const int64_t rows = N * (pool ? Ho : H);
+  // the activation of channels [c, c + nc), its parameters loaded once (pixels_map, pool_pixels)
+  const auto act_chunk = [m, s, t](int64_t c, int64_t nc) {
+    Pk mv, sv, tv;
+    if constexpr (ACT) mv = L::load_acc(m + c, nc), sv = L::load_acc(s + c, nc), tv = L::load_acc(t + c, nc);
+    return [mv, sv, tv](const auto& v) { return act_v<ACT>(v, mv, sv, tv); };
+  };
   at::parallel_for(0, rows, grain_for((pool ? 4 : 1) * W * C), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t n = r / (pool ? Ho : H), h = r % (pool ? Ho : H);
-      if (!pool) {
-        pixels_map(X + n * xs.n + h * xs.h, xs.w, Z + n * zs.n + h * zs.h, zs.w, W, C,
-                   [m, s, t](int64_t c, int64_t nc) {
-                     Pk mv, sv, tv;
-                     if constexpr (ACT)
-                       mv = L::load_acc(m + c, nc), sv = L::load_acc(s + c, nc), tv = L::load_acc(t + c, nc);
-                     return [mv, sv, tv](const Pk& v) { return act_v<ACT>(v, mv, sv, tv); };
-                   });
-        continue;
-      }
-      for (int64_t wo = 0; wo < Wo; ++wo) {
-        const T* __restrict__ a0 = X + n * xs.n + 2 * h * xs.h + 2 * wo * xs.w;
-        const T* __restrict__ a1 = a0 + xs.w;
-        const T* __restrict__ b0 = a0 + xs.h;
-        const T* __restrict__ b1 = b0 + xs.w;
-        T* __restrict__ pp = P + n * ps.n + h * ps.h + wo * ps.w;
-        T* q00 = Z ? Z + n * zs.n + 2 * h * zs.h + 2 * wo * zs.w : nullptr;
-        for (int64_t c = 0; c < C; c += L::kSize) {
-          const int64_t nc = C - c;
-          Pk mv, sv, tv;
-          if constexpr (ACT) mv = L::load_acc(m + c, nc), sv = L::load_acc(s + c, nc), tv = L::load_acc(t + c, nc);
-          const Pk v00 = act_v<ACT>(L::load(a0 + c, nc), mv, sv, tv), v01 = act_v<ACT>(L::load(a1 + c, nc), mv, sv, tv);
-          const Pk v10 = act_v<ACT>(L::load(b0 + c, nc), mv, sv, tv), v11 = act_v<ACT>(L::load(b1 + c, nc), mv, sv, tv);
-          if (q00) {
-            L::store(q00 + c, v00, nc);
-            L::store(q00 + zs.w + c, v01, nc);
-            L::store(q00 + zs.h + c, v10, nc);
-            L::store(q00 + zs.h + zs.w + c, v11, nc);
-          }
-          L::store(pp + c, add4_quarter(v00, v01, v10, v11), nc);
-        }
-      }
+      if (!pool)
+        pixels_map(X + n * xs.n + h * xs.h, xs.w, Z + n * zs.n + h * zs.h, zs.w, W, C, act_chunk);
+      else
+        pool_pixels(X + n * xs.n + 2 * h * xs.h, xs.w, xs.h, P + n * ps.n + h * ps.h, ps.w,
+                    Z ? Z + n * zs.n + 2 * h * zs.h : nullptr, zs.w, zs.h, Wo, C, act_chunk);
     }
   });
 }
@@ -224,6 +243,50 @@ void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s,
     forward_loops<T, true>(x, cast_f(M), cast_f(S), cast_f(Tt), cast_d(M), cast_d(S), cast_d(Tt), z, p);
   else
     forward_loops<T, false>(x, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, z, p);
+}
+
+// The channels-last backward of channels [0, n) (n <= LL::kSize) of one row of W pixels, pointers at the chunk's
+// first channel and pixel strides: g = gz + gp(pooled position) / 4 (each optional), masked by the recomputed
+// pre-activation (x; without x, gx = g), gx = g * s; the row's sums of g * (x - m) and g per lane into l1 / l2
+// (LL::kSize lanes each). Arguments by value: see pixels_map. gx may be gz (no __restrict__).
+template <typename LL, typename T, typename Q>
+inline void backward_pixels(const T* gz, int64_t gzw, const T* gp, int64_t gpw, const T* x, int64_t xw, T* gx,
+                            int64_t gxw, int64_t W, int64_t n, const Q& mv, const Q& sv, const Q& tv,
+                            typename LL::acc_t* l1, typename LL::acc_t* l2) {
+  using V = typename LL::V;
+  using Pk = typename LL::Pack;
+  Pk v1, v2;
+  for (int j = 0; j < LL::kNV; ++j) v1.v[j] = v2.v[j] = V(0);
+  for (int64_t w = 0; w < W; ++w) {
+    Pk g;
+    if (gz) {
+      g = LL::load(gz + w * gzw, n);
+    } else {
+      for (int j = 0; j < LL::kNV; ++j) g.v[j] = V(0);
+    }
+    if (gp) {
+      const Pk q = LL::load(gp + (w / 2) * gpw, n);
+      for (int j = 0; j < LL::kNV; ++j) g.v[j] = at::vec::fmadd(V(0.25), q.v[j], g.v[j]);
+    }
+    if (!x) {
+      LL::store(gx + w * gxw, g, n);
+      continue;
+    }
+    const Pk xv = LL::load(x + w * xw, n);
+    Pk out;
+    for (int j = 0; j < LL::kNV; ++j) {
+      const V d = xv.v[j] - mv.v[j];
+      const V gg = mask_le0(at::vec::fmadd(d, sv.v[j], tv.v[j]), g.v[j]);
+      out.v[j] = gg * sv.v[j];
+      v1.v[j] = at::vec::fmadd(gg, d, v1.v[j]);
+      v2.v[j] = v2.v[j] + gg;
+    }
+    LL::store(gx + w * gxw, out, n);
+  }
+  for (int j = 0; j < LL::kNV; ++j) {
+    v1.v[j].store(l1 + j * V::size());
+    v2.v[j].store(l2 + j * V::size());
+  }
 }
 
 // Backward, one (n, c) row of W elements (planar) or one pixel's C channels (channels-last) at a time. gx may be
@@ -318,6 +381,8 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
     const int64_t rows = N * H;
     const int64_t blocks = reduction_blocks(rows, rows * W * C, at::get_num_threads());
     std::vector<double> part(2 * blocks * C, 0.0);
+    const int64_t full = C - C % L::kSize;
+    const auto tail_lanes = [C](auto f) { with_tail_lanes<T>(C, [&](auto lanes, int64_t) { f(lanes); }); };
     at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t blk = b; blk < e; ++blk) {
         double* p1 = part.data() + 2 * blk * C;
@@ -330,41 +395,20 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
           const T* gpr = GP ? GP + n * gps.n + (h / 2) * gps.h : nullptr;
           const T* xr = act_on ? X + n * xs.n + h * xs.h : nullptr;
           T* gxr = GX + n * gxs.n + h * gxs.h;
-          for (int64_t c = 0; c < C; c += L::kSize) {
-            const int64_t nc = C - c;
+          const auto chunk = [&](auto lanes, int64_t c, int64_t nc) {
             Pk mv, sv, tv;
             if (act_on) mv = L::load_acc(MU + c, nc), sv = L::load_acc(S + c, nc), tv = L::load_acc(Tt + c, nc);
-            Pk v1 = L::broadcast(0), v2 = L::broadcast(0);
-            for (int64_t w = 0; w < W; ++w) {
-              Pk g = GZ ? L::load(gzr + w * gzs.w + c, nc) : L::broadcast(0);
-              if (GP) {
-                const Pk q = L::load(gpr + (w / 2) * gps.w + c, nc);
-                for (int j = 0; j < L::kNV; ++j) g.v[j] = at::vec::fmadd(V(0.25), q.v[j], g.v[j]);
-              }
-              if (!act_on) {
-                L::store(gxr + w * gxs.w + c, g, nc);
-                continue;
-              }
-              const Pk xv = L::load(xr + w * xs.w + c, nc);
-              Pk out;
-              for (int j = 0; j < L::kNV; ++j) {
-                const V d = xv.v[j] - mv.v[j];
-                const V gg = mask_le0(at::vec::fmadd(d, sv.v[j], tv.v[j]), g.v[j]);
-                out.v[j] = gg * sv.v[j];
-                v1.v[j] = at::vec::fmadd(gg, d, v1.v[j]);
-                v2.v[j] = v2.v[j] + gg;
-              }
-              L::store(gxr + w * gxs.w + c, out, nc);
-            }
-            if (!act_on) continue;
             acc_t l1[L::kSize], l2[L::kSize];
-            L::store_acc(l1, v1);
-            L::store_acc(l2, v2);
+            backward_pixels<decltype(lanes)>(gzr ? gzr + c : nullptr, gzs.w, gpr ? gpr + c : nullptr, gps.w,
+                                             xr ? xr + c : nullptr, xs.w, gxr + c, gxs.w, W, nc, mv, sv, tv, l1, l2);
+            if (!act_on) return;
             for (int64_t u = 0; u < std::min<int64_t>(nc, L::kSize); ++u) {
               p1[c + u] += l1[u];
               p2[c + u] += l2[u];
             }
-          }
+          };
+          for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, c, L::kSize);
+          if (full < C) tail_lanes([&](auto lanes) { chunk(lanes, full, C - full); });
         }
       }
     });

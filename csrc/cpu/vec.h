@@ -27,9 +27,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 namespace unetx::cpu {
+
+template <typename T>
+struct HalfLanes;
 
 // kSize elements of T as kNV vectors of acc_t: one Vectorized<T> for float / double, two Vectorized<float> for
 // bfloat16 / half (one Vectorized<T> holds twice as many elements).
@@ -58,14 +62,7 @@ struct Lanes {
   static inline Pack load(const T* p, int64_t n) {
     if (n >= kSize) return load(p);
     if constexpr (kReduced) {
-#if defined(CPU_CAPABILITY_AVX512)
-      // n <= kV lanes (a 16-channel tail): one 256-bit load and one conversion instead of two
-      if (n <= kV) {
-        __m512 lo;
-        at::vec::cvt_to_fp32<T>(_mm256_maskz_loadu_epi16(half_mask(n), p), lo);
-        return Pack{{V(lo), V(0)}};
-      }
-#endif
+      if (n <= kV) return Pack{{HalfLanes<T>::load(p, n).v[0], V(0)}};  // one load and conversion, not two
       auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
       return Pack{{a, b}};
     } else {
@@ -85,21 +82,6 @@ struct Lanes {
 #endif
     return at::vec::convert_from_float<T>(x.v[0], x.v[1]);
   }
-#if defined(CPU_CAPABILITY_AVX512)
-  static inline __mmask16 half_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  // kV float lanes rounded to T (as narrow(), one vector)
-  static inline __m256i narrow_low(const V& x) {
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-#if defined(__AVX512BF16__)
-      return (__m256i)_mm512_cvtneps_pbh(x);
-#else
-      return at::vec::cvtfp32_bf16(__m512(x));
-#endif
-    } else {
-      return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-  }
-#endif
   static inline void store(T* p, const Pack& x) {
     if constexpr (kReduced) {
       narrow(x).store(p);
@@ -110,12 +92,7 @@ struct Lanes {
   static inline void store(T* p, const Pack& x, int64_t n) {
     if (n >= kSize) return store(p, x);
     if constexpr (kReduced) {
-#if defined(CPU_CAPABILITY_AVX512)
-      if (n <= kV) {  // the first vector only (the load above leaves the second zero)
-        _mm256_mask_storeu_epi16(p, half_mask(n), narrow_low(x.v[0]));
-        return;
-      }
-#endif
+      if (n <= kV) return HalfLanes<T>::store(p, typename HalfLanes<T>::Pack{{x.v[0]}}, n);
       narrow(x).store(p, n);
     } else {
       x.v[0].store(p, n);
@@ -150,14 +127,81 @@ struct Lanes {
   }
 };
 
-// r <= 0 ? 0 : r, lane by lane; NaN stays NaN (as torch.relu)
+// The first kV lanes of Lanes<T> for a reduced-precision T: one acc_t vector. A tail of at most kV channels (16
+// bfloat16 channels with AVX-512) as a Lanes<T>::Pack costs two loads' conversions and twice the arithmetic on a
+// vector of zeros; as a HalfLanes<T>::Pack, one of each (pixels_map and the loops like it pick it for such tails).
+template <typename T>
+struct HalfLanes {
+  using acc_t = at::opmath_type<T>;
+  using V = at::vec::Vectorized<acc_t>;
+  static constexpr int kNV = 1;
+  static constexpr int64_t kSize = V::size();
+  struct Pack {
+    V v[1];
+  };
+  // the first n <= kSize elements; the other lanes are zero
+  static inline Pack load(const T* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 lo;
+    at::vec::cvt_to_fp32<T>(_mm256_maskz_loadu_epi16(mask(n), p), lo);
+    return Pack{{V(lo)}};
+#else
+    return Pack{{std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n)))}};
+#endif
+  }
+  static inline void store(T* p, const Pack& x, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_mask_storeu_epi16(p, mask(n), narrow(x.v[0]));
+#else
+    at::vec::convert_from_float<T>(x.v[0], V(0)).store(p, n);
+#endif
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512)
+  static inline __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  // kSize float lanes rounded to T, as Lanes<T>::narrow
+  static inline __m256i narrow(const V& x) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+      return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+      return at::vec::cvtfp32_bf16(__m512(x));
+#endif
+    } else {
+      return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+  }
+#endif
+};
+
+// Calls body(lanes, nt) for the partial chunk of C channels (nt = C % Lanes<T>::kSize channels, maybe 0): `lanes` is
+// HalfLanes<T>{} where the tail fits in one vector (reduced T), else Lanes<T>{} (empty structs: `using LT =
+// decltype(lanes);` in a generic lambda), so that a loop over pixels picks the tail's lanes once, outside it.
+template <typename T, typename Body>
+inline void with_tail_lanes(int64_t C, Body&& body) {
+  using L = Lanes<T>;
+  const int64_t nt = C % L::kSize;
+  if constexpr (L::kReduced) {
+    if (nt > 0 && nt <= L::kV) return body(HalfLanes<T>{}, nt);
+  }
+  body(L{}, nt);
+}
+
+// max(r, 0) lane by lane; NaN stays NaN (as torch.relu, which is ATen's clamp_min: one max instruction, whose
+// operand order keeps a NaN r; -0 stays -0, as there). ATen's blendv on AVX-512 is four instructions.
 template <typename V>
 inline V relu_keep_nan(const V& r) {
-  return V::blendv(r, V(0), r <= V(0));
+  return at::vec::clamp_min(r, V(0));
 }
 // keep <= 0 ? 0 : g, lane by lane (a NaN in `keep` passes g, as threshold_backward)
 template <typename V>
 inline V mask_le0(const V& keep, const V& g) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(keep, _mm512_setzero_ps(), _CMP_NLE_UQ), g);
+  }
+#endif
   return V::blendv(g, V(0), keep <= V(0));
 }
 
