@@ -5,15 +5,20 @@ be at most ~0.6x its float32 time on any CPU (issue 12): a machine-independent f
 U-Net level of CPU-S (batch 4; level i: 32 * 2**i channels at (256 / 2**i)^2 pixels), channels_last by default:
 
 - the standalone ops (bn_relu, bn_relu_pool, avg_pool2x2, upsample_concat, each forward and backward), timed
-  directly (median of --rounds runs);
+  directly;
 - the passes inside conv_bn_relu's forward and backward (unetx::input_stage, batch_stats, fold_output_grad,
   activation_backward, upsample_backward, to_planar), the mean time per call from torch.profiler's record_function
-  events over --rounds forward+backward runs of three training layers (normalised input with its batch mean; pooled;
+  events in a round of three training layers forward+backward (normalised input with its batch mean; pooled;
   concatenated with a nearest-upsampled x2). The weight gradient is forced to one candidate for both dtypes
-  (--weight-grad, default onednn_planar: the one bfloat16 uses here, whose to_planar pass is then in both), so that
-  the same passes run in both dtypes.
+  (--weight-grad, default onednn_planar, whose to_planar pass is then in both), so that the same passes run in both.
 
-    python bench/bf16_passes.py [--threads 2] [--dtype bfloat16] [--layout channels_last] [--json out.json]
+Each round times float32 and the low precision back to back (order alternating); a row gives the median times and
+the median of the rounds' ratios, so that a slow stretch of a shared machine does not land on one side of a ratio.
+--cache cold (default) has every timed call read its inputs from memory (see Evict), as in a training step; --cache
+hot repeats calls on inputs that stay in cache where they fit.
+
+    python bench/bf16_passes.py [--threads 2] [--dtype bfloat16] [--layout channels_last] [--cache cold|hot]
+                                [--rounds 9] [--json out.json]
     python bench/bf16_passes.py --quick        # tiny sizes, one round: a smoke test, not a measurement
 """
 
@@ -55,14 +60,55 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-def median_time(fn, rounds: int) -> float:
-    fn()  # warm-up: allocations, first-touch, oneDNN primitive creation, measured algorithm choices
-    ts = []
-    for _ in range(rounds):
+class Evict:
+    """Writes a buffer of twice the last-level cache (or 64 MiB) before a timed call, so that the call reads its
+    inputs from memory: the regime of a pass in a training step, where a layer's convolutions run between it and
+    the pass that wrote its inputs (and the regime in which a 2-byte pass moves half the bytes). Off ('hot'):
+    repeated calls on the same inputs, which stay in cache where they fit (CPU-S levels 1-4 in float32 on a 32 MiB
+    L3): the passes are then bound by their instructions, which a bfloat16 pass does not halve."""
+
+    def __init__(self, on: bool):
+        self.buf = torch.empty(max(2 * llc_bytes(), 64 << 20) // 4) if on else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.fill_(1.0)
+
+
+def llc_bytes() -> int:
+    try:
+        idx = sorted(os.listdir("/sys/devices/system/cpu/cpu0/cache"))
+        sizes = []
+        for d in idx:
+            if d.startswith("index"):
+                with open(f"/sys/devices/system/cpu/cpu0/cache/{d}/size") as f:
+                    v = f.read().strip()
+                sizes.append(int(v[:-1]) * (1024 if v.endswith("K") else 1 << 20 if v.endswith("M") else 1))
+        return max(sizes)
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def paired_times(f32_fn, low_fn, rounds: int, evict: Evict) -> tuple[float, float, float]:
+    """Median float32 time, median low-precision time and the median of the per-round ratios: each round times both,
+    back to back (their order alternating), so that a slow stretch of a shared machine hits both sides of a ratio."""
+    f32_fn(), low_fn()  # warm-up: allocations, first-touch, oneDNN primitive creation, measured algorithm choices
+    tf, tl = [], []
+
+    def timed(fn):
+        evict()
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        return time.perf_counter() - t0
+
+    for r in range(rounds):
+        if r % 2:
+            tl.append(timed(low_fn))
+            tf.append(timed(f32_fn))
+        else:
+            tf.append(timed(f32_fn))
+            tl.append(timed(low_fn))
+    return statistics.median(tf), statistics.median(tl), statistics.median(b / a for a, b in zip(tf, tl))
 
 
 def levels(quick: bool):
@@ -113,9 +159,10 @@ LAYER_EVENTS = [
 ]
 
 
-def layer_passes(c, n, s, dtype, layout, rounds):
-    """Mean time per call of each unetx:: pass inside conv_bn_relu forward+backward: two training layers of a level,
-    the encoder's second (x normalised with its batch mean; 'plain') and a pooled one / a decoder one (x2 nearest)."""
+def layer_passes(c, n, s, dtype, layout, evict):
+    """A function that runs one round of three training layers of a level in conv_bn_relu forward+backward (the
+    encoder's second: x normalised with its batch mean; a pooled one; a decoder one: x2 nearest) under
+    torch.profiler and returns the mean time per call of each unetx:: pass in it."""
     from torch.profiler import ProfilerActivity, profile
 
     cl = layout == "channels_last"
@@ -153,21 +200,52 @@ def layer_passes(c, n, s, dtype, layout, rounds):
         runs.append(make(c // 2, c // 2, False))
     for r in runs:
         r()  # warm-up (and the weight gradient's measured choice)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(rounds):
+
+    def one_round():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             for r in runs:
+                evict()
                 r()
-    out = {}
-    for e in prof.key_averages():
-        if e.key in LAYER_EVENTS:
-            out[e.key] = e.cpu_time_total / 1e6 / e.count  # seconds per call
-    return out
+        return {e.key: e.cpu_time_total / 1e6 / e.count for e in prof.key_averages() if e.key in LAYER_EVENTS}
+
+    return one_round
+
+
+def layer_pass_times(c, n, s, low, layout, rounds, evict):
+    """{event: (float32 s, low s, ratio)}: the mean time per call of each pass in one round of the layers, per
+    dtype, rounds alternating dtypes; medians over rounds (as paired_times)."""
+    f32_round = layer_passes(c, n, s, torch.float32, layout, evict)
+    low_round = layer_passes(c, n, s, low, layout, evict)
+    per = {k: ([], []) for k in LAYER_EVENTS}
+    for r in range(rounds):
+        if r % 2:
+            b = low_round()
+            a = f32_round()
+        else:
+            a = f32_round()
+            b = low_round()
+        for k in LAYER_EVENTS:
+            if k in a and k in b:
+                per[k][0].append(a[k])
+                per[k][1].append(b[k])
+    return {
+        k: (statistics.median(tf), statistics.median(tl), statistics.median(y / x for x, y in zip(tf, tl)))
+        for k, (tf, tl) in per.items()
+        if tf
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument(
+        "--cache",
+        default="cold",
+        choices=["cold", "hot"],
+        help="cold: each timed call reads its inputs from memory, as in a training step (default); hot: repeated "
+        "calls on inputs that stay in cache where they fit",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
     p.add_argument(
@@ -185,17 +263,17 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rounds = 1 if a.quick else a.rounds
     low = getattr(torch, a.dtype)
+    evict = Evict(a.cache == "cold")
     print(
         f"# unetx passes, {a.dtype} / float32, {a.layout}; {cpu_name()} [{cpu_flags()}], torch {torch.__version__}, "
-        f"{a.threads} threads, median of {rounds}"
+        f"{a.threads} threads, {a.cache} cache, median of {rounds} rounds (ratio: median of the rounds' ratios)"
     )
     print(f"# conv_bn_relu weight gradient: {a.weight_grad or 'measured'}; conv_bn_relu rows: mean ms per call")
     print(f"| pass | level (C, HxW) | float32 ms | {a.dtype} ms | ratio |")
     print("|---|---|---|---|---|")
     rows = []
 
-    def row(name, lvl, c, s, tf, tl):
-        ratio = tl / tf if tf > 0 else float("nan")
+    def row(name, lvl, c, s, tf, tl, ratio):
         rows.append(dict(name=name, level=lvl, channels=c, size=s, float32_s=tf, low_s=tl, ratio=ratio))
         print(f"| {name} | {lvl} ({c}, {s}x{s}) | {tf * 1e3:.2f} | {tl * 1e3:.2f} | {ratio:.2f} |", flush=True)
 
@@ -203,18 +281,18 @@ def main(argv=None) -> int:
         f32 = standalone_cases(c, n, s, torch.float32, a.layout)
         lo = standalone_cases(c, n, s, low, a.layout)
         for (name, ff), (_, fl) in zip(f32, lo):
-            row(name, lvl, c, s, median_time(ff, rounds), median_time(fl, rounds))
-        pf = layer_passes(c, n, s, torch.float32, a.layout, rounds)
-        pl = layer_passes(c, n, s, low, a.layout, rounds)
-        for k in LAYER_EVENTS:
-            if k in pf or k in pl:
-                row(f"conv_bn_relu {k.split('::')[1]}", lvl, c, s, pf.get(k, 0.0), pl.get(k, 0.0))
+            row(name, lvl, c, s, *paired_times(ff, fl, rounds, evict))
+        for k, t in layer_pass_times(c, n, s, low, a.layout, rounds, evict).items():
+            row(f"conv_bn_relu {k.split('::')[1]}", lvl, c, s, *t)
     valid = [r["ratio"] for r in rows if r["float32_s"] > 0 and r["low_s"] > 0]
     if valid:
         print(
             f"\nworst {a.dtype}/float32 ratio {max(valid):.2f}, median {statistics.median(valid):.2f} "
-            f"({len(valid)} rows; target <= 0.6)"
+            f"({len(valid)} rows; target <= 0.6); above 0.6: {sum(v > 0.6 for v in valid)}"
         )
+        for lvl in sorted({r["level"] for r in rows}):
+            lv = [r["ratio"] for r in rows if r["level"] == lvl]
+            print(f"level {lvl}: median {statistics.median(lv):.2f}, worst {max(lv):.2f}, above 0.6: {sum(v > 0.6 for v in lv)}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(
@@ -225,6 +303,7 @@ def main(argv=None) -> int:
                     threads=a.threads,
                     dtype=a.dtype,
                     layout=a.layout,
+                    cache=a.cache,
                     rounds=rounds,
                     rows=rows,
                 ),
