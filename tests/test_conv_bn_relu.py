@@ -70,6 +70,8 @@ CASES = {
     "train-wide-k3": Case(cin=17, cout=6, act="mean", **TRAIN),
     "train-wide-k5": Case(n=3, cin=16, cout=4, k=5, h=6, w=3, act="scale", **TRAIN),
     "train-wide-w1": Case(cin=18, cout=3, h=5, w=1, **TRAIN),
+    # more than one 32 x 32 tile of to_planar's transpose each way, partial ones at both ends
+    "train-wide-tiles": Case(cin=37, cout=5, h=9, w=7, act="mean", **TRAIN),
     "train-wide-k5-h1w2-bias": Case(n=4, cin=16, cout=5, k=5, h=1, w=2, bias=True, **TRAIN),
     # ... with an input stage, which that kernel builds row block by row block itself (not for bilinear x2)
     "train-wide-pool": Case(act="mean", pool=True, cin=17, cout=4, h=10, w=6, **TRAIN),
@@ -491,6 +493,7 @@ WEIGHT_GRAD_ALGOS = ["gemm", "onednn", "onednn_planar"]
     "case",
     [
         "train-wide-k3",
+        "train-wide-tiles",
         "train-wide-pool",
         "train-wide-x2-nearest",
         "train-wide-k5-h1w2-bias",
