@@ -146,7 +146,10 @@ at::Tensor upsample_concat(const LayerKernels& k, const at::Tensor& skip, const 
   const auto mf = layout_of(skip);
   auto out =
       at::empty({skip.size(0), skip.size(1) + x.size(1), skip.size(2), skip.size(3)}, skip.options().memory_format(mf));
-  out.narrow(1, 0, skip.size(1)).copy_(skip);
+  // the skip part as the device's copy (Upsample::None): on the CPU a channels-last pixel copy, which ATen's copy_
+  // into a channel slice is not as fast as in bfloat16 (bench/bf16_passes.py)
+  auto head = out.narrow(1, 0, skip.size(1));
+  k.upsample_forward(skip, Upsample::None, head);
   auto up = out.narrow(1, skip.size(1), x.size(1));
   k.upsample_forward(x.contiguous(mf), mode, up);
   return out;

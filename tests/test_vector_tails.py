@@ -39,9 +39,11 @@ def run(name: str, y: torch.Tensor, vec: dict, reduced: torch.dtype):
     """(outputs, gradients) of one op on y (a leaf); the cotangents are values of the `reduced` dtype."""
     y = y.detach().requires_grad_()
     v = {k: t.detach().requires_grad_() for k, t in vec.items()}
-    if name == "upsample_concat_nearest" or name == "upsample_concat_bilinear":
-        skip, low = y, cl(y[:, :, ::2, ::2]).detach().requires_grad_()
-        out = (ops.upsample_concat(skip, low, name.rsplit("_", 1)[1]),)
+    if name.startswith("upsample_concat"):
+        mode = name.rsplit("_", 1)[1]
+        low = y[:, :, ::2, ::2] if mode != "none" else y.flip(1)
+        skip, low = y, cl(low).detach().requires_grad_()
+        out = (ops.upsample_concat(skip, low, mode),)
         leaves = [skip, low]
     elif name == "avg_pool2x2":
         out, leaves = (ops.avg_pool2x2(y),), [y]
@@ -71,7 +73,15 @@ def close(actual: torch.Tensor, f32: torch.Tensor, rel: float, what: str, floor:
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["bf16", "f16"])
 @pytest.mark.parametrize("c", CHANNELS)
 @pytest.mark.parametrize(
-    "name", ["bn_relu", "bn_relu_pool", "avg_pool2x2", "upsample_concat_nearest", "upsample_concat_bilinear"]
+    "name",
+    [
+        "bn_relu",
+        "bn_relu_pool",
+        "avg_pool2x2",
+        "upsample_concat_none",
+        "upsample_concat_nearest",
+        "upsample_concat_bilinear",
+    ],
 )
 def test_reduced_precision_equals_float32_rounded(name, c, dtype, nan):
     if name.startswith("upsample") and nan:

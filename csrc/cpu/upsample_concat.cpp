@@ -30,7 +30,9 @@ struct Tap {
 std::vector<Tap> taps(int64_t out, int64_t in, Upsample mode) {
   std::vector<Tap> t(out);
   for (int64_t o = 0; o < out; ++o) {
-    if (mode == Upsample::Nearest) {
+    if (mode == Upsample::None) {
+      t[o] = {o, o, 1.f, 0.f};
+    } else if (mode == Upsample::Nearest) {
       t[o] = {o / 2, o / 2, 1.f, 0.f};
     } else {
       bilinear_taps(o, in, t[o].i0, t[o].i1, t[o].w0, t[o].w1);
@@ -62,6 +64,70 @@ Adjoint adjoint(int64_t out, int64_t in, Upsample mode) {
   return a;
 }
 
+// Channels-last rows, arguments by value (see bn_relu.cpp's pixels_map: vector stores may alias what a caller's
+// by-reference lambda captures point to). The bits of a copy are moved, not converted: Vectorized<T> of any T.
+template <typename T>
+inline void copy_channels(const T* src, T* dst, int64_t C) {
+  using RV = at::vec::Vectorized<T>;
+  int64_t c = 0;
+  for (; c + RV::size() <= C; c += RV::size()) RV::loadu(src + c).store(dst + c);
+  if (c < C) RV::loadu(src + c, C - c).store(dst + c, C - c);
+}
+// W pixels of C channels: out pixel j = in pixel j (pixel strides is, os)
+template <typename T>
+inline void copy_pixels(const T* in, int64_t is, T* out, int64_t os, int64_t W, int64_t C) {
+  for (int64_t j = 0; j < W; ++j) copy_channels(in + j * is, out + j * os, C);
+}
+// nearest 2x along the row: out pixels 2j and 2j + 1 = in pixel j, for the w input pixels
+template <typename T>
+inline void nearest_row(const T* in, int64_t is, T* out, int64_t os, int64_t w, int64_t C) {
+  using RV = at::vec::Vectorized<T>;
+  for (int64_t j = 0; j < w; ++j) {
+    const T* src = in + j * is;
+    T* d0 = out + 2 * j * os;
+    T* d1 = d0 + os;
+    int64_t c = 0;
+    for (; c + RV::size() <= C; c += RV::size()) {
+      const RV v = RV::loadu(src + c);
+      v.store(d0 + c);
+      v.store(d1 + c);
+    }
+    if (c < C) {
+      const RV v = RV::loadu(src + c, C - c);
+      v.store(d0 + c, C - c);
+      v.store(d1 + c, C - c);
+    }
+  }
+}
+// bilinear 2x along the row from input rows r0 (weight w0) and r1 (w1): out pixel j from the taps tw[j]
+template <typename T>
+inline void bilinear_row(const T* r0, const T* r1, int64_t is, T* out, int64_t os, const Tap* tw, int64_t W, int64_t C,
+                         float w0, float w1) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const auto chunk = [=](auto lanes, int64_t j, int64_t c, int64_t n) {
+    using LL = decltype(lanes);
+    const Tap t = tw[j];
+    const auto x00 = LL::load(r0 + t.i0 * is + c, n), x01 = LL::load(r0 + t.i1 * is + c, n);
+    const auto x10 = LL::load(r1 + t.i0 * is + c, n), x11 = LL::load(r1 + t.i1 * is + c, n);
+    const V aw0(w0), aw1(w1), bw0(t.w0), bw1(t.w1);
+    auto o = x00;
+    for (int u = 0; u < LL::kNV; ++u) {
+      const V top = at::vec::fmadd(bw1, x01.v[u], bw0 * x00.v[u]);
+      const V bot = at::vec::fmadd(bw1, x11.v[u], bw0 * x10.v[u]);
+      o.v[u] = at::vec::fmadd(aw1, bot, aw0 * top);
+    }
+    LL::store(out + j * os + c, o, n);
+  };
+  const int64_t full = C - C % L::kSize;
+  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, j, c, L::kSize);
+      if (nt) chunk(lanes, j, full, nt);
+    }
+  });
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
   using acc_t = at::opmath_type<T>;
@@ -91,40 +157,19 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
       }
     });
   } else if (xc == 1 && (oc == 1 || C == 1)) {
-    // channels-last with contiguous channels on both sides: each output pixel is a copy (nearest) or a weighted
-    // sum of 4 input pixels (bilinear), C channels at a time
-    using L = Lanes<T>;
-    using Pk = typename L::Pack;
-    using V = typename L::V;
+    // channels-last with contiguous channels on both sides: each output pixel is a copy (nearest, none) or a
+    // weighted sum of 4 input pixels (bilinear), C channels at a time; one output row per task item
     at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / H, i = r % H;
         const Tap& a = th[i];
-        const T* xb = X + n * xn;
-        for (int64_t j = 0; j < W; ++j) {
-          T* op = O + n * on + i * oh + j * ow;
-          const Tap& t = tw[j];
-          if (mode == Upsample::Nearest) {
-            std::memcpy(op, xb + a.i0 * xh + t.i0 * xw, C * sizeof(T));
-            continue;
-          }
-          const T* p00 = xb + a.i0 * xh + t.i0 * xw;
-          const T* p01 = xb + a.i0 * xh + t.i1 * xw;
-          const T* p10 = xb + a.i1 * xh + t.i0 * xw;
-          const T* p11 = xb + a.i1 * xh + t.i1 * xw;
-          const V aw0(a.w0), aw1(a.w1), bw0(t.w0), bw1(t.w1);
-          for (int64_t c = 0; c < C; c += L::kSize) {
-            const int64_t nc = C - c;
-            const Pk x00 = L::load(p00 + c, nc), x01 = L::load(p01 + c, nc), x10 = L::load(p10 + c, nc),
-                     x11 = L::load(p11 + c, nc);
-            Pk out;
-            for (int u = 0; u < L::kNV; ++u) {
-              const V top = at::vec::fmadd(bw1, x01.v[u], bw0 * x00.v[u]);
-              const V bot = at::vec::fmadd(bw1, x11.v[u], bw0 * x10.v[u]);
-              out.v[u] = at::vec::fmadd(aw1, bot, aw0 * top);
-            }
-            L::store(op + c, out, nc);
-          }
+        T* orow = O + n * on + i * oh;
+        if (mode == Upsample::None) {
+          copy_pixels(X + n * xn + i * xh, xw, orow, ow, W, C);
+        } else if (mode == Upsample::Nearest) {
+          nearest_row(X + n * xn + a.i0 * xh, xw, orow, ow, w, C);
+        } else {
+          bilinear_row(X + n * xn + a.i0 * xh, X + n * xn + a.i1 * xh, xw, orow, ow, tw.data(), W, C, a.w0, a.w1);
         }
       }
     });
@@ -214,7 +259,9 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
 }  // namespace
 
 void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
-  if (mode == Upsample::None) {
+  // mode None (a plain copy, such as the skip part of the concatenation): the channels-last rows below where they
+  // apply, ATen's copy_ otherwise
+  if (mode == Upsample::None && !(is_channels_last(x) && x.stride(1) == 1 && out.stride(1) == 1)) {
     out.copy_(x);
     return;
   }
