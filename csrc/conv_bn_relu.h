@@ -91,6 +91,15 @@ struct LayerKernels {
   // than ATen's for its shape.
   std::optional<at::Tensor> (*conv_transpose2x2)(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
                                                  int64_t op) = nullptr;
+
+  // Where not null: upsample_concat's forward (out = cat([skip, upsample(x)])) and backward (grad -> grad_skip,
+  // grad_x) in one pass over the concatenation, row by row, so that each of its cache lines is written (read) once,
+  // not half by the skip's copy and half by the upsampling; false where it does not apply (layouts), and the op
+  // then runs upsample_forward / upsample_backward on each part.
+  bool (*upsample_concat_forward)(const at::Tensor& skip, const at::Tensor& x, Upsample mode, at::Tensor& out) =
+      nullptr;
+  bool (*upsample_concat_backward)(const at::Tensor& grad, Upsample mode, at::Tensor& grad_skip,
+                                   at::Tensor& grad_x) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,

@@ -146,10 +146,8 @@ at::Tensor upsample_concat(const LayerKernels& k, const at::Tensor& skip, const 
   const auto mf = layout_of(skip);
   auto out =
       at::empty({skip.size(0), skip.size(1) + x.size(1), skip.size(2), skip.size(3)}, skip.options().memory_format(mf));
-  // the skip part as the device's copy (Upsample::None): on the CPU a channels-last pixel copy, which ATen's copy_
-  // into a channel slice is not as fast as in bfloat16 (bench/bf16_passes.py)
-  auto head = out.narrow(1, 0, skip.size(1));
-  k.upsample_forward(skip, Upsample::None, head);
+  if (k.upsample_concat_forward && k.upsample_concat_forward(skip, x, mode, out)) return out;
+  out.narrow(1, 0, skip.size(1)).copy_(skip);
   auto up = out.narrow(1, skip.size(1), x.size(1));
   k.upsample_forward(x.contiguous(mf), mode, up);
   return out;
@@ -167,11 +165,13 @@ std::tuple<at::Tensor, at::Tensor> upsample_concat_backward(const LayerKernels& 
               " must have an even height and width for 2x upsampling");
   const at::OptionalDeviceGuard guard(at::device_of(grad));
   const auto mf = layout_of(grad);
-  // clone, not contiguous(): with batch 1 the planar channel slice is already contiguous, and an output may not
-  // alias an input (the schema declares none)
-  auto gskip = grad.narrow(1, 0, skip_channels).clone(mf);
+  // fresh tensors, not contiguous(): with batch 1 the planar channel slice is already contiguous, and an output may
+  // not alias an input (the schema declares none)
+  auto gskip = at::empty({grad.size(0), skip_channels, grad.size(2), grad.size(3)}, grad.options().memory_format(mf));
   auto gx = at::empty({grad.size(0), grad.size(1) - skip_channels, grad.size(2) / f, grad.size(3) / f},
                       grad.options().memory_format(mf));
+  if (k.upsample_concat_backward && k.upsample_concat_backward(grad, mode, gskip, gx)) return {gskip, gx};
+  gskip.copy_(grad.narrow(1, 0, skip_channels));
   k.upsample_backward(grad.narrow(1, skip_channels, grad.size(1) - skip_channels), mode, gx);
   return {gskip, gx};
 }

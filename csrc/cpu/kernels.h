@@ -44,6 +44,10 @@ void activation_backward(const at::Tensor* grad_z, const at::Tensor* grad_p, con
 void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out);
 // Adjoint: grad (N, C, 2h, 2w) -> grad_x (N, C, h, w).
 void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x);
+// The op upsample_concat's forward and backward in one pass over the concatenation (LayerKernels): channels-last
+// tensors with contiguous channels (false otherwise: the op then copies and upsamples apart).
+bool upsample_concat_forward(const at::Tensor& skip, const at::Tensor& x, Upsample mode, at::Tensor& out);
+bool upsample_concat_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_skip, at::Tensor& grad_x);
 
 // ---- batch_stats.cpp: per-channel mean and biased variance of y, accumulated in double around a per-channel
 // pivot (y's first element), so large means do not cancel. One read of y.

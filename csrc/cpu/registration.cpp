@@ -21,6 +21,8 @@ const LayerKernels kKernels{
     /*to_planar_min_channels=*/kPlanarWeightGradMinChannels,
     /*winograd3x3=*/winograd3x3,
     /*conv_transpose2x2=*/conv_transpose2x2_op,
+    /*upsample_concat_forward=*/upsample_concat_forward,
+    /*upsample_concat_backward=*/upsample_concat_backward,
 };
 
 }  // namespace

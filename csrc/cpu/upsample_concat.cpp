@@ -157,16 +157,14 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
       }
     });
   } else if (xc == 1 && (oc == 1 || C == 1)) {
-    // channels-last with contiguous channels on both sides: each output pixel is a copy (nearest, none) or a
-    // weighted sum of 4 input pixels (bilinear), C channels at a time; one output row per task item
+    // channels-last with contiguous channels on both sides: each output pixel is a copy (nearest) or a weighted sum
+    // of 4 input pixels (bilinear), C channels at a time; one output row per task item
     at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / H, i = r % H;
         const Tap& a = th[i];
         T* orow = O + n * on + i * oh;
-        if (mode == Upsample::None) {
-          copy_pixels(X + n * xn + i * xh, xw, orow, ow, W, C);
-        } else if (mode == Upsample::Nearest) {
+        if (mode == Upsample::Nearest) {
           nearest_row(X + n * xn + a.i0 * xh, xw, orow, ow, w, C);
         } else {
           bilinear_row(X + n * xn + a.i0 * xh, X + n * xn + a.i1 * xh, xw, orow, ow, tw.data(), W, C, a.w0, a.w1);
@@ -184,6 +182,64 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
       }
     });
   }
+}
+
+// nearest's adjoint along a row: in pixel j = the sum of the 2 x 2 output block (2j, 2j + 1) x (row, row + 1)
+// (g: pixel stride gw, row stride gh), for w input pixels; arguments by value, as above
+template <typename T>
+inline void block_sum_row(const T* g, int64_t gw, int64_t gh, T* out, int64_t os, int64_t w, int64_t C) {
+  using L = Lanes<T>;
+  const auto chunk = [=](auto lanes, int64_t j, int64_t c, int64_t n) {
+    using LL = decltype(lanes);
+    const T* a = g + 2 * j * gw + c;
+    auto s = LL::load(a, n);
+    const auto b = LL::load(a + gw, n), d = LL::load(a + gh, n), e = LL::load(a + gh + gw, n);
+    for (int u = 0; u < LL::kNV; ++u) s.v[u] = (s.v[u] + b.v[u]) + (d.v[u] + e.v[u]);
+    LL::store(out + j * os + c, s, n);
+  };
+  const int64_t full = C - C % L::kSize;
+  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
+    for (int64_t j = 0; j < w; ++j) {
+      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, j, c, L::kSize);
+      if (nt) chunk(lanes, j, full, nt);
+    }
+  });
+}
+// the adjoint of a separable upsampling for one input row: in pixel l = sum over the np output rows ro[p] (weight
+// rw[p]) of sum over the output pixels of a.o / a.w that read l; g is image n's gradient (row stride gh, pixel gw)
+template <typename T>
+inline void adjoint_row(const T* g, int64_t gh, int64_t gw, const int64_t* ro, const float* rw, int64_t np,
+                        const Adjoint& a, T* out, int64_t os, int64_t w, int64_t C) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const int64_t* st = a.start.data();
+  const int64_t* co = a.o.data();
+  const float* cw = a.w.data();
+  const auto chunk = [=](auto lanes, int64_t l, int64_t c, int64_t n) {
+    using LL = decltype(lanes);
+    typename LL::Pack s;
+    for (int u = 0; u < LL::kNV; ++u) s.v[u] = V(0);
+    for (int64_t p = 0; p < np; ++p) {
+      typename LL::Pack row;
+      for (int u = 0; u < LL::kNV; ++u) row.v[u] = V(0);
+      const T* gr = g + ro[p] * gh + c;
+      for (int64_t q = st[l]; q < st[l + 1]; ++q) {
+        const auto v = LL::load(gr + co[q] * gw, n);
+        const V wq(cw[q]);
+        for (int u = 0; u < LL::kNV; ++u) row.v[u] = at::vec::fmadd(wq, v.v[u], row.v[u]);
+      }
+      const V wp(rw[p]);
+      for (int u = 0; u < LL::kNV; ++u) s.v[u] = at::vec::fmadd(wp, row.v[u], s.v[u]);
+    }
+    LL::store(out + l * os + c, s, n);
+  };
+  const int64_t full = C - C % L::kSize;
+  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
+    for (int64_t l = 0; l < w; ++l) {
+      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, l, c, L::kSize);
+      if (nt) chunk(lanes, l, full, nt);
+    }
+  });
 }
 
 template <typename T>
@@ -217,31 +273,16 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
     });
   } else if (gc == 1 && (xc == 1 || C == 1)) {
     // channels-last with contiguous channels on both sides: each input pixel's gradient is a weighted sum of the
-    // output pixels that read it, C channels at a time
-    using L = Lanes<T>;
-    using Pk = typename L::Pack;
-    using V = typename L::V;
+    // output pixels that read it (nearest: its 2 x 2 block), C channels at a time; one input row per task item
     at::parallel_for(0, N * h, grain_for(w * C * 4), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / h, k = r % h;
-        for (int64_t l = 0; l < w; ++l) {
-          T* xp = GX + n * xn + k * xh + l * xw;
-          for (int64_t c = 0; c < C; c += L::kSize) {
-            const int64_t nc = C - c;
-            Pk s = L::broadcast(0);
-            for (int64_t p = ah.start[k]; p < ah.start[k + 1]; ++p) {
-              Pk row = L::broadcast(0);
-              const T* gr = G + n * gn + ah.o[p] * gh + c;
-              for (int64_t q = aw.start[l]; q < aw.start[l + 1]; ++q) {
-                const Pk v = L::load(gr + aw.o[q] * gw, nc);
-                const V wq(aw.w[q]);
-                for (int u = 0; u < L::kNV; ++u) row.v[u] = at::vec::fmadd(wq, v.v[u], row.v[u]);
-              }
-              const V wp(ah.w[p]);
-              for (int u = 0; u < L::kNV; ++u) s.v[u] = at::vec::fmadd(wp, row.v[u], s.v[u]);
-            }
-            L::store(xp + c, s, nc);
-          }
+        T* xrow = GX + n * xn + k * xh;
+        if (mode == Upsample::Nearest) {
+          block_sum_row(G + n * gn + 2 * k * gh, gw, gh, xrow, xw, w, C);
+        } else {
+          const int64_t p0 = ah.start[k], np = ah.start[k + 1] - p0;
+          adjoint_row(G + n * gn, gh, gw, ah.o.data() + p0, ah.w.data() + p0, np, aw, xrow, xw, w, C);
         }
       }
     });
@@ -258,10 +299,95 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
 
 }  // namespace
 
+namespace {
+
+bool channels_innermost(const at::Tensor& t) {
+  return t.dim() == 4 && is_channels_last(t) && (t.size(1) == 1 || t.stride(1) == 1);
+}
+
+// upsample_concat in one pass over each row of the concatenation (LayerKernels::upsample_concat_forward): per output
+// row, the skip's pixels, then the upsampled x's, into the row's channels [0, C1) and [C1, C1 + C2).
+template <typename T>
+void concat_forward_impl(const at::Tensor& skip, const at::Tensor& x, Upsample mode, at::Tensor& out) {
+  const int64_t N = out.size(0), C1 = skip.size(1), C2 = x.size(1), H = out.size(2), W = out.size(3);
+  const int64_t h = x.size(2), w = x.size(3);
+  const auto th = taps(H, h, mode), tw = taps(W, w, mode);
+  const T* S = skip.const_data_ptr<T>();
+  const T* X = x.const_data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  const int64_t sn = skip.stride(0), sh = skip.stride(2), sw = skip.stride(3);
+  const int64_t xn = x.stride(0), xh = x.stride(2), xw = x.stride(3);
+  const int64_t on = out.stride(0), oh = out.stride(2), ow = out.stride(3);
+  at::parallel_for(0, N * H, grain_for(W * (C1 + C2)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / H, i = r % H;
+      T* orow = O + n * on + i * oh;
+      copy_pixels(S + n * sn + i * sh, sw, orow, ow, W, C1);
+      const Tap& a = th[i];
+      if (mode == Upsample::None)
+        copy_pixels(X + n * xn + i * xh, xw, orow + C1, ow, W, C2);
+      else if (mode == Upsample::Nearest)
+        nearest_row(X + n * xn + a.i0 * xh, xw, orow + C1, ow, w, C2);
+      else
+        bilinear_row(X + n * xn + a.i0 * xh, X + n * xn + a.i1 * xh, xw, orow + C1, ow, tw.data(), W, C2, a.w0, a.w1);
+    }
+  });
+}
+
+// Its adjoint (LayerKernels::upsample_concat_backward), one row of grad_x at a time: the gradient rows that belong
+// to it (row k of grad_x: grad rows k (none) or 2k and 2k + 1) copied into grad_skip, then grad_x's row from the
+// grad rows that read it (nearest: those two; bilinear: up to four, the others' own rows copied by their tasks).
+template <typename T>
+void concat_backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gs, at::Tensor& gx) {
+  const int64_t N = grad.size(0), C1 = gs.size(1), C2 = gx.size(1), H = grad.size(2), W = grad.size(3);
+  const int64_t h = gx.size(2), w = gx.size(3);
+  const int64_t f = mode == Upsample::None ? 1 : 2;
+  const auto ah = adjoint(H, h, mode), aw = adjoint(W, w, mode);
+  const T* G = grad.const_data_ptr<T>();
+  T* GS = gs.data_ptr<T>();
+  T* GX = gx.data_ptr<T>();
+  const int64_t gn = grad.stride(0), gh = grad.stride(2), gw = grad.stride(3);
+  const int64_t sn = gs.stride(0), sh = gs.stride(2), sw = gs.stride(3);
+  const int64_t xn = gx.stride(0), xh = gx.stride(2), xw = gx.stride(3);
+  at::parallel_for(0, N * h, grain_for(f * f * w * (C1 + C2)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / h, k = r % h;
+      const T* gimg = G + n * gn;
+      for (int64_t i = f * k; i < f * k + f; ++i) copy_pixels(gimg + i * gh, gw, GS + n * sn + i * sh, sw, W, C1);
+      T* xrow = GX + n * xn + k * xh;
+      if (mode == Upsample::None) {
+        copy_pixels(gimg + k * gh + C1, gw, xrow, xw, w, C2);
+      } else if (mode == Upsample::Nearest) {
+        block_sum_row(gimg + 2 * k * gh + C1, gw, gh, xrow, xw, w, C2);
+      } else {
+        const int64_t p0 = ah.start[k], np = ah.start[k + 1] - p0;
+        adjoint_row(gimg + C1, gh, gw, ah.o.data() + p0, ah.w.data() + p0, np, aw, xrow, xw, w, C2);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool upsample_concat_forward(const at::Tensor& skip, const at::Tensor& x, Upsample mode, at::Tensor& out) {
+  if (!channels_innermost(skip) || !channels_innermost(x) || !is_channels_last(out) || out.stride(1) != 1)
+    return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.upsample_concat_forward",
+                                  [&] { concat_forward_impl<scalar_t>(skip, x, mode, out); });
+  return true;
+}
+
+bool upsample_concat_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_skip, at::Tensor& grad_x) {
+  if (!is_channels_last(grad) || grad.stride(1) != 1 || !channels_innermost(grad_skip) ||
+      !channels_innermost(grad_x))
+    return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "unetx.upsample_concat_backward",
+                                  [&] { concat_backward_impl<scalar_t>(grad, mode, grad_skip, grad_x); });
+  return true;
+}
+
 void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
-  // mode None (a plain copy, such as the skip part of the concatenation): the channels-last rows below where they
-  // apply, ATen's copy_ otherwise
-  if (mode == Upsample::None && !(is_channels_last(x) && x.stride(1) == 1 && out.stride(1) == 1)) {
+  if (mode == Upsample::None) {
     out.copy_(x);
     return;
   }
