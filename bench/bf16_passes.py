@@ -292,7 +292,8 @@ def main(argv=None) -> int:
         )
         for lvl in sorted({r["level"] for r in rows}):
             lv = [r["ratio"] for r in rows if r["level"] == lvl]
-            print(f"level {lvl}: median {statistics.median(lv):.2f}, worst {max(lv):.2f}, above 0.6: {sum(v > 0.6 for v in lv)}")
+            above = sum(v > 0.6 for v in lv)
+            print(f"level {lvl}: median {statistics.median(lv):.2f}, worst {max(lv):.2f}, above 0.6: {above}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(
