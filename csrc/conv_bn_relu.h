@@ -96,8 +96,8 @@ struct LayerKernels {
   // grad_x) in one pass over the concatenation, row by row, so that each of its cache lines is written (read) once,
   // not half by the skip's copy and half by the upsampling; false where it does not apply (layouts), and the op
   // then runs upsample_forward / upsample_backward on each part.
-  bool (*upsample_concat_forward)(const at::Tensor& skip, const at::Tensor& x, Upsample mode, at::Tensor& out) =
-      nullptr;
+  bool (*upsample_concat_forward)(const at::Tensor& skip, const at::Tensor& x, Upsample mode,
+                                  at::Tensor& out) = nullptr;
   bool (*upsample_concat_backward)(const at::Tensor& grad, Upsample mode, at::Tensor& grad_skip,
                                    at::Tensor& grad_x) = nullptr;
 };

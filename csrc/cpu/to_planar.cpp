@@ -31,8 +31,8 @@ void transpose_tiles(const T* __restrict__ in, T* __restrict__ out, int64_t P, i
     if constexpr (sizeof(T) == 4 || sizeof(T) == 2) {
       // the bits are moved, not interpreted: float / BFloat16 name the element size for ATen's kernel
       using E = std::conditional_t<sizeof(T) == 4, float, c10::BFloat16>;
-      at::vec::transpose_mxn<E>(reinterpret_cast<const E*>(in + p0 * C + c0), C, reinterpret_cast<E*>(out + c0 * P + p0),
-                                P, int(p1 - p0), int(c1 - c0));
+      at::vec::transpose_mxn<E>(reinterpret_cast<const E*>(in + p0 * C + c0), C,
+                                reinterpret_cast<E*>(out + c0 * P + p0), P, int(p1 - p0), int(c1 - c0));
     } else {
       for (int64_t c = c0; c < c1; ++c) {
         const T* __restrict__ src = in + c;

@@ -370,16 +370,14 @@ void concat_backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gs,
 }  // namespace
 
 bool upsample_concat_forward(const at::Tensor& skip, const at::Tensor& x, Upsample mode, at::Tensor& out) {
-  if (!channels_innermost(skip) || !channels_innermost(x) || !is_channels_last(out) || out.stride(1) != 1)
-    return false;
+  if (!channels_innermost(skip) || !channels_innermost(x) || !is_channels_last(out) || out.stride(1) != 1) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "unetx.upsample_concat_forward",
                                   [&] { concat_forward_impl<scalar_t>(skip, x, mode, out); });
   return true;
 }
 
 bool upsample_concat_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_skip, at::Tensor& grad_x) {
-  if (!is_channels_last(grad) || grad.stride(1) != 1 || !channels_innermost(grad_skip) ||
-      !channels_innermost(grad_x))
+  if (!is_channels_last(grad) || grad.stride(1) != 1 || !channels_innermost(grad_skip) || !channels_innermost(grad_x))
     return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "unetx.upsample_concat_backward",
                                   [&] { concat_backward_impl<scalar_t>(grad, mode, grad_skip, grad_x); });
