@@ -3,8 +3,9 @@
 //
 // Reads and writes each element once (2T per element). ATen's copy_ between the two layouts walks the output in
 // order and gathers the input with a stride of C elements (far below memory bandwidth; BENCHMARKS.md); transposing
-// 32 x 32 tiles keeps both sides within cache lines, and each tile is transposed in vector registers by ATen's
-// at::vec::transpose_mxn (AVX-512 shuffles for 4- and 2-byte elements; a scalar loop on other capabilities).
+// 32 x 32 tiles keeps both sides within cache lines. With AVX-512 each tile is transposed in vector registers by
+// ATen's at::vec::transpose_mxn (shuffles for 4- and 2-byte elements); its generic version (other capabilities) is a
+// scalar loop that writes across the output's rows, slower than the loop here, which writes along them.
 #include "cpu/vec.h"  // first: selects ATen's vector capability
 
 #include <ATen/Parallel.h>
@@ -28,17 +29,19 @@ void transpose_tiles(const T* __restrict__ in, T* __restrict__ out, int64_t P, i
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const int64_t p0 = (t / tiles_c) * kTile, c0 = (t % tiles_c) * kTile;
     const int64_t p1 = std::min(p0 + kTile, P), c1 = std::min(c0 + kTile, C);
+#if defined(CPU_CAPABILITY_AVX512)
     if constexpr (sizeof(T) == 4 || sizeof(T) == 2) {
       // the bits are moved, not interpreted: float / BFloat16 name the element size for ATen's kernel
       using E = std::conditional_t<sizeof(T) == 4, float, c10::BFloat16>;
       at::vec::transpose_mxn<E>(reinterpret_cast<const E*>(in + p0 * C + c0), C,
                                 reinterpret_cast<E*>(out + c0 * P + p0), P, int(p1 - p0), int(c1 - c0));
-    } else {
-      for (int64_t c = c0; c < c1; ++c) {
-        const T* __restrict__ src = in + c;
-        T* __restrict__ dst = out + c * P;
-        for (int64_t p = p0; p < p1; ++p) dst[p] = src[p * C];
-      }
+      continue;
+    }
+#endif
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* __restrict__ src = in + c;
+      T* __restrict__ dst = out + c * P;
+      for (int64_t p = p0; p < p1; ++p) dst[p] = src[p * C];
     }
   }
 }
