@@ -53,7 +53,9 @@ Adjoint adjoint(int64_t out, int64_t in, Upsample mode) {
   a.start.push_back(0);
   for (int64_t k = 0; k < in; ++k) {
     for (int64_t o = std::max<int64_t>(0, 2 * k - 2); o <= std::min<int64_t>(out - 1, 2 * k + 2); ++o) {
-      const float wt = mode == Upsample::Nearest ? (o / 2 == k ? 1.f : 0.f) : bilinear_weight(o, k, in);
+      const float wt = mode == Upsample::None      ? (o == k ? 1.f : 0.f)
+                       : mode == Upsample::Nearest ? (o / 2 == k ? 1.f : 0.f)
+                                                   : bilinear_weight(o, k, in);
       if (wt != 0.f) {
         a.o.push_back(o);
         a.w.push_back(wt);
@@ -157,14 +159,16 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
       }
     });
   } else if (xc == 1 && (oc == 1 || C == 1)) {
-    // channels-last with contiguous channels on both sides: each output pixel is a copy (nearest) or a weighted sum
-    // of 4 input pixels (bilinear), C channels at a time; one output row per task item
+    // channels-last with contiguous channels on both sides: each output pixel is a copy (none, nearest) or a weighted
+    // sum of 4 input pixels (bilinear), C channels at a time; one output row per task item
     at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / H, i = r % H;
         const Tap& a = th[i];
         T* orow = O + n * on + i * oh;
-        if (mode == Upsample::Nearest) {
+        if (mode == Upsample::None) {
+          copy_pixels(X + n * xn + i * xh, xw, orow, ow, W, C);
+        } else if (mode == Upsample::Nearest) {
           nearest_row(X + n * xn + a.i0 * xh, xw, orow, ow, w, C);
         } else {
           bilinear_row(X + n * xn + a.i0 * xh, X + n * xn + a.i1 * xh, xw, orow, ow, tw.data(), W, C, a.w0, a.w1);
@@ -273,12 +277,15 @@ void backward_impl(const at::Tensor& grad, Upsample mode, at::Tensor& gx) {
     });
   } else if (gc == 1 && (xc == 1 || C == 1)) {
     // channels-last with contiguous channels on both sides: each input pixel's gradient is a weighted sum of the
-    // output pixels that read it (nearest: its 2 x 2 block), C channels at a time; one input row per task item
+    // output pixels that read it (none: the pixel; nearest: its 2 x 2 block), C channels at a time; one input row
+    // per task item
     at::parallel_for(0, N * h, grain_for(w * C * 4), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / h, k = r % h;
         T* xrow = GX + n * xn + k * xh;
-        if (mode == Upsample::Nearest) {
+        if (mode == Upsample::None) {
+          copy_pixels(G + n * gn + k * gh, gw, xrow, xw, w, C);
+        } else if (mode == Upsample::Nearest) {
           block_sum_row(G + n * gn + 2 * k * gh, gw, gh, xrow, xw, w, C);
         } else {
           const int64_t p0 = ah.start[k], np = ah.start[k + 1] - p0;
@@ -384,8 +391,17 @@ bool upsample_concat_backward(const at::Tensor& grad, Upsample mode, at::Tensor&
   return true;
 }
 
+// Mode None is a copy (conv_bn_relu's concatenation of a same-size x2 into its stage, and its gradient back out of
+// the stage's channel slice): the channels-last rows above where both sides have contiguous channels, ATen's copy_
+// otherwise (which into or out of a channel slice is slower, most in bfloat16: bench/bf16_passes.py).
+namespace {
+bool copies_as_rows(const at::Tensor& from, const at::Tensor& to) {
+  return is_channels_last(from) && is_channels_last(to) && from.stride(1) == 1 && to.stride(1) == 1;
+}
+}  // namespace
+
 void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
-  if (mode == Upsample::None) {
+  if (mode == Upsample::None && !copies_as_rows(x, out)) {
     out.copy_(x);
     return;
   }
@@ -394,7 +410,7 @@ void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
 }
 
 void upsample_backward(const at::Tensor& grad, Upsample mode, at::Tensor& grad_x) {
-  if (mode == Upsample::None) {
+  if (mode == Upsample::None && !copies_as_rows(grad, grad_x)) {
     grad_x.copy_(grad);
     return;
   }
