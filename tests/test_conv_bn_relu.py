@@ -483,6 +483,17 @@ def test_gradcheck_float64(case, layout, device):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cout", [16, 32, 40, 48])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_output_channel_vector_paths(mode, cout, dtype):
+    """Output channel counts that take each vector path of the output passes (batch statistics, the gradient fold;
+    csrc/cpu/vec.h): one whole chunk (16 float32 / 32 bfloat16 lanes with AVX-512), whole chunks and a half-width
+    bfloat16 tail (48), a partial tail (40); the training layer (statistics) and the eval one (bias, ReLU)."""
+    kind = TRAIN if mode == "train" else EVAL
+    check_case(Case(cin=5, cout=cout, h=6, w=9, act="mean", **kind), dtype, "cpu", "channels_last")
+
+
 # The weight gradient's candidates (csrc/conv_bn_relu.cpp, chosen by measurement: csrc/cpu/algo_choice.h), each forced
 WEIGHT_GRAD_ALGOS = ["gemm", "onednn", "onednn_planar"]
 

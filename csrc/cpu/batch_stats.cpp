@@ -130,22 +130,19 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   }
 }
 
-// out = mask(gy) + a + b * (y - mu) over len elements; per-channel vectors indexed c0 + cstep * i (cstep 0: one
-// channel c0 for the whole run (planar); cstep 1: the channel is the index (a channels-last pixel)).
+// out = mask(gy) + a[c] + b[c] * (y - mu[c]) over one planar (n, c) plane of len elements.
 template <typename T, bool RELU, bool STATS>
 inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __restrict__ o, int64_t len,
                      const typename at::opmath_type<T>* a, const typename at::opmath_type<T>* b,
-                     const typename at::opmath_type<T>* mu, int64_t c0, int64_t cstep) {
+                     const typename at::opmath_type<T>* mu, int64_t c) {
   using L = Lanes<T>;
   using Pk = typename L::Pack;
   Pk av, bv, mv;
-  if (STATS && cstep == 0) av = L::broadcast(a[c0]), bv = L::broadcast(b[c0]), mv = L::broadcast(mu[c0]);
+  if (STATS) av = L::broadcast(a[c]), bv = L::broadcast(b[c]), mv = L::broadcast(mu[c]);
   for (int64_t i = 0; i < len; i += L::kSize) {
     const int64_t n = len - i;
     const Pk yv = L::load(y + i, n);
     Pk g = L::load(gy + i, n);
-    if (STATS && cstep != 0)
-      av = L::load_acc(a + c0 + i, n), bv = L::load_acc(b + c0 + i, n), mv = L::load_acc(mu + c0 + i, n);
     for (int j = 0; j < L::kNV; ++j) {
       if constexpr (RELU) g.v[j] = mask_le0(yv.v[j], g.v[j]);  // NaN passes, as threshold_backward
       if constexpr (STATS) g.v[j] = g.v[j] + at::vec::fmadd(bv.v[j], yv.v[j] - mv.v[j], av.v[j]);
@@ -154,18 +151,54 @@ inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __res
   }
 }
 
+// fold_run over `pixels` dense channels-last pixels of C channels: the per-channel vectors of a chunk are loaded
+// once outside the pixel loop where the pixel is one chunk (C == kSize) or for its partial chunk (HalfLanes where it
+// fits), per pixel otherwise. Arguments by value: the vector stores may alias what by-reference captures point to.
+template <typename T, bool RELU, bool STATS>
+inline void fold_pixels(const T* gy, const T* y, T* o, int64_t pixels, int64_t C, const at::opmath_type<T>* a,
+                        const at::opmath_type<T>* b, const at::opmath_type<T>* mu) {
+  using L = Lanes<T>;
+  using Pk = typename L::Pack;
+  const auto params = [=](int64_t c, int64_t n) {
+    Pk av, bv, mv;
+    if (STATS) av = L::load_acc(a + c, n), bv = L::load_acc(b + c, n), mv = L::load_acc(mu + c, n);
+    return [av, bv, mv](auto g, const auto& yv) {
+      for (int j = 0; j < int(sizeof(g.v) / sizeof(g.v[0])); ++j) {
+        if constexpr (RELU) g.v[j] = mask_le0(yv.v[j], g.v[j]);  // NaN passes, as threshold_backward
+        if constexpr (STATS) g.v[j] = g.v[j] + at::vec::fmadd(bv.v[j], yv.v[j] - mv.v[j], av.v[j]);
+      }
+      return g;
+    };
+  };
+  const int64_t full = C - C % L::kSize;
+  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
+    using LT = decltype(lanes);
+    if (nt == 0 && full == L::kSize) {
+      const auto op = params(0, L::kSize);
+      for (int64_t p = 0; p < pixels; ++p) L::store(o + p * C, op(L::load(gy + p * C), L::load(y + p * C)));
+      return;
+    }
+    const auto tail = params(full, nt);
+    for (int64_t p = 0; p < pixels; ++p) {
+      const int64_t q = p * C;
+      for (int64_t c = 0; c < full; c += L::kSize)
+        L::store(o + q + c, params(c, L::kSize)(L::load(gy + q + c), L::load(y + q + c)));
+      if (nt) LT::store(o + q + full, tail(LT::load(gy + q + full, nt), LT::load(y + q + full, nt)), nt);
+    }
+  });
+}
+
 template <typename T, bool RELU, bool STATS>
 void fold_loops(const T* GY, const T* Y, T* O, int64_t N, int64_t C, int64_t HW, bool cl, const at::opmath_type<T>* A,
                 const at::opmath_type<T>* B, const at::opmath_type<T>* MU) {
   if (!cl) {
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t bb, int64_t e) {
       for (int64_t nc = bb; nc < e; ++nc)
-        fold_run<T, RELU, STATS>(GY + nc * HW, Y + nc * HW, O + nc * HW, HW, A, B, MU, nc % C, 0);
+        fold_run<T, RELU, STATS>(GY + nc * HW, Y + nc * HW, O + nc * HW, HW, A, B, MU, nc % C);
     });
   } else {
     at::parallel_for(0, N * HW, grain_for(C), [&](int64_t bb, int64_t e) {
-      for (int64_t px = bb; px < e; ++px)
-        fold_run<T, RELU, STATS>(GY + px * C, Y + px * C, O + px * C, C, A, B, MU, 0, 1);
+      fold_pixels<T, RELU, STATS>(GY + bb * C, Y + bb * C, O + bb * C, e - bb, C, A, B, MU);
     });
   }
 }
