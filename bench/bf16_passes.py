@@ -92,7 +92,11 @@ def llc_bytes() -> int:
 def paired_times(f32_fn, low_fn, rounds: int, evict: Evict) -> tuple[float, float, float]:
     """Median float32 time, median low-precision time and the median of the per-round ratios: each round times both,
     back to back (their order alternating), so that a slow stretch of a shared machine hits both sides of a ratio."""
-    f32_fn(), low_fn()  # warm-up: allocations, first-touch, oneDNN primitive creation, measured algorithm choices
+    # warm-up: oneDNN primitive creation, measured algorithm choices, and the heap: glibc serves the first few
+    # activation-sized outputs of a size from fresh (faulting) pages before its freed blocks coalesce into reusable
+    # ones (one warm-up call left float32 bn_relu at level 0 at ~11 ms a call instead of ~2.4 ms)
+    for _ in range(4):
+        f32_fn(), low_fn()
     tf, tl = [], []
 
     def timed(fn):
