@@ -245,6 +245,18 @@ void forward_impl(const at::Tensor& x, const at::Tensor* m, const at::Tensor* s,
     forward_loops<T, false>(x, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, z, p);
 }
 
+// One vector of the activation's backward: g masked where the recomputed pre-activation (x - m) * s + t <= 0 (a NaN
+// one passes g), returned times s; sum(g * (x - m)) and sum(g) accumulated into v1 and v2 (the centred grad_scale and
+// grad_shift sums).
+template <typename V>
+inline V act_backward_v(const V& x, const V& g, const V& m, const V& s, const V& t, V& v1, V& v2) {
+  const V d = x - m;
+  const V gg = mask_le0(at::vec::fmadd(d, s, t), g);
+  v1 = at::vec::fmadd(gg, d, v1);
+  v2 = v2 + gg;
+  return gg * s;
+}
+
 // The channels-last backward of channels [0, n) (n <= LL::kSize) of one row of W pixels, pointers at the chunk's
 // first channel and pixel strides: g = gz + gp(pooled position) / 4 (each optional), masked by the recomputed
 // pre-activation (x; without x, gx = g), gx = g * s; the row's sums of g * (x - m) and g per lane into l1 / l2
@@ -274,13 +286,8 @@ inline void backward_pixels(const T* gz, int64_t gzw, const T* gp, int64_t gpw, 
     }
     const Pk xv = LL::load(x + w * xw, n);
     Pk out;
-    for (int j = 0; j < LL::kNV; ++j) {
-      const V d = xv.v[j] - mv.v[j];
-      const V gg = mask_le0(at::vec::fmadd(d, sv.v[j], tv.v[j]), g.v[j]);
-      out.v[j] = gg * sv.v[j];
-      v1.v[j] = at::vec::fmadd(gg, d, v1.v[j]);
-      v2.v[j] = v2.v[j] + gg;
-    }
+    for (int j = 0; j < LL::kNV; ++j)
+      out.v[j] = act_backward_v(xv.v[j], g.v[j], mv.v[j], sv.v[j], tv.v[j], v1.v[j], v2.v[j]);
     LL::store(gx + w * gxw, out, n);
   }
   for (int j = 0; j < LL::kNV; ++j) {
@@ -349,13 +356,8 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
             for (; w + L::kSize <= W; w += L::kSize) {
               const Pk xv = L::load(xr + w), gin = L::load_acc(gr + w);
               Pk out;
-              for (int j = 0; j < L::kNV; ++j) {
-                const V d = xv.v[j] - mv.v[j];
-                const V gv = mask_le0(at::vec::fmadd(d, sv.v[j], tv.v[j]), gin.v[j]);
-                out.v[j] = gv * sv.v[j];
-                v1.v[j] = at::vec::fmadd(gv, d, v1.v[j]);
-                v2.v[j] = v2.v[j] + gv;
-              }
+              for (int j = 0; j < L::kNV; ++j)
+                out.v[j] = act_backward_v(xv.v[j], gin.v[j], mv.v[j], sv.v[j], tv.v[j], v1.v[j], v2.v[j]);
               L::store(gxr + w, out);
             }
             acc_t lanes1[L::kSize], lanes2[L::kSize];

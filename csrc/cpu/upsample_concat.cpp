@@ -105,8 +105,7 @@ inline void nearest_row(const T* in, int64_t is, T* out, int64_t os, int64_t w, 
 template <typename T>
 inline void bilinear_row(const T* r0, const T* r1, int64_t is, T* out, int64_t os, const Tap* tw, int64_t W, int64_t C,
                          float w0, float w1) {
-  using L = Lanes<T>;
-  using V = typename L::V;
+  using V = typename Lanes<T>::V;
   const auto chunk = [=](auto lanes, int64_t j, int64_t c, int64_t n) {
     using LL = decltype(lanes);
     const Tap t = tw[j];
@@ -121,13 +120,7 @@ inline void bilinear_row(const T* r0, const T* r1, int64_t is, T* out, int64_t o
     }
     LL::store(out + j * os + c, o, n);
   };
-  const int64_t full = C - C % L::kSize;
-  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
-    for (int64_t j = 0; j < W; ++j) {
-      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, j, c, L::kSize);
-      if (nt) chunk(lanes, j, full, nt);
-    }
-  });
+  for_pixel_chunks<T>(W, C, chunk);
 }
 
 template <typename T>
@@ -192,7 +185,6 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
 // (g: pixel stride gw, row stride gh), for w input pixels; arguments by value, as above
 template <typename T>
 inline void block_sum_row(const T* g, int64_t gw, int64_t gh, T* out, int64_t os, int64_t w, int64_t C) {
-  using L = Lanes<T>;
   const auto chunk = [=](auto lanes, int64_t j, int64_t c, int64_t n) {
     using LL = decltype(lanes);
     const T* a = g + 2 * j * gw + c;
@@ -201,21 +193,14 @@ inline void block_sum_row(const T* g, int64_t gw, int64_t gh, T* out, int64_t os
     for (int u = 0; u < LL::kNV; ++u) s.v[u] = (s.v[u] + b.v[u]) + (d.v[u] + e.v[u]);
     LL::store(out + j * os + c, s, n);
   };
-  const int64_t full = C - C % L::kSize;
-  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
-    for (int64_t j = 0; j < w; ++j) {
-      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, j, c, L::kSize);
-      if (nt) chunk(lanes, j, full, nt);
-    }
-  });
+  for_pixel_chunks<T>(w, C, chunk);
 }
 // the adjoint of a separable upsampling for one input row: in pixel l = sum over the np output rows ro[p] (weight
 // rw[p]) of sum over the output pixels of a.o / a.w that read l; g is image n's gradient (row stride gh, pixel gw)
 template <typename T>
 inline void adjoint_row(const T* g, int64_t gh, int64_t gw, const int64_t* ro, const float* rw, int64_t np,
                         const Adjoint& a, T* out, int64_t os, int64_t w, int64_t C) {
-  using L = Lanes<T>;
-  using V = typename L::V;
+  using V = typename Lanes<T>::V;
   const int64_t* st = a.start.data();
   const int64_t* co = a.o.data();
   const float* cw = a.w.data();
@@ -237,13 +222,7 @@ inline void adjoint_row(const T* g, int64_t gh, int64_t gw, const int64_t* ro, c
     }
     LL::store(out + l * os + c, s, n);
   };
-  const int64_t full = C - C % L::kSize;
-  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
-    for (int64_t l = 0; l < w; ++l) {
-      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, l, c, L::kSize);
-      if (nt) chunk(lanes, l, full, nt);
-    }
-  });
+  for_pixel_chunks<T>(w, C, chunk);
 }
 
 template <typename T>
@@ -310,6 +289,13 @@ namespace {
 
 bool channels_innermost(const at::Tensor& t) {
   return t.dim() == 4 && is_channels_last(t) && (t.size(1) == 1 || t.stride(1) == 1);
+}
+
+// Mode None is a copy (conv_bn_relu's concatenation of a same-size x2 into its stage, and its gradient back out of
+// the stage's channel slice): the channels-last rows of forward_impl / backward_impl where both sides have contiguous
+// channels, ATen's copy_ otherwise (which into or out of a channel slice is slower, most in bfloat16).
+bool copies_as_rows(const at::Tensor& from, const at::Tensor& to) {
+  return is_channels_last(from) && is_channels_last(to) && from.stride(1) == 1 && to.stride(1) == 1;
 }
 
 // upsample_concat in one pass over each row of the concatenation (LayerKernels::upsample_concat_forward): per output
@@ -390,15 +376,6 @@ bool upsample_concat_backward(const at::Tensor& grad, Upsample mode, at::Tensor&
                                   [&] { concat_backward_impl<scalar_t>(grad, mode, grad_skip, grad_x); });
   return true;
 }
-
-// Mode None is a copy (conv_bn_relu's concatenation of a same-size x2 into its stage, and its gradient back out of
-// the stage's channel slice): the channels-last rows above where both sides have contiguous channels, ATen's copy_
-// otherwise (which into or out of a channel slice is slower, most in bfloat16: bench/bf16_passes.py).
-namespace {
-bool copies_as_rows(const at::Tensor& from, const at::Tensor& to) {
-  return is_channels_last(from) && is_channels_last(to) && from.stride(1) == 1 && to.stride(1) == 1;
-}
-}  // namespace
 
 void upsample_forward(const at::Tensor& x, Upsample mode, at::Tensor& out) {
   if (mode == Upsample::None && !copies_as_rows(x, out)) {

@@ -188,6 +188,21 @@ inline void with_tail_lanes(int64_t C, Body&& body) {
   body(L{}, nt);
 }
 
+// Calls chunk(lanes, j, c, n) for pixels j < W and, for each, the channel chunks [c, c + n) of C channels: whole
+// Lanes<T> chunks, then the partial one in the lanes with_tail_lanes picks (once, outside the pixel loop). chunk is a
+// generic callable, taken by value like everything a pixel loop reads (see bn_relu.cpp's pixels_map).
+template <typename T, typename Chunk>
+inline void for_pixel_chunks(int64_t W, int64_t C, Chunk chunk) {
+  using L = Lanes<T>;
+  const int64_t full = C - C % L::kSize;
+  with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, j, c, L::kSize);
+      if (nt) chunk(lanes, j, full, nt);
+    }
+  });
+}
+
 // max(r, 0) lane by lane; NaN stays NaN (as torch.relu, which is ATen's clamp_min: one max instruction, whose
 // operand order keeps a NaN r; -0 stays -0, as there). ATen's blendv on AVX-512 is four instructions.
 template <typename V>
