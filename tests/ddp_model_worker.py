@@ -32,6 +32,9 @@ def main(out_path: str, sync_bn: bool) -> None:
     assert all(torch.equal(gathered[0], f) for f in gathered), "ranks diverged"
     if rank == 0:
         torch.save(model.state_dict(), out_path)
+    # both ranks tear gloo down together: a rank that destroyed its group while the other was still saving was seen
+    # to abort once in a CI dry run ("terminate called without an active exception", SIGABRT in rank 1)
+    dist.barrier()
     dist.destroy_process_group()
 
 
