@@ -130,6 +130,14 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   }
 }
 
+// One vector of the fold: mask(g) + a + b * (y - mu), mask = 0 where y <= 0 (NaN passes, as threshold_backward).
+template <bool RELU, bool STATS, typename V>
+inline V fold_v(V g, const V& y, const V& a, const V& b, const V& mu) {
+  if constexpr (RELU) g = mask_le0(y, g);
+  if constexpr (STATS) g = g + at::vec::fmadd(b, y - mu, a);
+  return g;
+}
+
 // out = mask(gy) + a[c] + b[c] * (y - mu[c]) over one planar (n, c) plane of len elements.
 template <typename T, bool RELU, bool STATS>
 inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __restrict__ o, int64_t len,
@@ -143,10 +151,7 @@ inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __res
     const int64_t n = len - i;
     const Pk yv = L::load(y + i, n);
     Pk g = L::load(gy + i, n);
-    for (int j = 0; j < L::kNV; ++j) {
-      if constexpr (RELU) g.v[j] = mask_le0(yv.v[j], g.v[j]);  // NaN passes, as threshold_backward
-      if constexpr (STATS) g.v[j] = g.v[j] + at::vec::fmadd(bv.v[j], yv.v[j] - mv.v[j], av.v[j]);
-    }
+    for (int j = 0; j < L::kNV; ++j) g.v[j] = fold_v<RELU, STATS>(g.v[j], yv.v[j], av.v[j], bv.v[j], mv.v[j]);
     L::store(o + i, g, n);
   }
 }
@@ -163,10 +168,8 @@ inline void fold_pixels(const T* gy, const T* y, T* o, int64_t pixels, int64_t C
     Pk av, bv, mv;
     if (STATS) av = L::load_acc(a + c, n), bv = L::load_acc(b + c, n), mv = L::load_acc(mu + c, n);
     return [av, bv, mv](auto g, const auto& yv) {
-      for (int j = 0; j < int(sizeof(g.v) / sizeof(g.v[0])); ++j) {
-        if constexpr (RELU) g.v[j] = mask_le0(yv.v[j], g.v[j]);  // NaN passes, as threshold_backward
-        if constexpr (STATS) g.v[j] = g.v[j] + at::vec::fmadd(bv.v[j], yv.v[j] - mv.v[j], av.v[j]);
-      }
+      for (int j = 0; j < int(sizeof(g.v) / sizeof(g.v[0])); ++j)
+        g.v[j] = fold_v<RELU, STATS>(g.v[j], yv.v[j], av.v[j], bv.v[j], mv.v[j]);
       return g;
     };
   };

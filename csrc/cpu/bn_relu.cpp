@@ -79,18 +79,12 @@ inline void pixels_map(const T* in, int64_t is, T* out, int64_t os, int64_t W, i
   const int64_t full = C - C % L::kSize;
   with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
     using LT = decltype(lanes);
-    if (nt == 0) {
-      for (int64_t w = 0; w < W; ++w)
-        for (int64_t c = 0; c < full; c += L::kSize)
-          L::store(out + w * os + c, f(c, L::kSize)(L::load(in + w * is + c)));
-      return;
-    }
-    const auto tail = f(full, nt);
+    const auto tail = f(full, nt);  // nt == 0: masked loads of nothing, never used
     for (int64_t w = 0; w < W; ++w) {
       const T* ip = in + w * is;
       T* op = out + w * os;
       for (int64_t c = 0; c < full; c += L::kSize) L::store(op + c, f(c, L::kSize)(L::load(ip + c)));
-      LT::store(op + full, tail(LT::load(ip + full, nt)), nt);
+      if (nt) LT::store(op + full, tail(LT::load(ip + full, nt)), nt);
     }
   });
 }
@@ -117,15 +111,10 @@ inline void pool_pixels(const T* x, int64_t xw, int64_t xh, T* p, int64_t pw, T*
   };
   const int64_t full = C - C % L::kSize;
   with_tail_lanes<T>(C, [=](auto lanes, int64_t nt) {
-    if (nt == 0) {
-      for (int64_t wo = 0; wo < Wo; ++wo)
-        for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, f(c, L::kSize), wo, c, L::kSize);
-      return;
-    }
-    const auto tail = f(full, nt);
+    const auto tail = f(full, nt);  // nt == 0: masked loads of nothing, never used
     for (int64_t wo = 0; wo < Wo; ++wo) {
       for (int64_t c = 0; c < full; c += L::kSize) chunk(L{}, f(c, L::kSize), wo, c, L::kSize);
-      chunk(lanes, tail, wo, full, nt);
+      if (nt) chunk(lanes, tail, wo, full, nt);
     }
   });
 }
