@@ -14,6 +14,10 @@ U-Net level of CPU-S (batch 4; level i: 32 * 2**i channels at (256 / 2**i)^2 pix
 
 Each round times float32 and the low precision back to back (order alternating); a row gives the median times and
 the median of the rounds' ratios, so that a slow stretch of a shared machine does not land on one side of a ratio.
+Each level also times ATen's clone of the level's activation ("floor: ATen copy"), the same bytes read and written
+with no arithmetic: the ratio the memory system gives at that size, which no pass of that size can be expected to
+beat (a small tensor's time is partly per-call and latency cost, which a 2-byte dtype does not halve). It is shown
+beside each level's summary and not counted among the passes.
 --cache cold (default) has every timed call read its inputs from memory (see Evict), as in a training step; --cache
 hot repeats calls on inputs that stay in cache where they fit.
 
@@ -113,6 +117,9 @@ def paired_times(f32_fn, low_fn, rounds: int, evict: Evict) -> tuple[float, floa
             tf.append(timed(f32_fn))
             tl.append(timed(low_fn))
     return statistics.median(tf), statistics.median(tl), statistics.median(b / a for a, b in zip(tf, tl))
+
+
+FLOOR = "floor: ATen copy"
 
 
 def levels(quick: bool):
@@ -281,23 +288,31 @@ def main(argv=None) -> int:
         rows.append(dict(name=name, level=lvl, channels=c, size=s, float32_s=tf, low_s=tl, ratio=ratio))
         print(f"| {name} | {lvl} ({c}, {s}x{s}) | {tf * 1e3:.2f} | {tl * 1e3:.2f} | {ratio:.2f} |", flush=True)
 
+    floors = {}
     for lvl, c, n, s in levels(a.quick):
+        yf, yl = rnd((n, c, s, s), torch.float32, a.layout), rnd((n, c, s, s), low, a.layout)
+        floors[lvl] = paired_times(yf.clone, yl.clone, rounds, evict)
+        row(FLOOR, lvl, c, s, *floors[lvl])
         f32 = standalone_cases(c, n, s, torch.float32, a.layout)
         lo = standalone_cases(c, n, s, low, a.layout)
         for (name, ff), (_, fl) in zip(f32, lo):
             row(name, lvl, c, s, *paired_times(ff, fl, rounds, evict))
         for k, t in layer_pass_times(c, n, s, low, a.layout, rounds, evict).items():
             row(f"conv_bn_relu {k.split('::')[1]}", lvl, c, s, *t)
-    valid = [r["ratio"] for r in rows if r["float32_s"] > 0 and r["low_s"] > 0]
+    passes = [r for r in rows if r["name"] != FLOOR]
+    valid = [r["ratio"] for r in passes if r["float32_s"] > 0 and r["low_s"] > 0]
     if valid:
         print(
             f"\nworst {a.dtype}/float32 ratio {max(valid):.2f}, median {statistics.median(valid):.2f} "
             f"({len(valid)} rows; target <= 0.6); above 0.6: {sum(v > 0.6 for v in valid)}"
         )
-        for lvl in sorted({r["level"] for r in rows}):
-            lv = [r["ratio"] for r in rows if r["level"] == lvl]
+        for lvl in sorted({r["level"] for r in passes}):
+            lv = [r["ratio"] for r in passes if r["level"] == lvl]
             above = sum(v > 0.6 for v in lv)
-            print(f"level {lvl}: median {statistics.median(lv):.2f}, worst {max(lv):.2f}, above 0.6: {above}")
+            print(
+                f"level {lvl}: median {statistics.median(lv):.2f}, worst {max(lv):.2f}, above 0.6: {above} of "
+                f"{len(lv)}; floor (ATen copy of the level's activation): {floors[lvl][2]:.2f}"
+            )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(

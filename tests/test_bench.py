@@ -165,7 +165,9 @@ def test_bf16_passes_bench_quick(tmp_path):
     assert "| bn_relu |" in p.stdout, p.stdout
     r = json.loads(out.read_text())
     names = {row["name"] for row in r["rows"]}
+    assert "floor (ATen copy of the level's activation)" in p.stdout, p.stdout
     assert {
+        "floor: ATen copy",
         "bn_relu",
         "bn_relu_pool_backward",
         "upsample_concat_backward bilinear",
