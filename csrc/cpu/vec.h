@@ -50,6 +50,9 @@ struct Lanes {
   };
 
   static inline Pack load(const T* p) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kReduced) return Pack{{widen(half(p)), widen(half(p) + 1)}};
+#endif
     if constexpr (kReduced) {
       auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
       return Pack{{a, b}};
@@ -63,6 +66,10 @@ struct Lanes {
     if (n >= kSize) return load(p);
     if constexpr (kReduced) {
       if (n <= kV) return Pack{{HalfLanes<T>::load(p, n).v[0], V(0)}};  // one load and conversion, not two
+#if defined(CPU_CAPABILITY_AVX512)
+      return Pack{{widen(half(p)), widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (n - kV)) - 1u),
+                                                                  half(p) + 1))}};
+#endif
       auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
       return Pack{{a, b}};
     } else {
@@ -125,6 +132,42 @@ struct Lanes {
     for (int j = 0; j < kNV; ++j) r.v[j] = V(v);
     return r;
   }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // kV elements of T (half a Vectorized<T>) widened to kV floats. Lanes::load widens each half of a pack straight
+  // from memory (the load folds into the zero-extension): ATen's convert_to_float loads a whole Vectorized<T> and
+  // extracts its upper half first, one more shuffle per kSize elements, and the shuffles are what bound a bfloat16
+  // pass in cache.
+#if defined(CPU_CAPABILITY_AVX512)
+  using HalfBits = __m256i;
+#else
+  using HalfBits = __m128i;
+#endif
+  static inline const HalfBits* half(const T* p) { return reinterpret_cast<const HalfBits*>(p); }
+  static inline V widen(const HalfBits* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return widen(_mm256_loadu_si256(p));
+#else
+    return widen(_mm_loadu_si128(p));
+#endif
+  }
+  static inline V widen(HalfBits h) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+#else
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm256_cvtph_ps(h);
+    }
+#endif
+  }
+#endif
 };
 
 // The first kV lanes of Lanes<T> for a reduced-precision T: one acc_t vector. A tail of at most kV channels (16
