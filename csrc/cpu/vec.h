@@ -67,8 +67,8 @@ struct Lanes {
     if constexpr (kReduced) {
       if (n <= kV) return Pack{{HalfLanes<T>::load(p, n).v[0], V(0)}};  // one load and conversion, not two
 #if defined(CPU_CAPABILITY_AVX512)
-      return Pack{{widen(half(p)), widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (n - kV)) - 1u),
-                                                                  half(p) + 1))}};
+      const auto rest = static_cast<__mmask16>((1u << (n - kV)) - 1u);
+      return Pack{{widen(half(p)), widen(_mm256_maskz_loadu_epi16(rest, half(p) + 1))}};
 #endif
       auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
       return Pack{{a, b}};
