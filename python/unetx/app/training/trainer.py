@@ -375,7 +375,14 @@ class Trainer:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
                 self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            return self._loop()
+            result = self._loop()
+            if initialised_here:
+                # the ranks tear the group down together: rank 0 saves and plots after the last collective, and a
+                # gloo rank that destroyed its group while the other still held it was seen to abort ("terminate
+                # called without an active exception", tests/ddp_model_worker.py). Not on an error: the other
+                # ranks may never arrive.
+                dist.barrier()
+            return result
         finally:
             if initialised_here:
                 dist.destroy_process_group()
