@@ -22,7 +22,7 @@ from unetx.app.cli import encode_mask
 from unetx.app.data import read_image
 from unetx.app.predict import predict_classes
 from unetx.app.training import TrainConfig, Trainer, TrainingError, train, warn_if_bf16_emulated
-from unetx.app.training.setup import amp_dtype, cpu_has_native_bf16
+from unetx.app.training.setup import amp_dtype, cpu_has_native_bf16, make_optimizer, restore_state
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 TINY = dict(base_channels=4, depth=2, crop=32, batch_size=4, progress=False)
@@ -201,6 +201,31 @@ def test_amp_auto_is_bfloat16_exactly_on_cpus_with_native_bfloat16():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert amp_dtype(TrainConfig(images="i", masks="m", amp="on"), cpu) == torch.bfloat16
+
+
+def test_optimizer_is_fused_adam_and_stays_fused_on_resume():
+    """unetx train's Adam is torch's fused one on the CPU, and a checkpoint saved by an unfused Adam (before it was
+    fused) resumes fused: load_state_dict alone would take the saved group's fused=None. The fused step equals the
+    unfused one (same algorithm) to float32 rounding."""
+    cfg = TrainConfig(images="i", masks="m", lr=1e-3, weight_decay=1e-4)
+    torch.manual_seed(0)
+    w = [torch.randn(7, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    w_plain = [t.detach().clone().requires_grad_() for t in w]
+    opt, plain = make_optimizer(cfg, w), torch.optim.Adam(w_plain, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    assert opt.param_groups[0]["fused"] is True
+    for _ in range(3):
+        for a, b in zip(w, w_plain):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        plain.step()
+    for a, b in zip(w, w_plain):
+        torch.testing.assert_close(a, b)
+    ckpt = {"optimizer": plain.state_dict(), "epoch": 3}
+    assert ckpt["optimizer"]["param_groups"][0]["fused"] is None
+    restore_state(ckpt, cfg, opt, None, None, {"epoch": -1})
+    assert opt.param_groups[0]["fused"] is True
+    opt.step()  # the loaded state steps fused
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):

@@ -216,6 +216,7 @@ def _probe_step(
         batch = min(batch, 2)
     from ..nn import UNet
     from .losses import make_loss, num_output_channels
+    from .training.setup import make_optimizer
 
     torch.manual_seed(0)
     model = UNet(
@@ -227,7 +228,7 @@ def _probe_step(
         upsample=cfg.upsample,
         dropout=cfg.dropout,
     ).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = make_optimizer(cfg, model.parameters())  # the trainer's (fused) Adam, whose step is timed here too
     loss_fn = make_loss(cfg.loss)
     x = torch.randn(batch, data.channels, crop, crop, device=device)
     y = torch.randint(0, data.table.num_classes, (batch, crop, crop), device=device)

@@ -141,6 +141,17 @@ def build_model(cfg: TrainConfig, data: RunData, resume_ckpt: dict | None = None
     return model
 
 
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Adam:
+    """Adam (the study note's optimiser), fused where torch has a fused kernel for the parameters' device (CPU, CUDA):
+    one kernel per step over every parameter instead of about ten ATen ops per parameter tensor. On the CPU that is
+    most of an optimiser step (BENCHMARKS.md, "fused Adam"). Same algorithm, the same state_dict."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device without a fused Adam kernel
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
@@ -190,7 +201,13 @@ def restore_state(
 ) -> tuple[dict[str, list], dict, int]:
     """A resumed run's optimizer, scheduler and scaler state (loaded in place); returns its history, best epoch and
     the number of epochs done."""
+    # the implementation (fused or not) is this process's choice, not the checkpoint's: load_state_dict takes every
+    # group setting from the saved groups, and a fused optimiser stepped as an unfused one rejects a GradScaler's
+    # arguments
+    impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.param_groups]
     opt.load_state_dict(ckpt["optimizer"])
+    for g, flags in zip(opt.param_groups, impl):
+        g.update(flags)
     if sched is not None and ckpt.get("scheduler"):
         sched.load_state_dict(ckpt["scheduler"])
         if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):

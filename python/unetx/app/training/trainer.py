@@ -40,6 +40,7 @@ from .setup import (
     check_run_dir,
     distributed,
     make_loader,
+    make_optimizer,
     make_scheduler,
     prepare_data,
     prepare_run_dir,
@@ -86,7 +87,7 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.loss_fn = make_loss(cfg.loss)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = make_optimizer(cfg, self.model.parameters())
         self.sched = make_scheduler(cfg, self.opt)
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
