@@ -141,8 +141,10 @@ struct Lanes {
   // pass in cache.
 #if defined(CPU_CAPABILITY_AVX512)
   using HalfBits = __m256i;
+  using FloatBits = __m512;
 #else
   using HalfBits = __m128i;
+  using FloatBits = __m256;
 #endif
   static inline const HalfBits* half(const T* p) { return reinterpret_cast<const HalfBits*>(p); }
   static inline V widen(const HalfBits* p) {
@@ -153,19 +155,9 @@ struct Lanes {
 #endif
   }
   static inline V widen(HalfBits h) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else {
-      return _mm512_cvtph_ps(h);
-    }
-#else
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    } else {
-      return _mm256_cvtph_ps(h);
-    }
-#endif
+    FloatBits f;
+    at::vec::cvt_to_fp32<T>(h, f);  // ATen's, as HalfLanes::load
+    return V(f);
   }
 #endif
 };
