@@ -17,8 +17,8 @@ import sys
 
 import pytest
 import torch
+from test_vector_tails import CHANNELS  # the channel counts that pick each vector path
 
-CHANNELS = [3, 16, 17, 32, 40, 48, 64]
 DTYPES = ["float32", "bfloat16", "float16"]
 _keep = []  # the mappings behind the guarded tensors (a tensor from torch.frombuffer does not own its memory)
 

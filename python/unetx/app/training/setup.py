@@ -145,7 +145,7 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Adam:
     """Adam (the study note's optimiser), fused where torch has a fused kernel for the parameters' device (CPU, CUDA):
     one kernel per step over every parameter instead of about ten ATen ops per parameter tensor. On the CPU that is
     most of an optimiser step (BENCHMARKS.md, "Fused Adam", fifth round). Same algorithm, the same state_dict."""
-    params = list(params)
+    params = list(params)  # a generator would be spent by a first attempt that fails
     try:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, ValueError):  # a device without a fused Adam kernel
