@@ -1,7 +1,7 @@
 """The benchmark report: run the named workloads, write one markdown table and one PNG plot per device, and update
 BENCHMARKS.md (date, machine, torch version, the exact command) in place.
 
-    python bench/report.py --threads 2 --profile          # CPU-S with torch.compile forms; ~15 min on 2 cores
+    python bench/report.py --threads 2 --profile          # CPU-S, CPU-S-bf16, torch.compile forms; ~15 min
     python bench/report.py --device cuda                  # GPU-L (bf16 autocast, channels_last) and GPU-L-fp32
 
 Devices that are not present get their section marked "not measured" (never an estimate). Raw results (every
@@ -21,10 +21,14 @@ from pathlib import Path
 
 import torch
 from unetx import bench
+from unetx.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_WORKLOADS = {"cpu": ["CPU-S", "CPU-S-bf16"], "cuda": ["GPU-L", "GPU-L-fp32"]}
 DEVICE_TITLE = {"cpu": "CPU", "cuda": "GPU"}
+# a CPU with any of these computes bfloat16 natively; elsewhere stock PyTorch and unetx emulate it, many times
+# slower than float32 (BENCHMARKS.md), and `unetx train --amp auto` trains in float32
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 HEADER = """# Benchmarks: unetx against stock PyTorch
 
@@ -56,7 +60,7 @@ def replace_section(doc: str, key: str, body: str, before: str | None = None) ->
     return doc.rstrip() + "\n\n" + block + "\n"
 
 
-def section_text(device: str, results: list[dict], png: str, command: str) -> str:
+def section_text(device: str, results: list[dict], png: str, command: str, skipped: list[str] = ()) -> str:
     r0 = results[0]
     m = r0["machine"]
     hw = f"{m['gpu']} (CUDA {m.get('cuda')}), host " if m.get("gpu") else ""
@@ -73,13 +77,14 @@ def section_text(device: str, results: list[dict], png: str, command: str) -> st
         "",
         f"Measured {r0['date']} on {hw}{m['cpu']} (CPU flags: {flags}; {m['cores']} cores, "
         f"torch.set_num_threads({m['threads']})), "
-        f"torch {m['torch']}, Python {m['python']}, {m['os']}.{load}",
+        f"torch {m['torch']}, Python {m['python']}, {m['os']}, {m.get('allocator', 'malloc not recorded')}.{load}",
         "",
         "Command: `" + command + "`",
         "",
     ]
     for r in results:
         lines.append(f"- **{r['workload']}**: {r['description']}; median of {r['rounds']} interleaved rounds.")
+    lines += [f"- {s}" for s in skipped]
     lines += [
         "",
         bench.format_table(results),
@@ -124,9 +129,9 @@ def update_history(doc: str, rows: list[str]) -> str:
 
 
 def profile_text(profiles: list[dict], command: str) -> str:
-    p0 = profiles[0]
+    names = " and ".join(dict.fromkeys(p["workload"] for p in profiles))
     out = [
-        f"## Profile: where one {p0['workload']} training step spends its time",
+        f"## Profile: where one {names} training step spends its time",
         "",
         "torch.profiler, one step after two warm-up steps (`bench.profile_step`); self CPU time per op, each "
         "attributed to the nearest categorised op around it (a copy inside a convolution counts as convolution, "
@@ -158,9 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--compile-unetx", action="store_true", help="also time unetx under torch.compile")
     ap.add_argument("--profile", action="store_true", help="also profile one training step (unetx and stock)")
+    ap.add_argument(
+        "--emulated-bf16",
+        action="store_true",
+        help="also run CPU-S-bf16 on a CPU without native bfloat16 (skipped there by default: hours on 2 cores)",
+    )
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
+    try:
+        keep_freed_memory()  # as `unetx bench` and the other commands run, for stock and unetx alike
+    except ValueError as e:
+        ap.error(str(e))
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     out, rdir = Path(args.out), Path(args.results_dir)
     rdir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +191,19 @@ def main(argv: list[str] | None = None) -> int:
             doc = replace_section(doc, device, body, before="history")
             log(f"{device}: not measured ({why})")
             continue
+        names, skipped = DEVICE_WORKLOADS[device], []
+        flags = set(bench.machine_info(device)["cpu_flags"])
+        if device == "cpu" and not flags & NATIVE_BF16_FLAGS and not args.emulated_bf16:
+            names = [n for n in names if not bench.WORKLOADS[n].autocast]
+            skipped.append(
+                "**CPU-S-bf16**: not measured: this CPU has no native bfloat16 (none of "
+                f"{', '.join(sorted(NATIVE_BF16_FLAGS))}), so stock PyTorch and unetx both emulate it, many times "
+                "slower than float32, and `unetx train --amp auto` trains in float32 here (`--emulated-bf16` "
+                "measures it anyway)."
+            )
+            log(skipped[-1])
         results = []
-        for name in DEVICE_WORKLOADS[device]:
+        for name in names:
             log(f"== {name}")
             results.append(
                 bench.run(
@@ -199,24 +224,29 @@ def main(argv: list[str] | None = None) -> int:
         bench.plot(results, str(png))
         write_atomic(rdir / f"{device}.json", json.dumps(results, indent=1))
         doc = replace_section(
-            doc, device, section_text(device, results, os.path.relpath(png, out.parent), command), before="history"
+            doc,
+            device,
+            section_text(device, results, os.path.relpath(png, out.parent), command, skipped),
+            before="history",
         )
         history += [history_row(r, command) for r in results]
-        if args.profile:
-            name = DEVICE_WORKLOADS[device][0]
-            best = min(
-                (
-                    (n, e["median_s"])
-                    for n, e in results[0]["tasks"]["train"].items()
-                    if e.get("form", {}).get("impl") == "unetx" and e["form"]["compile"] is None
-                ),
-                key=lambda t: t[1],
-            )[0]
-            lay = results[0]["tasks"]["train"][best]["form"]["layout"]
-            profiles = [
-                bench.profile_step(name, "unetx", lay, threads=args.threads if device == "cpu" else None),
-                bench.profile_step(name, "stock", "channels_last", threads=args.threads if device == "cpu" else None),
-            ]
+        if args.profile:  # each workload (each precision): unetx's fastest eager layout and stock channels_last
+            profiles = []
+            threads = args.threads if device == "cpu" else None
+            for r in results:
+                best = min(
+                    (
+                        (n, e["median_s"])
+                        for n, e in r["tasks"]["train"].items()
+                        if e.get("form", {}).get("impl") == "unetx" and e["form"]["compile"] is None
+                    ),
+                    key=lambda t: t[1],
+                )[0]
+                lay = r["tasks"]["train"][best]["form"]["layout"]
+                profiles += [
+                    bench.profile_step(r["workload"], "unetx", lay, threads=threads),
+                    bench.profile_step(r["workload"], "stock", "channels_last", threads=threads),
+                ]
             for p in profiles:
                 print(bench.format_profile(p), flush=True)
             write_atomic(rdir / f"{device}-profile.json", json.dumps(profiles, indent=1))

@@ -4,6 +4,7 @@ holds every form's samples, and every form computed the same logits. No timing i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses beside pytest: avoid OpenMP oversubscription
 
@@ -46,6 +48,8 @@ def test_bench_tiny_config_table_and_json(tmp_path):
         "Eval forward (no_grad)",
         "Bytes saved for backward, activations only",
         "Training step / its convolutions alone",
+        "Achieved GFLOP/s, training step",
+        "Achieved GFLOP/s, eval forward",
     ):
         assert row in p.stdout, f"missing row {row!r} in:\n{p.stdout}"
     # CPU-S's targets are not a custom configuration's: its rows carry none
@@ -71,6 +75,7 @@ def test_bench_tiny_config_table_and_json(tmp_path):
     for n, e in r["tasks"]["eval"].items():
         if "max_rel_diff_to_stock" in e:
             assert e["max_rel_diff_to_stock"] < 1e-3, (n, e["max_rel_diff_to_stock"])
+    assert 0 < r["flops"]["eval"] < r["flops"]["train"] and r["gemm"]["dtype"] == "float32" and r["gemm"]["gflops"] > 0
     saved = r["saved"]
     unetx_act = min(v["activations"] for k, v in saved.items() if k.startswith("unetx"))
     stock_act = min(v["activations"] for k, v in saved.items() if k.startswith("stock"))
@@ -100,6 +105,59 @@ def test_bench_both_precisions_side_by_side(tmp_path):
         "avx512_fp16",
         "amx_fp16",
     }
+
+
+@pytest.mark.parametrize(
+    "argv, autocast, expected",
+    [
+        ((), None, "CPU-S"),
+        (("--autocast", "bfloat16"), "bfloat16", "CPU-S-bf16"),  # the command that checks CPU-S-bf16's targets
+        (("--autocast", "both"), "bfloat16", "CPU-S-bf16"),
+        (("--autocast", "float16"), "float16", None),
+        (("--autocast", "bfloat16", "--size", "128"), "bfloat16", None),
+        (("--batch", "2"), None, None),
+        (("--depth", "3"), None, None),
+        (("--device", "cuda"), None, None),
+    ],
+)
+def test_bench_names_cpu_s_at_either_precision(argv, autocast, expected):
+    """`unetx bench` runs CPU-S's network at float32 or bfloat16 as the named workload, whose rows carry its targets;
+    anything changed makes it a custom run without them (the tiny runs above show the table side)."""
+    from unetx.bench import build_parser
+    from unetx.bench.cli import named_workload
+
+    args = build_parser().parse_args(list(argv))
+    assert named_workload(args, autocast, configured=args.depth is not None) == expected
+
+
+@pytest.mark.parametrize("size", [32, 34])
+def test_step_flops_counts_every_convolution(size):
+    """step_flops against a count from the stock twin's own layers (forward hooks on every convolution, the
+    direct-convolution formula): eval is the forward's work; a training step adds each layer's weight gradient and,
+    but for the first layer (its input needs none), its input gradient, each as much work as the forward. 34 is
+    not a multiple of 2**depth: the model pads, and the count follows the padded size."""
+    from unetx.bench import WORKLOADS, step_flops
+    from unetx.nn import reference
+
+    w = dataclasses.replace(WORKLOADS["CPU-S"], batch=2, size=size, config=dict(WORKLOADS["CPU-S"].config, depth=2))
+    model = reference.UNet(**w.config)
+    per_layer = []
+
+    def count(mod, inp, out):
+        k = mod.weight.shape[2] * mod.weight.shape[3]
+        if isinstance(mod, torch.nn.ConvTranspose2d):  # every input pixel scatters a k-tap filter per output channel
+            per_layer.append(2 * inp[0].numel() * mod.out_channels * k)
+        else:
+            per_layer.append(2 * out.numel() * (mod.in_channels // mod.groups) * k)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        model.eval()(torch.zeros(w.batch, w.config["in_channels"], size, size))
+    assert len(per_layer) > 10
+    assert step_flops(w, "eval") == sum(per_layer)
+    assert step_flops(w, "train") == 3 * sum(per_layer) - per_layer[0]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ Installed with the package (a wheel has no bench/ folder), in small modules:
   measure.py    interleaved timing, memory    convs.py    the convolution floor (recorded and replayed)
   runner.py     run(): one workload, all forms table.py    the comparison table, the plot
   profile.py    where a step's time goes     cli.py      `unetx bench` / `python -m unetx.bench`
+  flops.py      the work per step, the GEMM rate
 
 
 Every measurement is a pair. The same network (same weights, same inputs) runs as `unetx.UNet` and as
@@ -22,6 +23,8 @@ Measured per workload:
   convs      the convolutions of unetx's training step alone: the same convolution forward and backward calls
              (shapes, layouts, output masks; ATen's forward and input gradient, and on the CPU unetx's own
              weight gradient) replayed without anything else; the floor unetx can approach
+  GFLOP/s    the step's convolution work (torch.utils.flop_counter) over its time, beside the rate of a large
+             torch.mm in the step's dtype on the same machine (the GEMM library's practical peak)
 
     python -m unetx.bench --device cpu --size 128          # quick: eager forms, under a minute on 2 cores
     python -m unetx.bench --workload CPU-S --compile       # a named workload, with torch.compile forms
@@ -32,6 +35,7 @@ from __future__ import annotations
 from .cases import Case, _inputs
 from .cli import add_arguments, build_parser, main, run_args
 from .convs import ConvRecorder, conv_replay, record_convs
+from .flops import gemm_rate, step_flops
 from .measure import median, median_ms, peak_allocated, saved_bytes, time_interleaved
 from .profile import format_profile, profile_step
 from .runner import machine_info, run
@@ -55,6 +59,7 @@ __all__ = [
     "format_across_precisions",
     "format_profile",
     "format_table",
+    "gemm_rate",
     "machine_info",
     "main",
     "median",
@@ -67,6 +72,7 @@ __all__ = [
     "run",
     "run_args",
     "saved_bytes",
+    "step_flops",
     "summary",
     "time_interleaved",
 ]

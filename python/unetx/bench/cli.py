@@ -64,6 +64,16 @@ def _positive(v: int | None, name: str) -> None:
         raise SystemExit(f"unetx bench: {name} must be a positive integer, got {v}")
 
 
+def named_workload(args: argparse.Namespace, autocast: str | None, configured: bool) -> str | None:
+    """The named workload a run of CPU-S's network at this precision is: CPU-S in float32, CPU-S-bf16 under bfloat16
+    autocast, each with its targets (so `unetx bench --autocast bfloat16` checks CPU-S-bf16's). None for anything
+    else (float16, another device, size, batch or configuration: a custom run, without targets)."""
+    cpu_s = args.device == "cpu" and (args.workload or "CPU-S") == "CPU-S"
+    if not cpu_s or configured or args.size or args.batch:
+        return None
+    return {None: "CPU-S", "bfloat16": "CPU-S-bf16"}.get(autocast)
+
+
 def run_args(args: argparse.Namespace) -> int:
     """Run `unetx bench` from parsed arguments (see add_arguments); prints the table. Returns the exit code."""
     from ..allocator import keep_freed_memory
@@ -88,16 +98,14 @@ def run_args(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     tasks = ("train", "eval") if args.task == "both" else (args.task,)
     precisions = [None, "bfloat16"] if args.autocast == "both" else [args.autocast]
-    # CPU-S at both precisions is two named workloads (each with its own targets); anything else is labelled
-    named = args.autocast == "both" and not (cfg or args.size or args.batch) and args.device == "cpu"
-    named = named and (args.workload or "CPU-S") == "CPU-S"
     results = []
     try:
         for autocast in precisions:
+            named = named_workload(args, autocast, bool(cfg))
             result = run(
                 args.device,
                 args.size,
-                workload=("CPU-S-bf16" if autocast else "CPU-S") if named else args.workload,
+                workload=named or args.workload,
                 batch=args.batch,
                 config=cfg or None,
                 autocast=None if named else autocast,

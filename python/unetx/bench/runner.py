@@ -15,6 +15,7 @@ import torch
 from .. import allocator
 from .cases import Case, _inputs
 from .convs import conv_replay, record_convs
+from .flops import gemm_rate, step_flops
 from .measure import median, peak_allocated, saved_bytes, time_interleaved
 from .workloads import _LAYOUT_LABEL, LAYOUTS, WORKLOADS, BenchConfigError, Form, default_forms
 
@@ -75,7 +76,8 @@ def run(
     tasks: tuple[str, ...] = ("train", "eval"),
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Measure one workload: every form of every task, memory, and the convolution floor. Returns a JSON-able dict
+    """Measure one workload: every form of every task, memory, the convolution floor, the work per step and the
+    machine's GEMM rate. Returns a JSON-able dict
     (see format_table). `workload` names one of WORKLOADS (default: CPU-S on cpu, GPU-L on cuda); size, batch,
     config and autocast override its fields (the result is then named "custom")."""
     if device not in ("cpu", "cuda"):
@@ -161,5 +163,9 @@ def run(
                 if dev.type == "cuda":
                     result["peak"][n] = peak_allocated(c)
         del cases, fns
+    # the work of a step and the GEMM rate of this machine in the step's dtype: achieved GFLOP/s (table.py)
+    result["flops"] = {task: step_flops(w, task) for task in tasks}
+    say(f"[{w.name}] timing a GEMM in {w.autocast or 'float32'}")
+    result["gemm"] = gemm_rate(w.device, w.autocast)
     result["loadavg_after"] = _loadavg()
     return result

@@ -27,7 +27,8 @@ def _stat(e: dict, key: str) -> float:
 def summary(result: dict) -> list[dict]:
     """The headline rows: ratio first, then the numbers it comes from. Each row: measure, ratio, ratio_text,
     target, met, unetx, stock, others. Speedups compare medians; the ratio of the fastest single rounds (min) is
-    given beside it, as on a shared machine other processes only ever add time."""
+    given beside it, as on a shared machine other processes only ever add time. The achieved-GFLOP/s rows' ratio
+    is unetx's rate over the machine's GEMM rate."""
     rows = []
     # issue 6's targets are set for the named CPU-S workload; other workloads (GPU, a user's own "custom"
     # configuration) carry no target, as a 1.25x meant for CPU-S says nothing about them
@@ -118,6 +119,30 @@ def summary(result: dict) -> list[dict]:
                 unetx=f"{_fmt_s(t)} ({n.removeprefix('unetx ')})",
                 stock=f"its convolutions alone {_fmt_s(floor)}",
                 others="the convolution calls of unetx's step replayed alone (same shapes, layouts, kernels)",
+            )
+        )
+    gemm = result.get("gemm")
+    for task, flops in result.get("flops", {}).items():
+        entries = result["tasks"].get(task, {})
+        u, s = _best(entries, "unetx"), _best(entries, "stock")
+        if not (u and s and gemm):
+            continue
+        gu, gs, peak = flops / u[1] / 1e9, flops / s[1] / 1e9, gemm["gflops"]
+        what = "training step" if task == "train" else "eval forward"
+        rows.append(
+            dict(
+                measure=f"Achieved GFLOP/s, {what}",
+                ratio=gu / peak,
+                ratio_text=f"**{gu:.0f}** GFLOP/s, {gu / peak:.2f}x the GEMM rate",
+                target="-",
+                met=None,
+                unetx=f"{gu:.0f} GFLOP/s ({u[0].removeprefix('unetx ')})",
+                stock=f"{gs:.0f} GFLOP/s, {gs / peak:.2f}x the GEMM rate ({s[0].removeprefix('stock ')})",
+                others=(
+                    f"{flops / 1e9:.1f} GFLOP per step (torch.utils.flop_counter, as direct convolution: Winograd "
+                    f"multiplies less); a {gemm['n']}x{gemm['n']}x{gemm['n']} {gemm['dtype']} torch.mm on this "
+                    f"machine: {peak:.0f} GFLOP/s"
+                ),
             )
         )
     if result.get("peak"):
@@ -247,6 +272,7 @@ def _plot_row(result: dict, axes) -> None:
         .replace(" (fwd + loss + bwd + Adam)", "")
         .replace(" (no_grad)", "")
         .replace("Bytes saved for backward, ", "saved: ")
+        .replace("Achieved GFLOP/s, ", "GFLOP/s / GEMM's: ")
         for r in rows
     ]
     colors = ["tab:green" if r["met"] else ("tab:red" if r["met"] is False else "tab:gray") for r in rows]
