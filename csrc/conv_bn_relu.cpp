@@ -225,6 +225,7 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
   for (const int64_t tile : {int64_t(4), int64_t(2)}) {
     const size_t i = c.size();
     c.push_back({"winograd" + std::to_string(tile), [&, i, tile](bool) {
+                   RECORD_FUNCTION("unetx::winograd", {});  // a profile's convolution time (bench/profile.py)
                    out[i] = k.winograd3x3(p, q, op, tile, rows, own(i));
                    return true;
                  }});
@@ -462,6 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (const int64_t tile : {int64_t(4), int64_t(2)}) {
         at::Tensor* slot = &wino[tile == 4 ? 0 : 1];
         wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
+                            RECORD_FUNCTION("unetx::winograd", {});
                             *slot = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, ConvEpilogue{})
                                                   : k.winograd3x3(gy, stage(), 2, tile, nullptr, ConvEpilogue{});
                             return true;

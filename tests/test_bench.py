@@ -130,6 +130,30 @@ def test_bench_names_cpu_s_at_either_precision(argv, autocast, expected):
     assert named_workload(args, autocast, configured=args.depth is not None) == expected
 
 
+PROFILE_WINOGRAD = """
+import dataclasses, json
+from unetx.bench import WORKLOADS, profile_step
+w = dataclasses.replace(WORKLOADS["CPU-S"], name="tiny", batch=2, size=32, config=dict(WORKLOADS["CPU-S"].config,
+                        base_channels=8, depth=2))
+print(json.dumps(profile_step(w, "unetx", "channels_last", top=1000, threads=1, warmup=1)))
+"""
+
+
+def test_profile_counts_winograd_as_convolution():
+    """A step whose 3x3 forward convolutions all run Winograd (forced): the profile sees unetx::winograd events and
+    counts their time as convolution, not as unetx's own work (the kernel fuses the stage and epilogue into it)."""
+    env = dict(ENV, UNETX_WINOGRAD="1", UNETX_CONV_ALGO="conv3x3_forward=winograd4")
+    p = subprocess.run(
+        [sys.executable, "-c", PROFILE_WINOGRAD], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert p.returncode == 0, p.stderr
+    prof = json.loads(p.stdout.strip().splitlines()[-1])
+    wino = [r for r in prof["top"] if r["name"] == "unetx::winograd"]
+    assert wino and wino[0]["calls"] >= 4, [r["name"] for r in prof["top"]]
+    conv = next(v for k, v in prof["categories"].items() if k.startswith("convolution"))
+    assert conv >= wino[0]["self_ms"] > 0, prof["categories"]
+
+
 @pytest.mark.parametrize("size", [32, 34])
 def test_step_flops_counts_every_convolution(size):
     """step_flops against a count from the stock twin's own layers (forward hooks on every convolution, the

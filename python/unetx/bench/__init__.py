@@ -21,8 +21,9 @@ Measured per workload:
              only, and with the parameters counted too)
   peak       peak allocated device memory of one training step (CUDA only)
   convs      the convolutions of unetx's training step alone: the same convolution forward and backward calls
-             (shapes, layouts, output masks; ATen's forward and input gradient, and on the CPU unetx's own
-             weight gradient) replayed without anything else; the floor unetx can approach
+             (shapes, layouts, output masks) replayed through unetx's fused op with no input stage, statistics or
+             ReLU, so each runs as the step runs it (unetx's Winograd, transposed-convolution and weight-gradient
+             kernels or oneDNN's, as measured per shape); the floor unetx can approach
   GFLOP/s    the step's convolution work (torch.utils.flop_counter) over its time, beside the rate of a large
              torch.mm in the step's dtype on the same machine (the GEMM library's practical peak)
 

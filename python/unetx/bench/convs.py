@@ -23,7 +23,7 @@ def _bind(func, args, kwargs) -> dict:
 
 class ConvRecorder(TorchDispatchMode):
     """Records the convolutions inside unetx's fused ops: for every unetx::conv_bn_relu (forward) and
-    unetx::conv_bn_relu_backward call, the shapes, layouts, weights and output mask its ATen convolution gets."""
+    unetx::conv_bn_relu_backward call, the shapes, layouts, weights and output mask its convolution gets."""
 
     def __init__(self):
         super().__init__()
@@ -87,23 +87,13 @@ def _randn(shape, fmt, dtype, device) -> torch.Tensor:
 
 
 def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
-    """A function that runs exactly the recorded ATen convolutions (forward, then backward in reverse order) on
-    random inputs of the recorded shapes and layouts: the convolution work of the recorded step alone."""
-    aten = torch.ops.aten
+    """A function that runs the recorded convolutions (forward, then backward in reverse order) on random inputs of
+    the recorded shapes and layouts, each computed as the fused op computes it (unetx's Winograd, transposed and
+    weight-gradient kernels or oneDNN's, as it chooses per shape): the convolution work of the recorded step
+    alone."""
     fwd, bwd = [], []
     for r in rec.forward:
-        k = r["weight"].shape[-1]
-        stride, pad = ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
-        fwd.append(
-            (
-                _randn(r["shape"], r["fmt"], r["dtype"], device),
-                r["weight"].clone(),
-                r["bias"],
-                stride,
-                pad,
-                r["transposed"],
-            )
-        )
+        fwd.append((_randn(r["shape"], r["fmt"], r["dtype"], device), r["weight"].clone(), r["bias"], r["transposed"]))
     for r in reversed(rec.backward):
         k = r["weight"].shape[-1]
         stride, pad = ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
@@ -121,8 +111,10 @@ def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
 
     def run() -> None:
         with torch.no_grad():
-            for a, wt, b, stride, pad, tr in fwd:
-                aten.convolution(a, wt, b, stride, pad, [1, 1], tr, [0, 0], 1)
+            # the forward convolutions as the fused op computes them (its measured choice per shape: unetx's
+            # Winograd or oneDNN's), with no input stage, statistics or ReLU: the op's convolution work alone
+            for a, wt, b, tr in fwd:
+                torch.ops.unetx.conv_bn_relu(a, None, None, False, None, "none", wt, b, tr, False, False)
             # the backward convolutions as the fused op computes them (ATen's input gradient; on the CPU
             # unetx's own channels-last weight gradient, csrc/cpu/conv_weight_grad.cpp), on an input with no
             # input stage and an output gradient with nothing to fold: the op's convolution work alone

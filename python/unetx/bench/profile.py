@@ -7,10 +7,10 @@ import time
 import torch
 
 from .cases import Case, _inputs
-from .workloads import WORKLOADS, Form
+from .workloads import WORKLOADS, Form, Workload
 
 _CATEGORY_ORDER = (
-    "convolution (oneDNN; unetx weight-gradient GEMMs)",
+    "convolution (oneDNN; unetx GEMMs; unetx Winograd with the stage and epilogue it fuses)",
     "unetx ops' own work (kernels, copies)",
     "stock BatchNorm / ReLU / pool / cat / upsample",
     "optimizer (Adam step)",
@@ -25,7 +25,9 @@ def _own_category(name: str) -> str | None:
         return "optimizer (Adam step)"
     if name.startswith("autograd::") or (name.startswith("GeneratedBackwardFor") and name.endswith("Backward")):
         return _ELSE  # autograd's bookkeeping around each node
-    if name == "unetx::weight_grad":  # the convolution's weight gradient, computed by unetx (GEMMs inside)
+    # the convolutions unetx computes itself: weight-gradient GEMMs, and Winograd (which builds the input stage band
+    # by band and writes the output's epilogue inside the kernel: not separable from the convolution there)
+    if name in ("unetx::weight_grad", "unetx::winograd"):
         return _CATEGORY_ORDER[0]
     if name.startswith("unetx::") or name.startswith("GeneratedBackwardFor_unetx"):
         return "unetx ops' own work (kernels, copies)"
@@ -49,7 +51,7 @@ def _category(name: str, ancestors: list[str]) -> str:
 
 
 def profile_step(
-    workload: str = "CPU-S",
+    workload: str | Workload = "CPU-S",
     impl: str = "unetx",
     layout: str = "channels_last",
     task: str = "train",
@@ -66,7 +68,7 @@ def profile_step(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    w = WORKLOADS[workload]
+    w = WORKLOADS[workload] if isinstance(workload, str) else workload
     state, x, target = _inputs(w)
     case = Case(w, Form(impl, layout), task, state, x, target)
     for _ in range(warmup):
@@ -92,7 +94,7 @@ def profile_step(
         for e in ops[:top]
     ]
     return dict(
-        workload=workload,
+        workload=w.name,
         form=Form(impl, layout).name,
         task=task,
         wall_ms=wall * 1e3,
