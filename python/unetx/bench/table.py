@@ -252,7 +252,7 @@ def plot(results: dict | list[dict], path: str) -> None:
     for result, axes in zip(results, grid):
         _plot_row(result, axes)
     m = results[0]["machine"]
-    where = m.get("gpu") or m["cpu"]
+    where = m.get("gpu") or f"{m['cpu']} (CPU flags: {' '.join(m.get('cpu_flags', [])) or 'none listed'})"
     fig.suptitle(
         f"unetx vs stock PyTorch: {where}, {m['threads']} CPU threads, torch {m['torch']}, {results[0]['date'][:10]}",
         fontsize=10,
