@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 from unetx import bench
 from unetx.allocator import keep_freed_memory
+from unetx.app.training.setup import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_WORKLOADS = {"cpu": ["CPU-S", "CPU-S-bf16"], "cuda": ["GPU-L", "GPU-L-fp32"]}
 DEVICE_TITLE = {"cpu": "CPU", "cuda": "GPU"}
-# a CPU with any of these computes bfloat16 natively; elsewhere stock PyTorch and unetx emulate it, many times
-# slower than float32 (BENCHMARKS.md), and `unetx train --amp auto` trains in float32
-NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 HEADER = """# Benchmarks: unetx against stock PyTorch
 
@@ -192,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{device}: not measured ({why})")
             continue
         names, skipped = DEVICE_WORKLOADS[device], []
-        flags = set(bench.machine_info(device)["cpu_flags"])
-        if device == "cpu" and not flags & NATIVE_BF16_FLAGS and not args.emulated_bf16:
+        # the test `unetx train --amp auto` makes: where it trains float32, stock PyTorch and unetx both emulate
+        # bf16, many times slower than float32 (BENCHMARKS.md)
+        if device == "cpu" and not cpu_has_native_bf16() and not args.emulated_bf16:
             names = [n for n in names if not bench.WORKLOADS[n].autocast]
             skipped.append(
-                "**CPU-S-bf16**: not measured: this CPU has no native bfloat16 (none of "
-                f"{', '.join(sorted(NATIVE_BF16_FLAGS))}), so stock PyTorch and unetx both emulate it, many times "
-                "slower than float32, and `unetx train --amp auto` trains in float32 here (`--emulated-bf16` "
-                "measures it anyway)."
+                "**CPU-S-bf16**: not measured: this CPU has no native bfloat16 (neither AVX512_BF16 nor AMX), so "
+                "stock PyTorch and unetx both emulate it, many times slower than float32, and `unetx train --amp "
+                "auto` trains in float32 here (`--emulated-bf16` measures it anyway)."
             )
             log(skipped[-1])
         results = []

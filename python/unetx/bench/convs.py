@@ -95,8 +95,6 @@ def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
     for r in rec.forward:
         fwd.append((_randn(r["shape"], r["fmt"], r["dtype"], device), r["weight"].clone(), r["bias"], r["transposed"]))
     for r in reversed(rec.backward):
-        k = r["weight"].shape[-1]
-        stride, pad = ([k, k], [0, 0]) if r["transposed"] else ([1, 1], [k // 2, k // 2])
         bwd.append(
             (
                 _randn(r["grad_shape"], r["grad_fmt"], r["dtype"], device),
@@ -115,9 +113,9 @@ def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
             # Winograd or oneDNN's), with no input stage, statistics or ReLU: the op's convolution work alone
             for a, wt, b, tr in fwd:
                 torch.ops.unetx.conv_bn_relu(a, None, None, False, None, "none", wt, b, tr, False, False)
-            # the backward convolutions as the fused op computes them (ATen's input gradient; on the CPU
-            # unetx's own channels-last weight gradient, csrc/cpu/conv_weight_grad.cpp), on an input with no
-            # input stage and an output gradient with nothing to fold: the op's convolution work alone
+            # the backward convolutions as the fused op computes them (its measured choices: unetx's Winograd or
+            # ATen's input gradient, unetx's or oneDNN's weight gradient), on an input with no input stage and an
+            # output gradient with nothing to fold: the op's convolution work alone
             for g, a, wt, has_bias, tr, mask in bwd:
                 torch.ops.unetx.conv_bn_relu_backward(
                     g,
