@@ -464,8 +464,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         at::Tensor* slot = &wino[tile == 4 ? 0 : 1];
         wino_c.push_back({"winograd" + std::to_string(tile), [&, slot, tile](bool) {
                             RECORD_FUNCTION("unetx::winograd", {});
-                            *slot = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, ConvEpilogue{})
-                                                  : k.winograd3x3(gy, stage(), 2, tile, nullptr, ConvEpilogue{});
+                            ConvEpilogue ep;
+                            ep.layout_of = &weight;
+                            *slot = stage_by_rows ? k.winograd3x3(gy, a, 2, tile, &rows, ep)
+                                                  : k.winograd3x3(gy, stage(), 2, tile, nullptr, ep);
                             return true;
                           }});
       }

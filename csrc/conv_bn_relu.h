@@ -39,6 +39,9 @@ struct ConvEpilogue {
   bool relu = false;
   at::Tensor* mean = nullptr;
   at::Tensor* var = nullptr;
+  // The weight gradient (op 2) only: written in this tensor's layout (the parameter's, where it is dense
+  // channels-last), so that it reaches autograd without a copy into the parameter's strides.
+  const at::Tensor* layout_of = nullptr;
 };
 
 // One device's kernels (see cpu/kernels.h for what each one does and its memory traffic). Every op (csrc/ops.cpp:
@@ -80,8 +83,8 @@ struct LayerKernels {
   // weight), 2 the weight gradient (grad_y, x); tile 4 or 2. The layer runs them where they measure faster than
   // ATen's convolution for its shape (cpu/algo_choice.h); UNETX_WINOGRAD=0 turns them off.
   // With `rows` (ops 0 and 2), x is the layer's input stage, built a band of rows at a time (x a placeholder).
-  // The forward applies `out` (ConvEpilogue: bias, ReLU, batch statistics) in its output transform; ops 1 and 2
-  // take an empty one.
+  // The forward applies `out` (ConvEpilogue: bias, ReLU, batch statistics) in its output transform; op 1 takes an
+  // empty one, op 2 one with at most layout_of.
   at::Tensor (*winograd3x3)(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
                             const ConvEpilogue& out) = nullptr;
 

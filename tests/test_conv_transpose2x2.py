@@ -60,6 +60,18 @@ def test_gemm_kernels_match_float64_within_twice_aten(monkeypatch, shape, staged
             assert got[name].is_contiguous(memory_format=mf) == base[name].is_contiguous(memory_format=mf), (name, mf)
 
 
+def test_channels_last_weight_gives_the_same_bits(monkeypatch):
+    """The GEMM kernels repack the weight from its own strides (a model's weights are often channels-last): the
+    same results as from a contiguous weight, the weight gradient in the weight's layout."""
+    x, scale, shift, wt, b, gy = inputs(2, 24, 16, 5, 7, staged=True)
+    monkeypatch.setenv("UNETX_CONV_ALGO", FORCE_GEMM)
+    want = layer(torch.float32, x, scale, shift, wt, b, gy)
+    got = layer(torch.float32, x, scale, shift, wt.contiguous(memory_format=CL), b, gy)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert got["grad_w"].is_contiguous(memory_format=CL)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_input_reaches_the_same_outputs_as_aten(monkeypatch, value):
     x, _, _, wt, b, gy = inputs(2, 6, 5, 4, 5, staged=False)

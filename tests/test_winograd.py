@@ -257,6 +257,44 @@ def test_layer_uses_winograd_within_bound(monkeypatch, two_threads, algo, stage,
     assert torch.equal(got["grad_w"], base["grad_w"]) == (algo == "onednn")
 
 
+WEIGHT_LAYOUTS = {
+    "contiguous": lambda w: w.contiguous(),
+    "channels_last": lambda w: w.contiguous(memory_format=CL),
+    "strided": lambda w: torch.cat([w, torch.zeros_like(w)], 1)[:, : w.shape[1]],  # a view with gaps between filters
+}
+
+
+@pytest.mark.parametrize("algo", ["winograd4", "winograd2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", list(WEIGHT_LAYOUTS))
+def test_layer_reads_the_weight_in_its_own_layout(monkeypatch, two_threads, algo, dtype, layout):
+    """The Winograd kernels read the weight through its strides and dtype (a model's channels-last weights, a view)
+    and write the weight gradient in the parameter's own layout: the same bits as from a contiguous weight, and a
+    weight gradient with the weight's strides wherever the weight is dense."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 18, 9, 11, generator=g).to(dtype).contiguous(memory_format=CL)
+    wt = (torch.randn(7, 18, 3, 3, generator=g) / 12).to(dtype)
+    gy = torch.randn(2, 7, 9, 11, generator=g).to(dtype).contiguous(memory_format=CL)
+    force(monkeypatch, algo)
+
+    def run(w):
+        args = (x, None, None, False, None, "none")
+        y = ops.conv_bn_relu(*args, w, None, False, False, False)[0]
+        grads = ops.conv_bn_relu_backward(
+            gy, None, None, *args, w, False, False, y, y.new_empty(0), False, [True, False, True, False]
+        )
+        return y, grads[0], grads[4]
+
+    want = run(wt.contiguous())
+    w = WEIGHT_LAYOUTS[layout](wt)
+    assert torch.equal(w, wt)
+    got = run(w)
+    for name, a, b in zip(("y", "grad_x", "grad_w"), got, want):
+        assert a.dtype == dtype and torch.equal(a, b), name
+    if layout != "strided":
+        assert got[2].stride() == w.stride()
+
+
 @pytest.mark.parametrize("algo", ["winograd4", "winograd2"])
 @STAGES
 @LAYER_SHAPES

@@ -30,9 +30,9 @@ bool applies(const at::Tensor& t) {
   return t.dim() == 4 && t.device().is_cpu() && t.scalar_type() == at::kFloat;
 }
 
-// Wf [2][C][2 * Co] (forward) from w [C, Co, 2, 2]; with `adjoint`, Wb [2][2 * Co][C] (its transpose per i).
-at::Tensor repack(const at::Tensor& weight, bool adjoint) {
-  const auto w = weight.contiguous();
+// Wf [2][C][2 * Co] (forward) from w [C, Co, 2, 2]; with `adjoint`, Wb [2][2 * Co][C] (its transpose per i). One
+// copy from w's own strides (a channels-last weight too).
+at::Tensor repack(const at::Tensor& w, bool adjoint) {
   const int64_t C = w.size(0), Co = w.size(1);
   // w[c][co][i][j] -> [i][c][j][co] (forward) or [i][j][co][c] (adjoint)
   return adjoint ? w.permute({2, 3, 1, 0}).contiguous() : w.permute({2, 0, 3, 1}).contiguous().view({2, C, 2 * Co});

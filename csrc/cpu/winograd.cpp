@@ -364,15 +364,20 @@ inline void over_channels(int64_t C, F&& f) {
 }
 
 // U[p][ci][co] = (G w[co][ci] G^T)[p] for the forward (C = w.size(1) inputs, Co = w.size(0) outputs); with
-// `adjoint`, the input gradient's weight: w rotated by 180 degrees, channel axes swapped (U[p][co][ci]).
-template <int M>
+// `adjoint`, the input gradient's weight: w rotated by 180 degrees, channel axes swapped (U[p][co][ci]). The weight
+// is read in its own dtype T (float32 or bfloat16, converted exactly) and strides: a model's weights are often
+// channels-last (module.to(memory_format=torch.channels_last)), and a contiguous float32 copy of them cost a
+// weight-sized copy per call, two per layer and step.
+template <int M, typename T>
 at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
   constexpr int A = Tile<M>::A, P = A * A;
-  const auto w = weight.to(at::kFloat).contiguous();  // a bfloat16 weight exactly
-  const int64_t O = w.size(0), I = w.size(1);
+  const int64_t O = weight.size(0), I = weight.size(1);
   const int64_t rows = adjoint ? O : I, cols = adjoint ? I : O;  // U[p] is rows x cols: GEMM inputs x outputs
-  auto U = at::empty({P, rows, cols}, w.options());
-  const float* Wp = w.const_data_ptr<float>();
+  auto U = at::empty({P, rows, cols}, weight.options().dtype(at::kFloat));
+  const T* Wp = weight.const_data_ptr<T>();
+  const int64_t so = weight.stride(0), si = weight.stride(1);
+  int64_t tap[9];  // offset of tap k = 3 * kh + kw within one [o][i] filter
+  for (int k = 0; k < 9; ++k) tap[k] = (k / 3) * weight.stride(2) + (k % 3) * weight.stride(3);
   float* Up = U.data_ptr<float>();
   // row by row of U[p], vectorised over the row (cols): the 9 taps gathered into rows of g, then the two 1-D
   // transforms, each position's stores sequential
@@ -380,8 +385,9 @@ at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
     std::unique_ptr<double[]> g(new double[9 * cols]), t(new double[A * 3 * cols]);
     for (int64_t r = rb; r < re; ++r) {
       for (int64_t c = 0; c < cols; ++c) {
-        const float* src = Wp + ((adjoint ? r : c) * I + (adjoint ? c : r)) * 9;
-        for (int k = 0; k < 9; ++k) g[k * cols + c] = src[adjoint ? 8 - k : k];  // 180-degree rotation: 8 - k
+        const T* src = Wp + (adjoint ? r : c) * so + (adjoint ? c : r) * si;
+        for (int k = 0; k < 9; ++k)  // 180-degree rotation: 8 - k
+          g[k * cols + c] = static_cast<float>(src[tap[adjoint ? 8 - k : k]]);
       }
       for (int x = 0; x < A; ++x)
         for (int bb = 0; bb < 3; ++bb) {
@@ -588,7 +594,7 @@ void conv_impl(const Source<T>& src, const float* U, T* Y, const Grid& g, int64_
   });
 }
 
-// grad_w [Co, C, 3, 3] of y = conv3x3(x, w) from gy [N, H, W, Co] and x [N, H, W, C].
+// grad_w [Co, C, 3, 3] (gw, any strides, T) of y = conv3x3(x, w) from gy [N, H, W, Co] and x [N, H, W, C].
 template <int M, typename T>
 void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const Grid& g, int64_t C, int64_t Co) {
   constexpr int A = Tile<M>::A, P = A * A;
@@ -598,8 +604,9 @@ void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const G
   const int64_t B = shared_block_tiles(g, C, Co);
   const Bands bd = bands(g, block_tiles(P, C + Co, g.T));
   const int64_t threads = shared ? 1 : std::min<int64_t>(at::get_num_threads(), bd.count);
-  // Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS
-  auto Z = at::zeros({threads, P, Co, C}, gw.options().dtype(at::kFloat));
+  // Z[t][p] is Co x C (row-major), i.e. C x Co column-major for the BLAS; not zeroed: each accumulator's first
+  // product overwrites it (beta 0, which BLAS defines as not reading it)
+  auto Z = at::empty({threads, P, Co, C}, gw.options().dtype(at::kFloat));
   float* Zp = Z.data_ptr<float>();
   auto transform = [&](const T* Xi, int64_t lo, float* V, float* Tg, int64_t cap, int64_t t, int64_t n, int64_t h0,
                        int64_t w0) {
@@ -607,10 +614,11 @@ void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const G
     over_channels(C, [&]<int VW>(int64_t c) { input_tile<M, VW>(Xi, lo, g, C, h0 - 1, w0 - 1, c, V + t * C, vs); });
     over_channels(Co, [&]<int VW>(int64_t c) { grad_output_tile<M, VW>(GY, g, Co, n, h0, w0, c, Tg + t * Co, ts); });
   };
-  // Z[p] (C x Co, column-major) += V[p]^T (C x nb) . Tg[p] (nb x Co)
-  auto gemms = [&](const float* V, const float* Tg, int64_t cap, float* Zt, int64_t nb, int64_t p0, int64_t p1) {
+  // Z[p] (C x Co, column-major) = beta Z[p] + V[p]^T (C x nb) . Tg[p] (nb x Co)
+  auto gemms = [&](const float* V, const float* Tg, int64_t cap, float* Zt, int64_t nb, int64_t p0, int64_t p1,
+                   float beta) {
     for (int64_t p = p0; p < p1; ++p)
-      gemm(false, true, C, Co, nb, V + p * position_stride(cap, C), C, Tg + p * position_stride(cap, Co), Co, 1.f,
+      gemm(false, true, C, Co, nb, V + p * position_stride(cap, C), C, Tg + p * position_stride(cap, Co), Co, beta,
            Zt + p * Co * C, C);
   };
   if (shared) {
@@ -624,11 +632,13 @@ void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const G
           transform(X + n * g.H * g.W * C, 0, V.get(), Tg.get(), B, t, n, h0, w0);
         });
       });
-      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Tg.get(), B, Zp, nb, b, e); });
+      const float beta = t0 == 0 ? 0.f : 1.f;
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) { gemms(V.get(), Tg.get(), B, Zp, nb, b, e, beta); });
     }
   } else {
     const int64_t cap = bd.R * g.tw;
     auto run = [&](int64_t tid) {
+      // at least one band each (threads <= bd.count): every accumulator is written
       const int64_t b0 = bd.count * tid / threads, b1 = bd.count * (tid + 1) / threads;
       std::unique_ptr<float[]> V(new float[P * position_stride(cap, C)]), Tg(new float[P * position_stride(cap, Co)]);
       std::unique_ptr<T[]> rows(src.rows ? new T[band_buffer_rows(src, g, bd.R, M) * g.W * C] : nullptr);
@@ -639,7 +649,7 @@ void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const G
         const T* Xi = band_input<M>(src, g, C, n, ty0, ty1, rows.get(), lo);
         for (int64_t t = 0; t < nb; ++t)
           transform(Xi, lo, V.get(), Tg.get(), cap, t, n, (ty0 + t / g.tw) * M, t % g.tw * M);
-        gemms(V.get(), Tg.get(), cap, Zp + tid * P * Co * C, nb, 0, P);
+        gemms(V.get(), Tg.get(), cap, Zp + tid * P * Co * C, nb, 0, P, blk == b0 ? 0.f : 1.f);
       }
     };
     if (threads <= 1) {
@@ -650,8 +660,10 @@ void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const G
       });
     }
   }
-  // gw[co][ci] = G^T (sum over threads of Z[t][.][co][ci]) G, in double
-  float* GW = gw.data_ptr<float>();
+  // gw[co][ci] = G^T (sum over threads of Z[t][.][co][ci]) G, in double, rounded to float32 and then to gw's dtype
+  // (as a float32 result converted by .to()), written through gw's strides
+  T* GW = gw.data_ptr<T>();
+  const int64_t so = gw.stride(0), si = gw.stride(1), sh = gw.stride(2), sw = gw.stride(3);
   at::parallel_for(0, Co * C, grain_for(P * threads), [&](int64_t b, int64_t e) {
     for (int64_t oc = b; oc < e; ++oc) {
       double z[A][A];
@@ -671,7 +683,7 @@ void weight_grad_impl(const T* GY, const Source<T>& src, at::Tensor& gw, const G
         for (int l = 0; l < 3; ++l) {
           double s = 0;
           for (int y = 0; y < A; ++y) s += u[k][y] * Tile<M>::G[y][l];
-          GW[oc * 9 + k * 3 + l] = float(s);
+          GW[(oc / C) * so + (oc % C) * si + k * sh + l * sw] = static_cast<T>(float(s));
         }
     }
   });
@@ -746,11 +758,11 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
     using T = decltype(t);
     const Source<T> src{rows ? nullptr : xc.template const_data_ptr<T>(), rows};
     if (m == 4)
-      conv_impl<4>(src, transform_weight<4>(weight, adjoint).const_data_ptr<float>(), y.template data_ptr<T>(), g, in,
-                   out, ep);
+      conv_impl<4>(src, transform_weight<4, T>(weight, adjoint).template const_data_ptr<float>(),
+                   y.template data_ptr<T>(), g, in, out, ep);
     else
-      conv_impl<2>(src, transform_weight<2>(weight, adjoint).const_data_ptr<float>(), y.template data_ptr<T>(), g, in,
-                   out, ep);
+      conv_impl<2>(src, transform_weight<2, T>(weight, adjoint).template const_data_ptr<float>(),
+                   y.template data_ptr<T>(), g, in, out, ep);
   });
   if (stats) {
     TORCH_INTERNAL_ASSERT(sink.count() == N * H * W, op, ": statistics of ", sink.count(), " outputs, not ", N * H * W);
@@ -772,7 +784,9 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
   return y;
 }
 
-at::Tensor wino_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, const StageRows* rows, int64_t tile) {
+// With `like` (a weight of the gradient's shape), the gradient takes its layout where it is dense channels-last.
+at::Tensor wino_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, const StageRows* rows, int64_t tile,
+                            const at::Tensor* like = nullptr) {
   const char* op = "unetx.winograd_conv3x3_weight_grad";
   check_tile(tile, op);
   check_operand(grad_y, op, "grad_y");
@@ -781,10 +795,13 @@ at::Tensor wino_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, const
               ": grad_y ", grad_y.sizes(), " does not match x ", x.sizes(), " (a 'same' convolution's output)");
   check_same_dtype(grad_y, x, op, "grad_y", "x");
   const int64_t N = x.size(0), C = x.size(1), Co = grad_y.size(1), H = x.size(2), W = x.size(3);
-  // accumulated in float32 whatever the operands' dtype, returned in theirs
-  auto gw = at::empty({Co, C, 3, 3}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
-  if (gw.numel() == 0) return gw.to(x.scalar_type());
-  if (N * H * W == 0) return gw.zero_().to(x.scalar_type());
+  // accumulated in float32 whatever the operands' dtype, written in theirs
+  const bool cl = like && like->sizes() == at::IntArrayRef{Co, C, 3, 3} && !like->is_contiguous() &&
+                  like->is_contiguous(at::MemoryFormat::ChannelsLast);
+  auto gw = at::empty({Co, C, 3, 3},
+                      x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  if (gw.numel() == 0) return gw;
+  if (N * H * W == 0) return gw.zero_();
   const auto gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   const auto xc = rows ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   const Grid g(N, H, W, int(tile));
@@ -796,7 +813,7 @@ at::Tensor wino_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, const
     else
       weight_grad_impl<2>(gyc.template const_data_ptr<T>(), src, gw, g, C, Co);
   });
-  return gw.to(x.scalar_type());
+  return gw;
 }
 
 }  // namespace
@@ -817,13 +834,14 @@ at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int
                        const ConvEpilogue& out) {
   TORCH_INTERNAL_ASSERT(op == 0 || (!out.bias && !out.relu && !out.mean),
                         "unetx: a Winograd epilogue is for the forward only");
+  TORCH_INTERNAL_ASSERT(op == 2 || !out.layout_of, "unetx: layout_of is for the Winograd weight gradient only");
   switch (op) {
     case 0:
       return conv(a, rows, b, tile, /*adjoint=*/false, "unetx.winograd_conv3x3", out);
     case 1:
       return winograd_conv3x3_input_grad(a, b, tile);
     default:
-      return wino_weight_grad(a, b, rows, tile);
+      return wino_weight_grad(a, b, rows, tile, out.layout_of);
   }
 }
 
