@@ -263,6 +263,7 @@ at::Tensor fastest_transposed2x2(const LayerKernels& k, const Geometry& g, int64
                                   return true;
                                 }},
                                {"gemm", [&](bool) {
+                                  RECORD_FUNCTION("unetx::conv_transpose2x2", {});  // convolution in a profile
                                   auto r = k.conv_transpose2x2(p, q, bias, op);
                                   if (!r) return false;
                                   out[1] = *r;
@@ -477,6 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::vector<AlgoCandidate> gemm2x2_c;
     if (transposed2x2_candidate(k, g, gy, weight, transposed))
       gemm2x2_c.push_back({"gemm", [&](bool) {
+                             RECORD_FUNCTION("unetx::conv_transpose2x2", {});
                              auto r = k.conv_transpose2x2(gy, stage(), std::nullopt, 2);
                              if (!r) return false;
                              gemm2x2 = *r;

@@ -139,19 +139,23 @@ print(json.dumps(profile_step(w, "unetx", "channels_last", top=1000, threads=1, 
 """
 
 
-def test_profile_counts_winograd_as_convolution():
-    """A step whose 3x3 forward convolutions all run Winograd (forced): the profile sees unetx::winograd events and
-    counts their time as convolution, not as unetx's own work (the kernel fuses the stage and epilogue into it)."""
-    env = dict(ENV, UNETX_WINOGRAD="1", UNETX_CONV_ALGO="conv3x3_forward=winograd4")
+def test_profile_counts_unetx_convolutions_as_convolution():
+    """A step whose 3x3 forward convolutions all run Winograd and whose transposed 2x2 convolutions run unetx's
+    GEMMs (forced): the profile sees unetx::winograd and unetx::conv_transpose2x2 events and counts their time as
+    convolution, not as unetx's own work (Winograd fuses the stage and epilogue into the kernel)."""
+    algos = "conv3x3_forward=winograd4,convT2x2_forward=gemm,convT2x2_input_grad=gemm,weight_grad=gemm"
+    env = dict(ENV, UNETX_WINOGRAD="1", UNETX_CONV_ALGO=algos)
     p = subprocess.run(
         [sys.executable, "-c", PROFILE_WINOGRAD], capture_output=True, text=True, env=env, timeout=300, check=False
     )
     assert p.returncode == 0, p.stderr
     prof = json.loads(p.stdout.strip().splitlines()[-1])
-    wino = [r for r in prof["top"] if r["name"] == "unetx::winograd"]
-    assert wino and wino[0]["calls"] >= 4, [r["name"] for r in prof["top"]]
+    ours = {r["name"]: r for r in prof["top"] if r["name"] in ("unetx::winograd", "unetx::conv_transpose2x2")}
+    assert ours.keys() == {"unetx::winograd", "unetx::conv_transpose2x2"}, [r["name"] for r in prof["top"]]
+    assert ours["unetx::winograd"]["calls"] >= 4
+    assert ours["unetx::conv_transpose2x2"]["calls"] == 6  # depth 2: two transposed layers x forward, grads
     conv = next(v for k, v in prof["categories"].items() if k.startswith("convolution"))
-    assert conv >= wino[0]["self_ms"] > 0, prof["categories"]
+    assert conv >= sum(r["self_ms"] for r in ours.values()) > 0, prof["categories"]
 
 
 @pytest.mark.parametrize("size", [32, 34])

@@ -124,8 +124,8 @@ std::optional<at::Tensor> conv_transpose2x2_weight_grad(const at::Tensor& grad_y
                  A + (t * 2 + i) * C * 2 * Co, 2 * Co);
         }
     });
-  // [i][c][j][co] -> w layout [c][co][i][j]
-  return acc.sum(0).view({2, C, 2, Co}).permute({1, 3, 0, 2}).contiguous();
+  // [i][c][j][co] viewed as w's [c][co][i][j]: the layer copies it into its parameter's layout (one copy, not two)
+  return acc.sum(0).view({2, C, 2, Co}).permute({1, 3, 0, 2});
 }
 
 std::optional<at::Tensor> conv_transpose2x2_op(const at::Tensor& a, const at::Tensor& b,
