@@ -1,11 +1,13 @@
 """The CPU passes' vector paths for every channel count, in the reduced-precision dtypes autocast uses.
 
-A channels-last pass works kSize channels at a time (csrc/cpu/vec.h: 32 lanes of bfloat16 / float16 with AVX-512,
-16 with AVX2) and then a partial chunk: at most half a vector (one 256-bit load, one conversion) or more. Channel
-counts below pick each path (whole chunks only, a half tail, a longer tail, tails alone). A bfloat16 / float16 pass
-computes in float32 and rounds once, so its outputs and gradients must equal the float32 pass on the same rounded
-inputs, rounded: one rounding apart at most. A NaN placed in the last channel (always in a tail chunk where there is
-one) must come through as in float32.
+A channels-last pass works kSize channels at a time (csrc/cpu/vec.h: 32 lanes of bfloat16 / float16 with AVX-512, 16
+with AVX2) and then a partial chunk: at most half a vector (one 256-bit load, one conversion) or more. Channel
+counts below pick each path on either CPU kind (whole chunks only, a tail of at most half a vector, a longer one: 28
+and 60 for AVX2's 16 lanes, 60 for AVX-512's 32, tails alone). A longer bfloat16 tail on AVX2 has its lanes in
+another order than a half one (vec.h, Lanes::kUnpacked), as do the per-channel vectors read with it. A bfloat16 /
+float16 pass computes in float32 and rounds once, so its outputs and gradients must equal the float32 pass on the
+same rounded inputs, rounded: one rounding apart at most. A NaN placed in the last channel (always in a tail chunk
+where there is one) must come through as in float32.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 import torch
 from unetx import ops
 
-CHANNELS = [3, 16, 17, 32, 40, 48, 64]
+CHANNELS = [3, 16, 17, 28, 32, 40, 48, 60, 64]
 DTYPES = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one rounding, relative to the value
 
 

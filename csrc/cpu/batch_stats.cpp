@@ -105,8 +105,8 @@ void stats_impl(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
               }
             }
             acc_t l1[L::kSize], l2[L::kSize];
-            L::store_acc(l1, v1);
-            L::store_acc(l2, v2);
+            L::store_acc(l1, v1, nc);  // nc: a partial pack's lanes are in its own order (Lanes::kUnpacked)
+            L::store_acc(l2, v2, nc);
             for (int64_t u = 0; u < std::min<int64_t>(nc, L::kSize); ++u) {
               p1[c + u] += l1[u];
               p2[c + u] += l2[u];
@@ -158,7 +158,8 @@ inline void fold_run(const T* __restrict__ gy, const T* __restrict__ y, T* __res
 
 // fold_run over `pixels` dense channels-last pixels of C channels: the per-channel vectors of a chunk are loaded
 // once outside the pixel loop where the pixel is one chunk (C == kSize) or for its partial chunk (HalfLanes where it
-// fits), per pixel otherwise. Arguments by value: the vector stores may alias what by-reference captures point to.
+// fits), per pixel otherwise; a, b, mu in Lanes<T>::par_order. Arguments by value: the vector stores may alias what
+// by-reference captures point to.
 template <typename T, bool RELU, bool STATS>
 inline void fold_pixels(const T* gy, const T* y, T* o, int64_t pixels, int64_t C, const at::opmath_type<T>* a,
                         const at::opmath_type<T>* b, const at::opmath_type<T>* mu) {
@@ -166,7 +167,7 @@ inline void fold_pixels(const T* gy, const T* y, T* o, int64_t pixels, int64_t C
   using Pk = typename L::Pack;
   const auto params = [=](int64_t c, int64_t n) {
     Pk av, bv, mv;
-    if (STATS) av = L::load_acc(a + c, n), bv = L::load_acc(b + c, n), mv = L::load_acc(mu + c, n);
+    if (STATS) av = L::load_par(a + c, n), bv = L::load_par(b + c, n), mv = L::load_par(mu + c, n);
     return [av, bv, mv](auto g, const auto& yv) {
       for (int j = 0; j < int(sizeof(g.v) / sizeof(g.v[0])); ++j)
         g.v[j] = fold_v<RELU, STATS>(g.v[j], yv.v[j], av.v[j], bv.v[j], mv.v[j]);
@@ -200,8 +201,10 @@ void fold_loops(const T* GY, const T* Y, T* O, int64_t N, int64_t C, int64_t HW,
         fold_run<T, RELU, STATS>(GY + nc * HW, Y + nc * HW, O + nc * HW, HW, A, B, MU, nc % C);
     });
   } else {
+    using L = Lanes<T>;
+    const auto a = L::par_order(A, C), b = L::par_order(B, C), mu = L::par_order(MU, C);
     at::parallel_for(0, N * HW, grain_for(C), [&](int64_t bb, int64_t e) {
-      fold_pixels<T, RELU, STATS>(GY + bb * C, Y + bb * C, O + bb * C, e - bb, C, A, B, MU);
+      fold_pixels<T, RELU, STATS>(GY + bb * C, Y + bb * C, O + bb * C, e - bb, C, a.data(), b.data(), mu.data());
     });
   }
 }

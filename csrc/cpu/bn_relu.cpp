@@ -197,10 +197,13 @@ void forward_loops(const at::Tensor& x, const float* M, const float* S, const fl
   }
   // channels-last: rows of W pixels with C contiguous channels each
   const int64_t rows = N * (pool ? Ho : H);
+  // the parameters in the order the pixel loops load them (Lanes::par_order)
+  std::vector<acc_t> mo, so, to;
+  if constexpr (ACT) mo = L::par_order(m, C), so = L::par_order(s, C), to = L::par_order(t, C);
   // the activation of channels [c, c + nc), its parameters loaded once (pixels_map, pool_pixels)
-  const auto act_chunk = [m, s, t](int64_t c, int64_t nc) {
+  const auto act_chunk = [m = mo.data(), s = so.data(), t = to.data()](int64_t c, int64_t nc) {
     Pk mv, sv, tv;
-    if constexpr (ACT) mv = L::load_acc(m + c, nc), sv = L::load_acc(s + c, nc), tv = L::load_acc(t + c, nc);
+    if constexpr (ACT) mv = L::load_par(m + c, nc), sv = L::load_par(s + c, nc), tv = L::load_par(t + c, nc);
     return [mv, sv, tv](const auto& v) { return act_v<ACT>(v, mv, sv, tv); };
   };
   at::parallel_for(0, rows, grain_for((pool ? 4 : 1) * W * C), [&](int64_t b, int64_t e) {
@@ -283,10 +286,8 @@ inline void backward_pixels(const T* gz, int64_t gzw, const T* gp, int64_t gpw, 
       out.v[j] = act_backward_v(xv.v[j], g.v[j], mv.v[j], sv.v[j], tv.v[j], v1.v[j], v2.v[j]);
     LL::store(gx + w * gxw, out, n);
   }
-  for (int j = 0; j < LL::kNV; ++j) {
-    v1.v[j].store(l1 + j * V::size());
-    v2.v[j].store(l2 + j * V::size());
-  }
+  LL::store_acc(l1, v1);
+  LL::store_acc(l2, v2);
 }
 
 // Backward, one (n, c) row of W elements (planar) or one pixel's C channels (channels-last) at a time. gx may be

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace unetx::cpu {
 
@@ -45,11 +46,27 @@ struct Lanes {
   static constexpr int kNV = kReduced ? 2 : 1;
   static constexpr int64_t kV = V::size();
   static constexpr int64_t kSize = kNV * kV;
+  // bfloat16 with AVX2 and no AVX-512: a pack of kSize = 16 elements holds elements {0-3, 8-11} in v[0] and {4-7,
+  // 12-15} in v[1], the order in which one 256-bit load widens by two 16-bit unpacks (ATen's order, v[0] = 0-7,
+  // takes two zero-extensions and two shifts) and in which narrow's 32-to-16-bit pack comes back in memory order
+  // without ATen's lane-crossing permute. AVX2 has no float-to-bfloat16 instruction, so these conversions are what
+  // bound a bfloat16 pass there. Arithmetic lane by lane does not see the order; whatever reads a pack's lanes by
+  // index goes through store_acc, and per-channel vectors come in through load_acc or load_par, which follow it. A
+  // pack of n <= kV elements (a tail, with HalfLanes) keeps memory order in v[0].
+  static constexpr bool kUnpacked =
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+      std::is_same_v<T, c10::BFloat16>;
+#else
+      false;
+#endif
   struct Pack {
     V v[kNV];
   };
 
   static inline Pack load(const T* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kUnpacked) return unpack(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (kReduced) return Pack{{widen(half(p)), widen(half(p) + 1)}};
 #endif
@@ -70,6 +87,9 @@ struct Lanes {
       const auto rest = static_cast<__mmask16>((1u << (n - kV)) - 1u);
       return Pack{{widen(half(p)), widen(_mm256_maskz_loadu_epi16(rest, half(p) + 1))}};
 #endif
+#if defined(CPU_CAPABILITY_AVX2)
+      if constexpr (kUnpacked) return unpack(at::vec::Vectorized<T>::loadu(p, n));
+#endif
       auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
       return Pack{{a, b}};
     } else {
@@ -77,8 +97,9 @@ struct Lanes {
     }
   }
   // kSize acc_t lanes rounded to T. Where the CPU converts float to bfloat16 itself (AVX512_BF16: one instruction for
-  // 32 lanes, round to nearest even, NaN stays NaN), that instruction; ATen's convert_from_float otherwise (about 8
-  // integer instructions per 16 lanes), which made the conversion back the largest cost of a bf16 pass. The
+  // 32 lanes, round to nearest even, NaN stays NaN), that instruction; ATen's rounding in integer instructions
+  // otherwise (16 per 16 bfloat16 lanes with AVX2, 15 in a kUnpacked pack's order), which makes the conversion back
+  // the largest cost of a bf16 pass. The
   // instruction treats float32 denormal inputs (below 1.2e-38) as zero, where the integer rounding keeps them as
   // bfloat16 denormals.
   static inline at::vec::Vectorized<T> narrow(const Pack& x) {
@@ -86,6 +107,9 @@ struct Lanes {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       return at::vec::Vectorized<T>((__m512i)_mm512_cvtne2ps_pbh(x.v[1], x.v[0]));
     }
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kUnpacked) return at::vec::Vectorized<T>(_mm256_packus_epi32(round16(x.v[0]), round16(x.v[1])));
 #endif
     return at::vec::convert_from_float<T>(x.v[0], x.v[1]);
   }
@@ -105,27 +129,55 @@ struct Lanes {
       x.v[0].store(p, n);
     }
   }
-  // acc_t arrays (per-channel parameters, accumulators), whole or the first n elements
+  // acc_t arrays in memory order (per-channel parameters, accumulators, rows), whole or the first n elements, as
+  // packs in the order of a pack of that many elements of T (kUnpacked)
   static inline Pack load_acc(const acc_t* p) {
     Pack r;
     for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(p + j * kV);
-    return r;
+    return to_pack_order(r);
   }
   static inline Pack load_acc(const acc_t* p, int64_t n) {
     if (n >= kSize) return load_acc(p);
     Pack r;
     for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(p + j * kV, std::clamp<int64_t>(n - j * kV, 0, kV));
-    return r;
+    return n > kV ? to_pack_order(r) : r;
   }
   static inline void store_acc(acc_t* p, const Pack& x) {
-    for (int j = 0; j < kNV; ++j) x.v[j].store(p + j * kV);
+    const Pack m = to_pack_order(x);  // the order is its own inverse
+    for (int j = 0; j < kNV; ++j) m.v[j].store(p + j * kV);
   }
   static inline void store_acc(acc_t* p, const Pack& x, int64_t n) {
     if (n >= kSize) return store_acc(p, x);
+    const Pack m = n > kV ? to_pack_order(x) : x;
     for (int j = 0; j < kNV; ++j) {
-      const int64_t m = std::clamp<int64_t>(n - j * kV, 0, kV);
-      if (m > 0) x.v[j].store(p + j * kV, m);
+      const int64_t k = std::clamp<int64_t>(n - j * kV, 0, kV);
+      if (k > 0) m.v[j].store(p + j * kV, k);
     }
+  }
+  // Per-channel vectors that a loop reads for every pixel: par_order(p, C) once per call, then load_par(q + c, n)
+  // for the chunk [c, c + n) where load_acc(p + c, n) would be, without reordering lanes per pixel. The copy has C
+  // rounded up to kSize elements, each chunk in its pack's order.
+  static inline std::vector<acc_t> par_order(const acc_t* p, int64_t C) {
+    std::vector<acc_t> q(static_cast<size_t>((C + kSize - 1) / kSize * kSize), acc_t(0));
+    for (int64_t c = 0; c < C; c += kSize) {
+      const int64_t n = std::min<int64_t>(kSize, C - c);
+      if (!kUnpacked || n <= kV) {
+        std::copy(p + c, p + c + n, q.begin() + c);
+      } else {
+        for (int64_t i = 0; i < n; ++i) q[c + lane_of(i)] = p[c + i];
+      }
+    }
+    return q;
+  }
+  static inline Pack load_par(const acc_t* q, int64_t n) {
+    if (n > kV) {  // a whole chunk of the padded copy
+      Pack r;
+      for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(q + j * kV);
+      return r;
+    }
+    Pack r;
+    for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(q + j * kV, std::clamp<int64_t>(n - j * kV, 0, kV));
+    return r;
   }
   static inline Pack broadcast(acc_t v) {
     Pack r;
@@ -134,6 +186,37 @@ struct Lanes {
   }
 
  private:
+  // the lane of a pack (v[0]'s, then v[1]'s) that holds element i of a whole chunk
+  static constexpr int64_t lane_of(int64_t i) {
+    if constexpr (kUnpacked) return (i & 3) | ((i & 4) << 1) | ((i & 8) >> 1);  // swaps elements 4-7 and 8-11
+    return i;
+  }
+  // a pack of acc_t read from memory order into a pack's order (and back: the swap is its own inverse)
+  static inline Pack to_pack_order(const Pack& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kUnpacked) {
+      const __m256 a = x.v[0], b = x.v[1];
+      return Pack{{V(_mm256_permute2f128_ps(a, b, 0x20)), V(_mm256_permute2f128_ps(a, b, 0x31))}};
+    }
+#endif
+    return x;
+  }
+#if defined(CPU_CAPABILITY_AVX2)
+  // 16 bfloat16 elements widened in a pack's order: the 16-bit unpacks interleave zeros below each element
+  static inline Pack unpack(__m256i v) {
+    const __m256i z = _mm256_setzero_si256();
+    return Pack{
+        {V(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v))), V(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)))}};
+  }
+  // 8 floats rounded to bfloat16 in the low 16 bits of each 32-bit lane: ATen's cvtfp32_bf16 up to its pack (round
+  // to nearest even; NaN becomes 0xffff), so the bits are ATen's
+  static inline __m256i round16(__m256 a) {
+    const __m256i b = _mm256_castps_si256(a);
+    __m256i t = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(t, _mm256_set1_epi32(0x7fff)), b), 16);
+    return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), t, _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_ORD_Q)));
+  }
+#endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   // kV elements of T (half a Vectorized<T>) widened to kV floats. Lanes::load widens each half of a pack straight
   // from memory (the load folds into the zero-extension): ATen's convert_to_float loads a whole Vectorized<T> and
@@ -184,6 +267,8 @@ struct HalfLanes {
     return Pack{{std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n)))}};
 #endif
   }
+  // the lanes in memory order (a HalfLanes pack has no other)
+  static inline void store_acc(acc_t* p, const Pack& x) { x.v[0].store(p); }
   static inline void store(T* p, const Pack& x, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
     _mm256_mask_storeu_epi16(p, mask(n), narrow(x.v[0]));
