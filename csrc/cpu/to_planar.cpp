@@ -4,8 +4,11 @@
 // Reads and writes each element once (2T per element). ATen's copy_ between the two layouts walks the output in
 // order and gathers the input with a stride of C elements (far below memory bandwidth; BENCHMARKS.md); transposing
 // 32 x 32 tiles keeps both sides within cache lines. With AVX-512 each tile is transposed in vector registers by
-// ATen's at::vec::transpose_mxn (shuffles for 4- and 2-byte elements); its generic version (other capabilities) is a
-// scalar loop that writes across the output's rows, slower than the loop here, which writes along them.
+// ATen's at::vec::transpose_mxn (shuffles for 4- and 2-byte elements). With AVX2 ATen has it for 8 x 8 floats only,
+// so 4-byte tiles go through that in 8 x 8 blocks and 2-byte ones through the 8 x 8 unpack network below; its
+// generic version (other capabilities, and the tiles' edges) is a scalar loop that writes across the output's rows,
+// slower than the loop here, which writes along them. A scalar transpose moves one element per load and store
+// whatever its size, so a 2-byte one took ~0.6x the 4-byte one's time, not ~0.5x (bench/bf16_passes.py).
 #include "cpu/vec.h"  // first: selects ATen's vector capability
 
 #include <ATen/Parallel.h>
@@ -21,6 +24,41 @@ namespace unetx::cpu {
 namespace {
 
 constexpr int64_t kTile = 32;
+
+#if defined(CPU_CAPABILITY_AVX2)
+// 8 x 8 2-byte elements: row i of src (stride ls) into column i of dst (stride ld), by three rounds of unpacks
+inline void transpose8x8_16(const uint16_t* src, int64_t ls, uint16_t* dst, int64_t ld) {
+  __m128i r[8], s[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ls));
+  // rows a..h: s[2k] = a0 b0 a1 b1 a2 b2 a3 b3 for rows (2k, 2k + 1), s[2k + 1] the same for elements 4-7
+  for (int k = 0; k < 4; ++k) {
+    s[2 * k] = _mm_unpacklo_epi16(r[2 * k], r[2 * k + 1]);
+    s[2 * k + 1] = _mm_unpackhi_epi16(r[2 * k], r[2 * k + 1]);
+  }
+  // r[4h + j] = elements 2j, 2j + 1 of rows 4h..4h + 3: a0 b0 c0 d0 a1 b1 c1 d1 for j = 0
+  for (int h = 0; h < 2; ++h) {
+    r[4 * h] = _mm_unpacklo_epi32(s[4 * h], s[4 * h + 2]);
+    r[4 * h + 1] = _mm_unpackhi_epi32(s[4 * h], s[4 * h + 2]);
+    r[4 * h + 2] = _mm_unpacklo_epi32(s[4 * h + 1], s[4 * h + 3]);
+    r[4 * h + 3] = _mm_unpackhi_epi32(s[4 * h + 1], s[4 * h + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * j * ld), _mm_unpacklo_epi64(r[j], r[4 + j]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * j + 1) * ld), _mm_unpackhi_epi64(r[j], r[4 + j]));
+  }
+}
+#endif
+
+// in [P, C] -> out [C, P] for pixels [p0, p1) and channels [c0, c1), element by element along the output's rows
+template <typename T>
+inline void scalar_block(const T* __restrict__ in, T* __restrict__ out, int64_t P, int64_t C, int64_t p0, int64_t p1,
+                         int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* __restrict__ src = in + c;
+    T* __restrict__ dst = out + c * P;
+    for (int64_t p = p0; p < p1; ++p) dst[p] = src[p * C];
+  }
+}
 
 // One image: in is [P, C] (pixels, channels), out is [C, P].
 template <typename T>
@@ -38,11 +76,25 @@ void transpose_tiles(const T* __restrict__ in, T* __restrict__ out, int64_t P, i
       continue;
     }
 #endif
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* __restrict__ src = in + c;
-      T* __restrict__ dst = out + c * P;
-      for (int64_t p = p0; p < p1; ++p) dst[p] = src[p * C];
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (sizeof(T) == 4 || sizeof(T) == 2) {
+      // whole 8 x 8 blocks in registers, then the tile's edges (p1 - p0 or c1 - c0 not a multiple of 8) below
+      const int64_t pe = p0 + (p1 - p0) / 8 * 8, ce = c0 + (c1 - c0) / 8 * 8;
+      for (int64_t p = p0; p < pe; p += 8)
+        for (int64_t c = c0; c < ce; c += 8) {
+          if constexpr (sizeof(T) == 4)
+            at::vec::transpose_mxn<float, 8, 8>(reinterpret_cast<const float*>(in + p * C + c), C,
+                                                reinterpret_cast<float*>(out + c * P + p), P);
+          else
+            transpose8x8_16(reinterpret_cast<const uint16_t*>(in + p * C + c), C,
+                            reinterpret_cast<uint16_t*>(out + c * P + p), P);
+        }
+      scalar_block(in, out, P, C, pe, p1, c0, c1);
+      scalar_block(in, out, P, C, p0, pe, ce, c1);
+      continue;
     }
+#endif
+    scalar_block(in, out, P, C, p0, p1, c0, c1);
   }
 }
 
