@@ -99,9 +99,8 @@ struct Lanes {
   // kSize acc_t lanes rounded to T. Where the CPU converts float to bfloat16 itself (AVX512_BF16: one instruction for
   // 32 lanes, round to nearest even, NaN stays NaN), that instruction; ATen's rounding in integer instructions
   // otherwise (16 per 16 bfloat16 lanes with AVX2, 15 in a kUnpacked pack's order), which makes the conversion back
-  // the largest cost of a bf16 pass. The
-  // instruction treats float32 denormal inputs (below 1.2e-38) as zero, where the integer rounding keeps them as
-  // bfloat16 denormals.
+  // the largest cost of a bf16 pass. The instruction treats float32 denormal inputs (below 1.2e-38) as zero, where
+  // the integer rounding keeps them as bfloat16 denormals.
   static inline at::vec::Vectorized<T> narrow(const Pack& x) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
