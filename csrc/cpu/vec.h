@@ -130,54 +130,24 @@ struct Lanes {
   }
   // acc_t arrays in memory order (per-channel parameters, accumulators, rows), whole or the first n elements, as
   // packs in the order of a pack of that many elements of T (kUnpacked)
-  static inline Pack load_acc(const acc_t* p) {
-    Pack r;
-    for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(p + j * kV);
-    return to_pack_order(r);
-  }
+  static inline Pack load_acc(const acc_t* p) { return to_pack_order(load_mem(p, kSize)); }
   static inline Pack load_acc(const acc_t* p, int64_t n) {
-    if (n >= kSize) return load_acc(p);
-    Pack r;
-    for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(p + j * kV, std::clamp<int64_t>(n - j * kV, 0, kV));
+    const Pack r = load_mem(p, n);
     return n > kV ? to_pack_order(r) : r;
   }
   static inline void store_acc(acc_t* p, const Pack& x) {
-    const Pack m = to_pack_order(x);  // the order is its own inverse
-    for (int j = 0; j < kNV; ++j) m.v[j].store(p + j * kV);
+    store_mem(p, to_pack_order(x), kSize);  // the order is its own inverse
   }
-  static inline void store_acc(acc_t* p, const Pack& x, int64_t n) {
-    if (n >= kSize) return store_acc(p, x);
-    const Pack m = n > kV ? to_pack_order(x) : x;
-    for (int j = 0; j < kNV; ++j) {
-      const int64_t k = std::clamp<int64_t>(n - j * kV, 0, kV);
-      if (k > 0) m.v[j].store(p + j * kV, k);
-    }
-  }
+  static inline void store_acc(acc_t* p, const Pack& x, int64_t n) { store_mem(p, n > kV ? to_pack_order(x) : x, n); }
   // Per-channel vectors that a loop reads for every pixel: par_order(p, C) once per call, then load_par(q + c, n)
   // for the chunk [c, c + n) where load_acc(p + c, n) would be, without reordering lanes per pixel. The copy has C
-  // rounded up to kSize elements, each chunk in its pack's order.
+  // rounded up to kSize elements, each chunk as load_acc gives it.
   static inline std::vector<acc_t> par_order(const acc_t* p, int64_t C) {
     std::vector<acc_t> q(static_cast<size_t>((C + kSize - 1) / kSize * kSize), acc_t(0));
-    for (int64_t c = 0; c < C; c += kSize) {
-      const int64_t n = std::min<int64_t>(kSize, C - c);
-      if (!kUnpacked || n <= kV) {
-        std::copy(p + c, p + c + n, q.begin() + c);
-      } else {
-        for (int64_t i = 0; i < n; ++i) q[c + lane_of(i)] = p[c + i];
-      }
-    }
+    for (int64_t c = 0; c < C; c += kSize) store_mem(q.data() + c, load_acc(p + c, C - c), kSize);
     return q;
   }
-  static inline Pack load_par(const acc_t* q, int64_t n) {
-    if (n > kV) {  // a whole chunk of the padded copy
-      Pack r;
-      for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(q + j * kV);
-      return r;
-    }
-    Pack r;
-    for (int j = 0; j < kNV; ++j) r.v[j] = V::loadu(q + j * kV, std::clamp<int64_t>(n - j * kV, 0, kV));
-    return r;
-  }
+  static inline Pack load_par(const acc_t* q, int64_t n) { return load_mem(q, n > kV ? kSize : n); }
   static inline Pack broadcast(acc_t v) {
     Pack r;
     for (int j = 0; j < kNV; ++j) r.v[j] = V(v);
@@ -185,10 +155,23 @@ struct Lanes {
   }
 
  private:
-  // the lane of a pack (v[0]'s, then v[1]'s) that holds element i of a whole chunk
-  static constexpr int64_t lane_of(int64_t i) {
-    if constexpr (kUnpacked) return (i & 3) | ((i & 4) << 1) | ((i & 8) >> 1);  // swaps elements 4-7 and 8-11
-    return i;
+  // the first n elements of an acc_t array (all kSize where n >= kSize) as they lie in memory, the other lanes zero;
+  // and the first n lanes stored as they are
+  static inline Pack load_mem(const acc_t* p, int64_t n) {
+    Pack r;
+    for (int j = 0; j < kNV; ++j)
+      r.v[j] = n >= kSize ? V::loadu(p + j * kV) : V::loadu(p + j * kV, std::clamp<int64_t>(n - j * kV, 0, kV));
+    return r;
+  }
+  static inline void store_mem(acc_t* p, const Pack& x, int64_t n) {
+    for (int j = 0; j < kNV; ++j) {
+      if (n >= kSize) {
+        x.v[j].store(p + j * kV);
+      } else {
+        const int64_t k = std::clamp<int64_t>(n - j * kV, 0, kV);
+        if (k > 0) x.v[j].store(p + j * kV, k);
+      }
+    }
   }
   // a pack of acc_t read from memory order into a pack's order (and back: the swap is its own inverse)
   static inline Pack to_pack_order(const Pack& x) {
