@@ -95,6 +95,17 @@ def test_bench_both_precisions_side_by_side(tmp_path):
     assert len(across) == 1 and ("float32)" in across[0] or "bfloat16)" in across[0]), p.stdout
     results = json.loads(out.read_text())
     assert [r["config"]["autocast"] for r in results] == [None, "bfloat16"]
+    # the bfloat16 run's ceiling: torch.mm's bfloat16 rate, or float32's where that is faster (bfloat16 emulated),
+    # named as such in the table
+    gemm = results[1]["gemm"]
+    gflops_rows = [ln for ln in p.stdout.splitlines() if "custom bfloat16 | Achieved GFLOP/s" in ln]
+    assert len(gflops_rows) == 1, p.stdout
+    if "emulated" in gemm:
+        assert gemm["dtype"] == "float32" and gemm["emulated"]["dtype"] == "bfloat16", gemm
+        assert gemm["emulated"]["gflops"] < gemm["gflops"], gemm
+        assert "which has no native bfloat16" in gflops_rows[0], gflops_rows[0]
+    else:
+        assert gemm["dtype"] == "bfloat16" and "native" not in gflops_rows[0], (gemm, gflops_rows[0])
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     assert set(results[0]["machine"]["cpu_flags"]) == flags & {

@@ -15,6 +15,23 @@ def _fmt_b(b: int) -> str:
     return f"{b / 2**20:.1f} MiB"
 
 
+def _fmt_rate(g: float) -> str:
+    """A rate or a count in G: whole numbers from 10 up, two significant digits below (a tiny run, an emulated
+    dtype), never a bare 0."""
+    return f"{g:.0f}" if g >= 10 else f"{g:.2g}"
+
+
+def _emulated_note(gemm: dict) -> str:
+    """Why the GEMM rate is float32's in a low-precision run (flops.gemm_rate): that dtype's torch.mm is slower here."""
+    e = gemm.get("emulated")
+    if not e:
+        return ""
+    return (
+        f" (float32's, the faster: torch.mm in {e['dtype']} reaches {_fmt_rate(e['gflops'])} GFLOP/s at {e['n']}^3 "
+        f"on this CPU, which has no native {e['dtype']})"
+    )
+
+
 def _best(entries: dict, impl: str, key: str = "median_s") -> tuple[str, float] | None:
     c = [(n, _stat(e, key)) for n, e in entries.items() if e.get("form", {}).get("impl") == impl]
     return min(c, key=lambda t: t[1]) if c else None
@@ -133,15 +150,15 @@ def summary(result: dict) -> list[dict]:
             dict(
                 measure=f"Achieved GFLOP/s, {what}",
                 ratio=gu / peak,
-                ratio_text=f"**{gu:.0f}** GFLOP/s, {gu / peak:.2f}x the GEMM rate",
+                ratio_text=f"**{_fmt_rate(gu)}** GFLOP/s, {gu / peak:.2f}x the GEMM rate",
                 target="-",
                 met=None,
-                unetx=f"{gu:.0f} GFLOP/s ({u[0].removeprefix('unetx ')})",
-                stock=f"{gs:.0f} GFLOP/s, {gs / peak:.2f}x the GEMM rate ({s[0].removeprefix('stock ')})",
+                unetx=f"{_fmt_rate(gu)} GFLOP/s ({u[0].removeprefix('unetx ')})",
+                stock=f"{_fmt_rate(gs)} GFLOP/s, {gs / peak:.2f}x the GEMM rate ({s[0].removeprefix('stock ')})",
                 others=(
-                    f"{flops / 1e9:.1f} GFLOP per step (torch.utils.flop_counter, as direct convolution: Winograd "
-                    f"multiplies less); a {gemm['n']}x{gemm['n']}x{gemm['n']} {gemm['dtype']} torch.mm on this "
-                    f"machine: {peak:.0f} GFLOP/s"
+                    f"{_fmt_rate(flops / 1e9)} GFLOP per step (torch.utils.flop_counter, as direct convolution: "
+                    f"Winograd multiplies less); a {gemm['n']}x{gemm['n']}x{gemm['n']} {gemm['dtype']} torch.mm on "
+                    f"this machine: {_fmt_rate(peak)} GFLOP/s" + _emulated_note(gemm)
                 ),
             )
         )
