@@ -243,11 +243,14 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
 }
 
 // Whether the device's GEMM kernels of the 2 x 2 stride-2 transposed convolution (LayerKernels::conv_transpose2x2)
-// are candidates: float32 channels-last operands of a transposed layer with a 2 x 2 kernel.
+// are candidates: channels-last operands of one floating dtype (float32, bfloat16, float16) of a transposed layer with
+// a 2 x 2 kernel.
 bool transposed2x2_candidate(const LayerKernels& k, const Geometry& g, const at::Tensor& a, const at::Tensor& weight,
                              bool transposed) {
-  return k.conv_transpose2x2 && transposed && g.k == 2 && a.scalar_type() == at::kFloat &&
-         weight.scalar_type() == at::kFloat && a.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto st = a.scalar_type();
+  return k.conv_transpose2x2 && transposed && g.k == 2 && weight.scalar_type() == st &&
+         (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) &&
+         a.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // Runs `stock` (ATen's transposed convolution pass) or the device's GEMM kernel (op 0 forward, 1 input gradient of

@@ -330,7 +330,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
             acc_t* __restrict__ gr = g.data();
             if (GZ) {
               const T* gzr = GZ + n * gzs.n + c * gzs.c + h * gzs.h;
-              for (int64_t w = 0; w < W; w += L::kSize) L::store_acc(gr + w, L::load(gzr + w, W - w), W - w);
+              widen_row(gzr, gr, W);
             } else {
               std::fill(g.begin(), g.end(), acc_t(0));
             }
@@ -340,7 +340,7 @@ void backward_impl(const at::Tensor* gz, const at::Tensor* gp, const at::Tensor&
             }
             T* gxr = GX + n * gxs.n + c * gxs.c + h * gxs.h;
             if (!act_on) {
-              for (int64_t w = 0; w < W; w += L::kSize) L::store(gxr + w, L::load_acc(gr + w, W - w), W - w);
+              narrow_row(gr, gxr, W);
               continue;
             }
             const T* __restrict__ xr = X + n * xs.n + c * xs.c + h * xs.h;

@@ -81,10 +81,11 @@ constexpr int64_t kPlanarWeightGradMinChannels = 16;
 std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows, int64_t k);
 
 // ---- conv_transpose2x2.cpp: the 2 x 2, stride-2 transposed convolution (weight [C, Co, 2, 2]) of dense
-// channels-last float32 operands as row GEMMs: forward y [N, Co, 2H, 2W] (+ bias) from x [N, C, H, W], input gradient
-// [N, C, H, W] from grad_y, weight gradient [C, Co, 2, 2] from grad_y and x. std::nullopt where they do not apply
-// (another dtype, kernel size or shape): the caller runs ATen's. Each reads its operands once, writes its result once
-// (the weight gradient as a permuted view, which the caller copies into its parameter's layout).
+// channels-last float32 / bfloat16 / float16 operands as row GEMMs (float32 arithmetic): forward y [N, Co, 2H, 2W] (+
+// bias) from x [N, C, H, W], input gradient [N, C, H, W] from grad_y, weight gradient [C, Co, 2, 2] from grad_y and x.
+// std::nullopt where they do not apply (another dtype, kernel size or shape): the caller runs ATen's. Each reads its
+// operands once, writes its result once (the weight gradient as a permuted view, which the caller copies into its
+// parameter's layout).
 std::optional<at::Tensor> conv_transpose2x2(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias);
 std::optional<at::Tensor> conv_transpose2x2_input_grad(const at::Tensor& grad_y, const at::Tensor& weight);

@@ -290,6 +290,20 @@ inline void with_tail_lanes(int64_t C, Body&& body) {
   body(L{}, nt);
 }
 
+// n contiguous elements of T into acc_t (widen_row) and back, rounded once (narrow_row): a row that a float32
+// kernel (a GEMM) reads or writes, converted around it for a reduced-precision T. The lanes go through Lanes<T>'s
+// own order and back (store_acc / load_acc), so memory order is kept.
+template <typename T>
+inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t n) {
+  using L = Lanes<T>;
+  for (int64_t i = 0; i < n; i += L::kSize) L::store_acc(dst + i, L::load(src + i, n - i), n - i);
+}
+template <typename T>
+inline void narrow_row(const at::opmath_type<T>* src, T* dst, int64_t n) {
+  using L = Lanes<T>;
+  for (int64_t i = 0; i < n; i += L::kSize) L::store(dst + i, L::load_acc(src + i, n - i), n - i);
+}
+
 // Calls chunk(lanes, j, c, n) for pixels j < W and, for each, the channel chunks [c, c + n) of C channels: whole
 // Lanes<T> chunks, then the partial one in the lanes with_tail_lanes picks (once, outside the pixel loop). chunk is a
 // generic callable, taken by value like everything a pixel loop reads (see bn_relu.cpp's pixels_map).
