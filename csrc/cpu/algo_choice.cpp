@@ -1,12 +1,14 @@
 // See algo_choice.h.
 #include "cpu/algo_choice.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <sstream>
 #include <utility>
+#include <vector>
 
 namespace unetx {
 namespace {
@@ -69,26 +71,34 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
     if (candidates[i].name == winner) cached = static_cast<int>(i);
   if (cached >= 0) return candidates[cached].run(true) ? cached : run_in_order(candidates, cached);
 
-  // Measure: every candidate, kMeasureRuns times each (the first run pays one-off costs), the best time kept.
+  // Measure: every candidate once, then the others' runs (kMeasureRuns in all: the first run pays one-off costs, the
+  // best time is kept), except for candidates that cannot win (kHopeless).
   Entry e;
   e.decision.family = family;
   e.decision.key = key;
-  int best = -1;
-  for (size_t i = 0; i < candidates.size(); ++i) {
-    double t_best = -1;
-    for (int r = 0; r < kMeasureRuns; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      const bool ok = candidates[i].run(false);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (!ok) {
-        t_best = -1;
-        break;
-      }
-      if (t_best < 0 || dt < t_best) t_best = dt;
+  const size_t n = candidates.size();
+  std::vector<double> t(n, -1);  // best time so far; -1: does not apply
+  const auto timed = [&](size_t i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool ok = candidates[i].run(false);
+    return ok ? std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() : -1.0;
+  };
+  double first = -1;  // the fastest first run
+  for (size_t i = 0; i < n; ++i) {
+    t[i] = timed(i);
+    if (t[i] >= 0 && (first < 0 || t[i] < first)) first = t[i];
+  }
+  for (int r = 1; r < kMeasureRuns; ++r)
+    for (size_t i = 0; i < n; ++i) {
+      if (t[i] < 0 || (t[i] > kHopeless * first && t[i] - first > kHopelessMargin)) continue;
+      const double dt = timed(i);
+      t[i] = dt < 0 ? -1 : std::min(t[i], dt);
     }
+  int best = -1;
+  for (size_t i = 0; i < n; ++i) {
     e.decision.names.push_back(candidates[i].name);
-    e.decision.seconds.push_back(t_best);
-    if (t_best >= 0 && (best < 0 || t_best < e.decision.seconds[best] * (1.0 - kAlgoTie))) best = static_cast<int>(i);
+    e.decision.seconds.push_back(t[i]);
+    if (t[i] >= 0 && (best < 0 || t[i] < t[best] * (1.0 - kAlgoTie))) best = static_cast<int>(i);
   }
   if (best < 0) return -1;
   // each candidate wrote its own slot: the winner's result stands as it is

@@ -22,7 +22,8 @@
 //   other candidates run in list order.
 // - Each candidate writes its own result (its own slot): the call returns the index of the candidate whose result
 //   stands. While measuring, each applicable candidate runs kMeasureRuns times (the first run also pays one-off
-//   costs such as oneDNN's primitive creation, so the minimum is kept).
+//   costs such as oneDNN's primitive creation, so the minimum is kept), all first runs before any second one; a
+//   candidate whose first run is hopeless (kHopeless) runs once.
 // - UNETX_CONV_ALGO forces a choice, for tests and experiments: a comma-separated list of `family=name` (or a bare
 //   `name`, which applies to every family that has a candidate of that name), e.g.
 //   UNETX_CONV_ALGO=weight_grad=onednn_planar. A forced candidate that does not apply falls back to the others.
@@ -50,6 +51,11 @@ struct AlgoCandidate {
 // Two candidates within this relative margin count as equally fast: the earlier one in the list wins.
 constexpr double kAlgoTie = 0.03;
 constexpr int kMeasureRuns = 2;
+// A first run more than kHopeless times the fastest first run and kHopelessMargin seconds longer: no one-off cost
+// explains that gap (oneDNN's primitive creation takes milliseconds), and running it again would only lengthen the
+// measuring call (ATen's bfloat16 convolutions on a CPU without native bfloat16 take seconds a call).
+constexpr double kHopeless = 4.0;
+constexpr double kHopelessMargin = 0.05;
 
 // Runs one candidate (see above) and returns its index, or -1 where none applied.
 int run_fastest(const std::string& family, const std::string& key, const std::vector<AlgoCandidate>& candidates);
