@@ -103,9 +103,9 @@ def test_bench_both_precisions_side_by_side(tmp_path):
     if "emulated" in gemm:
         assert gemm["dtype"] == "float32" and gemm["emulated"]["dtype"] == "bfloat16", gemm
         assert gemm["emulated"]["gflops"] < gemm["gflops"], gemm
-        assert "which has no native bfloat16" in gflops_rows[0], gflops_rows[0]
+        assert "float32's, the faster here: torch.mm in bfloat16 reaches" in gflops_rows[0], gflops_rows[0]
     else:
-        assert gemm["dtype"] == "bfloat16" and "native" not in gflops_rows[0], (gemm, gflops_rows[0])
+        assert gemm["dtype"] == "bfloat16" and "the faster here" not in gflops_rows[0], (gemm, gflops_rows[0])
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     assert set(results[0]["machine"]["cpu_flags"]) == flags & {
@@ -116,6 +116,26 @@ def test_bench_both_precisions_side_by_side(tmp_path):
         "avx512_fp16",
         "amx_fp16",
     }
+
+
+@pytest.mark.parametrize("bf16_rate, want", [(1.3, "float32"), (300.0, "bfloat16")])
+def test_gemm_ceiling_is_the_faster_of_the_dtype_and_float32(monkeypatch, bf16_rate, want):
+    """A low-precision run's GEMM ceiling (flops.gemm_rate): float32's where float32's torch.mm is faster (bfloat16
+    emulated), named with the slower dtype's own rate; the dtype's where it is faster. The rates are stand-ins for
+    the timed ones (this checks the rule and the table's wording, not a timing)."""
+    from unetx.bench import flops, table
+
+    rates = {torch.float32: (2048, 150.0), torch.bfloat16: (512, bf16_rate) if bf16_rate < 10 else (2048, bf16_rate)}
+    monkeypatch.setattr(flops, "_mm_rate", lambda dev, dt, n, budget_s: rates[dt])
+    g = flops.gemm_rate("cpu", "bfloat16")
+    assert g["dtype"] == want
+    note = table._emulated_note(g)
+    if want == "float32":
+        assert g["gflops"] == 150.0 and g["emulated"] == dict(dtype="bfloat16", n=512, gflops=1.3), g
+        assert "torch.mm in bfloat16 reaches 1.3 GFLOP/s at 512^3" in note, note
+    else:
+        assert g == dict(dtype="bfloat16", n=2048, gflops=300.0) and note == "", (g, note)
+    assert flops.gemm_rate("cpu", None)["dtype"] == "float32"
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,8 @@ def test_gemm_kernels_match_float64_within_twice_aten(monkeypatch, shape, staged
     else:
         assert calls.get("unetx::conv_transpose2x2", 0) >= 1 and aten <= 2, calls
     for name, r in ref.items():
+        # the activations and the layer's own parameters' gradients in dt; grad_scale / grad_shift in their
+        # statistics' dtype, whatever ATen's path gives
         want_dt = dt if name in ("y", "grad_x", "grad_w", "grad_b") else got[name].dtype
         assert got[name].shape == r.shape and got[name].dtype == want_dt == base[name].dtype, name
         floor = EPS[dt] * r.abs().max().item()

@@ -71,7 +71,7 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
     if (candidates[i].name == winner) cached = static_cast<int>(i);
   if (cached >= 0) return candidates[cached].run(true) ? cached : run_in_order(candidates, cached);
 
-  // Measure: every candidate once, then the others' runs (kMeasureRuns in all: the first run pays one-off costs, the
+  // Measure: every candidate once, then the remaining runs (kMeasureRuns in all: the first run pays one-off costs, the
   // best time is kept), except for candidates that cannot win (kHopeless).
   Entry e;
   e.decision.family = family;

@@ -51,11 +51,12 @@ struct AlgoCandidate {
 // Two candidates within this relative margin count as equally fast: the earlier one in the list wins.
 constexpr double kAlgoTie = 0.03;
 constexpr int kMeasureRuns = 2;
-// A first run more than kHopeless times the fastest first run and kHopelessMargin seconds longer: no one-off cost
-// explains that gap (oneDNN's primitive creation takes milliseconds), and running it again would only lengthen the
-// measuring call (ATen's bfloat16 convolutions on a CPU without native bfloat16 take seconds a call).
+// A first run more than kHopeless times the fastest first run and kHopelessMargin seconds longer is not run again:
+// the margin is well above the one-off costs a first run can carry (oneDNN's primitive creation and JIT, the thread
+// pool's start, first-touch page faults: tens of milliseconds), and a second run of such a candidate would only
+// lengthen the measuring call (ATen's bfloat16 convolutions on a CPU without native bfloat16: seconds a call).
 constexpr double kHopeless = 4.0;
-constexpr double kHopelessMargin = 0.05;
+constexpr double kHopelessMargin = 0.25;
 
 // Runs one candidate (see above) and returns its index, or -1 where none applied.
 int run_fastest(const std::string& family, const std::string& key, const std::vector<AlgoCandidate>& candidates);

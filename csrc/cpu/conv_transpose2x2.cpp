@@ -14,7 +14,7 @@
 // transposed). Rows are split among the threads. The GEMMs are float32: a bfloat16 / float16 operand row is widened
 // into a per-task float32 row before its GEMMs and a result row narrowed after them (rounded once, the products
 // summed in float32, as oneDNN's reduced-precision convolutions do). ATen's own transposed convolution in bfloat16 on
-// a CPU without native bfloat16 is a scalar reference loop (slow_conv_transpose2d).
+// a CPU without native bfloat16 is an unvectorised fallback (slow_conv_transpose2d: im2col and an unblocked GEMM).
 //
 // Memory traffic: each reads its operands once and writes its result once (the forward adds the bias to each
 // output row while it is in cache); the repacked weight (4 * C * Co floats) is read once per row. Nothing is saved.
@@ -198,8 +198,8 @@ std::optional<at::Tensor> conv_transpose2x2_weight_grad(const at::Tensor& grad_y
       at::zeros({threads, 2, C, 2 * Co}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (C > 0 && Co > 0 && rows > 0)
     dispatch(x.scalar_type(), [&](auto tag) { weight_grad_rows<decltype(tag)>(gyc, xc, threads, acc); });
-  // [i][c][j][co] viewed as w's [c][co][i][j], in the operands' dtype: the layer copies it into its parameter's
-  // layout (one copy, not two)
+  // [i][c][j][co] viewed as w's [c][co][i][j], in the operands' dtype (a conversion copy of this weight-sized sum
+  // where they are not float32): the layer copies it into its parameter's layout
   return acc.sum(0).to(x.scalar_type()).view({2, C, 2, Co}).permute({1, 3, 0, 2});
 }
 

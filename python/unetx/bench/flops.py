@@ -33,7 +33,7 @@ def step_flops(w: Workload, task: str) -> int:
 def _mm_rate(dev: torch.device, dt: torch.dtype, n: int, budget_s: float) -> tuple[int, float]:
     """(size, GFLOP/s) of an n x n x n torch.mm in dt: the median of up to 5 calls after a warm-up one. A dtype the
     device only emulates (bfloat16 on an AVX2 CPU: about 1 GFLOP/s, some 18 s for one 2048-cube call) is timed at
-    n / 4 where a warm-up call there projects a full-size call past 4x the budget."""
+    n / 4 where a second call there projects a full-size call past 4x the budget."""
 
     def operands(m: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
@@ -47,6 +47,7 @@ def _mm_rate(dev: torch.device, dt: torch.dtype, n: int, budget_s: float) -> tup
         return time.perf_counter() - t0
 
     m, ab = n // 4, operands(n // 4)
+    once(*ab)  # one-off costs (a CUDA context's GEMM handle, oneDNN's first JIT) before the call that projects
     first = once(*ab)
     if first * 64 <= 4 * budget_s:
         m, ab = n, operands(n)
