@@ -37,14 +37,6 @@ bool applies(const at::Tensor& t) {
   return t.dim() == 4 && t.device().is_cpu() && (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf);
 }
 
-// f(T{}) for the dtype of the operands (applies() has checked it)
-template <typename F>
-auto dispatch(at::ScalarType st, F&& f) {
-  if (st == at::kBFloat16) return f(c10::BFloat16{});
-  if (st == at::kHalf) return f(c10::Half{});
-  return f(float{});
-}
-
 // Rows of T as float32 for the GEMMs: the row itself where T is float, else widened into (or, for a result, computed
 // in and then narrowed from) this task's buffer.
 template <typename T>
@@ -165,8 +157,9 @@ std::optional<at::Tensor> conv_transpose2x2(const at::Tensor& x, const at::Tenso
   }
   const auto wf = repack(weight, false);
   const auto b = bias ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
-  dispatch(x.scalar_type(),
-           [&](auto tag) { forward_rows<decltype(tag)>(xc, wf, b ? b->const_data_ptr<float>() : nullptr, y); });
+  with_io_type<true>(x.scalar_type(), [&](auto tag) {
+    forward_rows<decltype(tag)>(xc, wf, b ? b->const_data_ptr<float>() : nullptr, y);
+  });
   return y;
 }
 
@@ -181,7 +174,7 @@ std::optional<at::Tensor> conv_transpose2x2_input_grad(const at::Tensor& grad_y,
   if (gx.numel() == 0) return gx;
   if (Co == 0) return gx.zero_();
   const auto wb = repack(weight, true);
-  dispatch(grad_y.scalar_type(), [&](auto tag) { input_grad_rows<decltype(tag)>(gyc, wb, gx); });
+  with_io_type<true>(grad_y.scalar_type(), [&](auto tag) { input_grad_rows<decltype(tag)>(gyc, wb, gx); });
   return gx;
 }
 
@@ -197,7 +190,7 @@ std::optional<at::Tensor> conv_transpose2x2_weight_grad(const at::Tensor& grad_y
   auto acc =
       at::zeros({threads, 2, C, 2 * Co}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (C > 0 && Co > 0 && rows > 0)
-    dispatch(x.scalar_type(), [&](auto tag) { weight_grad_rows<decltype(tag)>(gyc, xc, threads, acc); });
+    with_io_type<true>(x.scalar_type(), [&](auto tag) { weight_grad_rows<decltype(tag)>(gyc, xc, threads, acc); });
   // [i][c][j][co] viewed as w's [c][co][i][j], in the operands' dtype (a conversion copy of this weight-sized sum
   // where they are not float32): the layer copies it into its parameter's layout
   return acc.sum(0).to(x.scalar_type()).view({2, C, 2, Co}).permute({1, 3, 0, 2});

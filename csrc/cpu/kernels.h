@@ -14,6 +14,18 @@
 
 namespace unetx::cpu {
 
+// Runs f(T{}) with T the C++ type of the operands' dtype, float32 or bfloat16 (and float16 with kHalf), for kernels
+// that compute in float32 whatever their operands' dtype (winograd.cpp, conv_transpose2x2.cpp); the caller has
+// checked the dtype.
+template <bool kHalf = false, typename F>
+decltype(auto) with_io_type(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) return f(c10::BFloat16{});
+  if constexpr (kHalf) {
+    if (t == at::kHalf) return f(c10::Half{});
+  }
+  return f(float{});
+}
+
 // Grain for at::parallel_for when each item covers `elems` elements: about 32k elements per task (ATen's
 // GRAIN_SIZE), so small tensors stay on one thread instead of paying a fork-join per call.
 inline int64_t grain_for(int64_t elems) {

@@ -705,14 +705,6 @@ void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, 
               b.scalar_type(), "; give both in one dtype");
 }
 
-// Runs f(T{}) with T the C++ type of float32 or bfloat16 operands: inputs and outputs in T, transforms, tile
-// products and accumulation in float32.
-template <typename F>
-decltype(auto) with_io_type(at::ScalarType t, F&& f) {
-  if (t == at::kBFloat16) return f(c10::BFloat16{});
-  return f(float{});
-}
-
 void check_weight(const at::Tensor& w, const char* op) {
   check_operand(w, op, "weight");
   TORCH_CHECK(w.size(2) == 3 && w.size(3) == 3, op, ": expected a 3x3 weight, got shape ", w.sizes());
@@ -754,6 +746,7 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
   const Grid g(N, H, W, int(m));
   StatsSink sink(stats ? out : 0);
   const Epilogue ep{bias ? bias_f.const_data_ptr<float>() : nullptr, relu, stats ? &sink : nullptr};
+  // inputs and outputs in T; transforms, tile products and accumulation in float32
   with_io_type(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     const Source<T> src{rows ? nullptr : xc.template const_data_ptr<T>(), rows};
