@@ -181,6 +181,10 @@ void forward_impl(const at::Tensor& x, Upsample mode, at::Tensor& out) {
   }
 }
 
+// The adjoints below read a gradient whose pixels may be wider than the C channels they read (conv_bn_relu's
+// gradient of its concatenated stage): they ask for the pixels kPixelsAhead input pixels ahead (prefetch_pixels).
+constexpr int64_t kPixelsAhead = 2;
+
 // nearest's adjoint along a row: in pixel j = the sum of the 2 x 2 output block (2j, 2j + 1) x (row, row + 1)
 // (g: pixel stride gw, row stride gh), for w input pixels; arguments by value, as above
 template <typename T>
@@ -188,6 +192,10 @@ inline void block_sum_row(const T* g, int64_t gw, int64_t gh, T* out, int64_t os
   const auto chunk = [=](auto lanes, int64_t j, int64_t c, int64_t n) {
     using LL = decltype(lanes);
     const T* a = g + 2 * j * gw + c;
+    if (c == 0 && j + kPixelsAhead < w) {
+      prefetch_pixels(a + 2 * kPixelsAhead * gw, gw, 2, C);
+      prefetch_pixels(a + 2 * kPixelsAhead * gw + gh, gw, 2, C);
+    }
     auto s = LL::load(a, n);
     const auto b = LL::load(a + gw, n), d = LL::load(a + gh, n), e = LL::load(a + gh + gw, n);
     for (int u = 0; u < LL::kNV; ++u) s.v[u] = (s.v[u] + b.v[u]) + (d.v[u] + e.v[u]);
@@ -206,6 +214,10 @@ inline void adjoint_row(const T* g, int64_t gh, int64_t gw, const int64_t* ro, c
   const float* cw = a.w.data();
   const auto chunk = [=](auto lanes, int64_t l, int64_t c, int64_t n) {
     using LL = decltype(lanes);
+    if (c == 0 && l + kPixelsAhead < w) {
+      const int64_t q0 = st[l + kPixelsAhead], nq = st[l + kPixelsAhead + 1] - q0;
+      for (int64_t p = 0; p < np; ++p) prefetch_pixels(g + ro[p] * gh + co[q0] * gw, gw, nq, C);
+    }
     typename LL::Pack s;
     for (int u = 0; u < LL::kNV; ++u) s.v[u] = V(0);
     for (int64_t p = 0; p < np; ++p) {

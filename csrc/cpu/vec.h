@@ -319,6 +319,18 @@ inline void for_pixel_chunks(int64_t W, int64_t C, Chunk chunk) {
   });
 }
 
+// Asks the CPU for the cache lines of n pixels' C channels (pixel stride ps elements) ahead of their use. For a
+// channel slice of wider pixels (a concatenation's gradient read one part at a time) the hardware prefetchers do
+// not keep enough lines in flight; in bfloat16, where the slice is half as many lines, the read waited on memory.
+template <typename T>
+inline void prefetch_pixels(const T* p, int64_t ps, int64_t n, int64_t C) {
+  for (int64_t j = 0; j < n; ++j) {
+    const auto a = reinterpret_cast<uintptr_t>(p + j * ps);
+    const uintptr_t first = a & ~uintptr_t(63), last = (a + C * sizeof(T) - 1) & ~uintptr_t(63);
+    for (uintptr_t l = first; l <= last; l += 64) __builtin_prefetch(reinterpret_cast<const void*>(l));
+  }
+}
+
 // max(r, 0) lane by lane; NaN stays NaN (as torch.relu, which is ATen's clamp_min: one max instruction, whose
 // operand order keeps a NaN r; -0 stays -0, as there). ATen's blendv on AVX-512 is four instructions.
 template <typename V>
