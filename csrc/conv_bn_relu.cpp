@@ -487,6 +487,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              gemm2x2 = *r;
                              return true;
                            }});
+    // ATen's on float32 copies of bfloat16 / float16 operands (LayerKernels::widened_weight_grad)
+    at::Tensor widened;
+    std::vector<AlgoCandidate> widened_c;
+    const auto low = xc.scalar_type();
+    if (k.widened_weight_grad && (low == at::kBFloat16 || low == at::kHalf))
+      widened_c.push_back({"onednn_float32", [&](bool) {
+                             const auto w32 = std::get<1>(at::convolution_backward(
+                                 gy.to(at::kFloat), stage().to(at::kFloat), weight.to(at::kFloat), std::nullopt,
+                                 cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1, w_mask));
+                             widened = w32.to(low);
+                             return true;
+                           }});
     // List order is the preference on ties and where a measurement is cut short: the device's own kernels from
     // LayerKernels::to_planar_min_channels input channels, ATen's channels-last one below.
     std::vector<AlgoCandidate> cands;
@@ -499,6 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     cands.push_back(aten_c), slots.push_back(&aten);
     if (!own_first) add(own_c, &own), add(planar_c, &planar);
     add(gemm2x2_c, &gemm2x2);
+    add(widened_c, &widened);
     // Winograd last: on a tie the more accurate kernels win
     for (size_t i = 0; i < wino_c.size(); ++i) cands.push_back(wino_c[i]), slots.push_back(&wino[i]);
     const std::string key = algo_key(c10::toString(xc.scalar_type()), at::get_num_threads(), g.N, g.C1, g.C2, g.H, g.W,

@@ -103,6 +103,12 @@ struct LayerKernels {
                                   at::Tensor& out) = nullptr;
   bool (*upsample_concat_backward)(const at::Tensor& grad, Upsample mode, at::Tensor& grad_skip,
                                    at::Tensor& grad_x) = nullptr;
+
+  // A bfloat16 / float16 layer's weight gradient also measures ATen's on float32 copies of its operands, rounded once
+  // ("onednn_float32"): on a CPU without native bf16 instructions ATen's bf16 convolution is im2col and emulated
+  // GEMMs (slow_conv2d), and where no kernel of the device applies (a first layer of one input channel) the widening
+  // copies cost far less. Synchronous devices only (the candidates are timed on the host's clock).
+  bool widened_weight_grad = false;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,

@@ -495,7 +495,9 @@ def test_output_channel_vector_paths(mode, cout, dtype):
 
 
 # The weight gradient's candidates (csrc/conv_bn_relu.cpp, chosen by measurement: csrc/cpu/algo_choice.h), each forced
-WEIGHT_GRAD_ALGOS = ["gemm", "onednn", "onednn_planar"]
+# (onednn_float32: ATen's on float32 copies, bfloat16 / float16 layers only)
+WEIGHT_GRAD_ALGOS = ["gemm", "onednn", "onednn_planar", "onednn_float32"]
+FLOAT32_WEIGHT_GRAD_ALGOS = ["gemm", "onednn", "onednn_planar"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -551,14 +553,16 @@ def test_weight_gradient_choice_is_measured_once_and_listed(monkeypatch):
     choices = [c for c in unetx._C.algo_choices() if c["family"] == "weight_grad"]
     assert len(choices) == 1, choices
     c = choices[0]
-    assert set(c["seconds"]) == set(WEIGHT_GRAD_ALGOS) and c["chosen"] in WEIGHT_GRAD_ALGOS, c
+    assert set(c["seconds"]) == set(FLOAT32_WEIGHT_GRAD_ALGOS) and c["chosen"] in FLOAT32_WEIGHT_GRAD_ALGOS, c
     assert all(t is not None and t > 0 for t in c["seconds"].values()), c
-    # a candidate that does not apply (unetx's GEMM kernel in bfloat16) is left out, and the choice still cached
+    # a candidate that does not apply (unetx's GEMM kernel in bfloat16) is left out, and the choice still cached;
+    # the float32 copies are measured beside ATen's bfloat16 one
     unetx._C.clear_algo_choices()
     for seed in range(2):
         check_case(CASES["train-wide-k3"], torch.bfloat16, "cpu", "channels_last", seed=seed)
     choices = [c for c in unetx._C.algo_choices() if c["family"] == "weight_grad"]
     assert len(choices) == 1 and choices[0]["seconds"]["gemm"] is None and choices[0]["chosen"] != "gemm", choices
+    assert set(choices[0]["seconds"]) == set(WEIGHT_GRAD_ALGOS) and choices[0]["seconds"]["onednn_float32"] > 0
 
 
 @pytest.mark.parametrize("threads", [1, 2])

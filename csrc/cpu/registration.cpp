@@ -23,6 +23,7 @@ const LayerKernels kKernels{
     /*conv_transpose2x2=*/conv_transpose2x2_op,
     /*upsample_concat_forward=*/upsample_concat_forward,
     /*upsample_concat_backward=*/upsample_concat_backward,
+    /*widened_weight_grad=*/true,
 };
 
 }  // namespace
