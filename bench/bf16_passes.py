@@ -262,11 +262,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--weight-grad",
         default="onednn_planar",
-        help="the conv_bn_relu layers' weight gradient, forced (UNETX_CONV_ALGO); '' lets unetx measure",
+        help="the conv_bn_relu layers' weight gradient, forced (UNETX_CONV_ALGO); '' lets unetx measure. One that "
+        "applies to both dtypes (not gemm: float32 only; not onednn_float32: low precision only)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke test)")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
+    if a.weight_grad in ("gemm", "onednn_float32"):
+        p.error(f"--weight-grad {a.weight_grad} does not apply to both dtypes: use onednn, onednn_planar or ''")
     torch.set_num_threads(a.threads)
     keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
     if a.weight_grad:

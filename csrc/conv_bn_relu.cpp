@@ -379,7 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // 2. the convolution's backward (ATen), on the recomputed input stage. The input gradient is ATen's; the weight
   // (and bias) gradient is whichever of the device's candidates measures fastest for this layer's shape and dtype
   // (cpu/algo_choice.h): the device's own weight gradient (LayerKernels::weight_grad), ATen's on the operands as
-  // they are, or ATen's on planar copies of them (LayerKernels::to_planar).
+  // they are, ATen's on planar copies of them (LayerKernels::to_planar), ATen's on float32 copies of bfloat16 /
+  // float16 ones (LayerKernels::widened_weight_grad), Winograd's or the transposed layer's GEMMs.
   const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
   const bool need_a = need_x || need_x2;
   const bool try_own_gw = k.weight_grad && output_mask[2] && !transposed && mf == at::MemoryFormat::ChannelsLast &&
@@ -490,13 +491,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // ATen's on float32 copies of bfloat16 / float16 operands (LayerKernels::widened_weight_grad)
     at::Tensor widened;
     std::vector<AlgoCandidate> widened_c;
-    const auto low = xc.scalar_type();
+    const auto low = weight.scalar_type();
     if (k.widened_weight_grad && (low == at::kBFloat16 || low == at::kHalf))
-      widened_c.push_back({"onednn_float32", [&](bool) {
-                             const auto w32 = std::get<1>(at::convolution_backward(
-                                 gy.to(at::kFloat), stage().to(at::kFloat), weight.to(at::kFloat), std::nullopt,
-                                 cp.stride, cp.padding, {1, 1}, transposed, {0, 0}, 1, w_mask));
-                             widened = w32.to(low);
+      widened_c.push_back({"onednn_float32", [&](bool only) {
+                             // the only run: free each low-precision operand once its float32 copy exists
+                             const auto gy32 = gy.to(at::kFloat);
+                             if (only) gy = at::Tensor();
+                             const auto a32 = stage().to(at::kFloat);
+                             if (only) a = at::Tensor();
+                             const auto w32 = std::get<1>(
+                                 at::convolution_backward(gy32, a32, weight.to(at::kFloat), std::nullopt, cp.stride,
+                                                          cp.padding, {1, 1}, transposed, {0, 0}, 1, w_mask));
+                             // rounded once, straight into the parameter's strides
+                             widened = at::empty_like(weight).copy_(w32);
                              return true;
                            }});
     // List order is the preference on ties and where a measurement is cut short: the device's own kernels from

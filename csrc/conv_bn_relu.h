@@ -106,8 +106,9 @@ struct LayerKernels {
 
   // A bfloat16 / float16 layer's weight gradient also measures ATen's on float32 copies of its operands, rounded once
   // ("onednn_float32"): on a CPU without native bf16 instructions ATen's bf16 convolution is im2col and emulated
-  // GEMMs (slow_conv2d), and where no kernel of the device applies (a first layer of one input channel) the widening
-  // copies cost far less. Synchronous devices only (the candidates are timed on the host's clock).
+  // GEMMs (slow_conv2d), and where no kernel of the device applies (a first layer of fewer input channels than
+  // Winograd's weight gradient takes; unetx's GEMM kernel is float32 only) the widening copies cost far less.
+  // Synchronous devices only (the candidates are timed on the host's clock).
   bool widened_weight_grad = false;
 };
 
