@@ -565,21 +565,9 @@ def test_weight_gradient_choice_is_measured_once_and_listed(monkeypatch):
     assert set(choices[0]["seconds"]) == set(WEIGHT_GRAD_ALGOS) and choices[0]["seconds"]["onednn_float32"] > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("cin", [1, 20])
-def test_float32_copies_weight_gradient_is_rounded_once(cin, dtype, monkeypatch):
-    """onednn_float32, forced: the weight gradient of a low-precision layer is ATen's float32 one of the same
-    (exactly widened) operands, rounded once to the layer's dtype, in the parameter's strides: to within one unit
-    in the last place (the float32 convolutions may sum in another order), which the tolerance of the reference
-    comparisons above cannot tell from a candidate that is 1% off."""
-    monkeypatch.setenv("UNETX_CONV_ALGO", "weight_grad=onednn_float32")
-    gen = torch.Generator().manual_seed(6)
-    cl = torch.channels_last
-    n, h, w, co = 2, 13, 11, 8
-    x = randn(n, cin, h, w, gen=gen).to(dtype).contiguous(memory_format=cl)
-    weight = randn(co, cin, 3, 3, std=(9 * cin) ** -0.5, gen=gen).to(dtype).contiguous(memory_format=cl)
-    g = randn(n, co, h, w, gen=gen).to(dtype).contiguous(memory_format=cl)
-    gw = torch.ops.unetx.conv_bn_relu_backward(
+def plain_weight_grad(g, x, weight):
+    """The weight gradient alone of a plain 3x3 'same' conv_bn_relu layer (no input stage, bias or statistics)."""
+    return torch.ops.unetx.conv_bn_relu_backward(
         g,
         None,
         None,
@@ -597,6 +585,23 @@ def test_float32_copies_weight_gradient_is_rounded_once(cin, dtype, monkeypatch)
         False,
         [False, False, True, False],
     )[4]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cin", [1, 20])
+def test_float32_copies_weight_gradient_is_rounded_once(cin, dtype, monkeypatch):
+    """onednn_float32, forced: the weight gradient of a low-precision layer is ATen's float32 one of the same
+    (exactly widened) operands, rounded once to the layer's dtype, in the parameter's strides: to within one unit
+    in the last place (the float32 convolutions may sum in another order), which the tolerance of the reference
+    comparisons above cannot tell from a candidate that is 1% off."""
+    monkeypatch.setenv("UNETX_CONV_ALGO", "weight_grad=onednn_float32")
+    gen = torch.Generator().manual_seed(6)
+    cl = torch.channels_last
+    n, h, w, co = 2, 13, 11, 8
+    x = randn(n, cin, h, w, gen=gen).to(dtype).contiguous(memory_format=cl)
+    weight = randn(co, cin, 3, 3, std=(9 * cin) ** -0.5, gen=gen).to(dtype).contiguous(memory_format=cl)
+    g = randn(n, co, h, w, gen=gen).to(dtype).contiguous(memory_format=cl)
+    gw = plain_weight_grad(g, x, weight)
     exact32 = torch.ops.aten.convolution_backward(
         g.float(), x.float(), weight.float(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
     )[1]
@@ -618,24 +623,7 @@ def test_channels_last_weight_gradient_in_row_blocks(threads, monkeypatch):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        gw = torch.ops.unetx.conv_bn_relu_backward(
-            g,
-            None,
-            None,
-            x,
-            None,
-            None,
-            False,
-            None,
-            "none",
-            weight,
-            False,
-            False,
-            g.new_empty(0),
-            g.new_empty(0),
-            False,
-            [False, False, True, False],
-        )[4]
+        gw = plain_weight_grad(g, x, weight)
     finally:
         torch.set_num_threads(prev)
     exact = torch.ops.aten.convolution_backward(
