@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import os
 
+# Every test process measures its own convolution choices (test_algo_choice.py tests the cache that keeps them
+# across processes); set before anything imports unetx, inherited by the CLI subprocesses the tests run.
+os.environ["UNETX_ALGO_CACHE"] = "0"
+
 import pytest
 import torch
 

@@ -118,6 +118,21 @@ std::vector<AlgoDecision> algo_choices() {
   return out;
 }
 
+int load_algo_choices(const std::vector<AlgoDecision>& decisions) {
+  std::lock_guard<std::mutex> lock(table_mutex());
+  int taken = 0;
+  for (const auto& d : decisions) {
+    if (d.family.empty() || d.key.empty() || d.names.size() != d.seconds.size()) continue;
+    if (std::find(d.names.begin(), d.names.end(), d.chosen) == d.names.end()) continue;
+    const auto [it, inserted] = table().try_emplace(std::make_pair(d.family, d.key));
+    if (!inserted) continue;  // decided here already: this process's own measurement stands
+    it->second.decision = d;
+    it->second.decision.loaded = true;
+    ++taken;
+  }
+  return taken;
+}
+
 void clear_algo_choices() {
   std::lock_guard<std::mutex> lock(table_mutex());
   table().clear();

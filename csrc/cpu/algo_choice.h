@@ -33,6 +33,8 @@
 // - Thread-safe; two threads measuring the same new key at once both measure, and one result is kept.
 //
 // algo_choices() lists what was decided, with the measured seconds, for reports (unetx._C.algo_choices()).
+// load_algo_choices() takes decisions an earlier process measured on this machine (python/unetx/ops/algo_choice.py
+// keeps them in a file per machine and build): a loaded winner is run like a measured one, without measuring.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -83,8 +85,12 @@ struct AlgoDecision {
   std::string family, key, chosen;
   std::vector<std::string> names;  // the candidates measured
   std::vector<double> seconds;     // their best time (negative: did not apply)
+  bool loaded = false;             // from load_algo_choices, not measured by this process
 };
 std::vector<AlgoDecision> algo_choices();
 void clear_algo_choices();
+// Remembers each decision whose key this process has not decided yet and whose winner is among its names (a
+// malformed one is skipped); returns how many were taken.
+int load_algo_choices(const std::vector<AlgoDecision>& decisions);
 
 }  // namespace unetx

@@ -11,13 +11,14 @@ fake (meta) impl, autograd formula (each backward is itself a registered op) and
 
 Kernels: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, schemas in csrc/registration.cpp. Plain-PyTorch references:
 unetx.ops.reference. Autocast: unetx.ops.autocast (one rule for all ops). Devices: unetx.ops._dispatch.
-The extension loader: unetx.ops._extension.
-This package imports torch and the extension only.
+The extension loader: unetx.ops._extension. The convolution passes' measured choices, kept per machine across
+processes: unetx.ops.algo_choice (loaded here, saved at exit).
+This package imports torch and the extension only (and reads and writes the choice cache's one file).
 """
 
 from __future__ import annotations
 
-from . import autocast, reference
+from . import algo_choice, autocast, reference
 from ._common import memory_format
 from ._dispatch import FALLBACKS, build_info, cuda_kernels_enabled
 from .avg_pool2x2 import avg_pool2x2
@@ -26,8 +27,11 @@ from .conv_bn_relu import conv_bn_relu
 from .upsample_concat import upsample_concat
 from .winograd_conv3x3 import winograd_conv3x3
 
+algo_choice.install()
+
 __all__ = [
     "FALLBACKS",
+    "algo_choice",
     "autocast",
     "avg_pool2x2",
     "bn_relu",
