@@ -53,10 +53,10 @@ def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str
     if impl == "unetx":
         import unetx
 
-        print("weight-gradient choices (unetx._C.algo_choices(): key -> chosen, measured ms):")
+        print("convolution choices (unetx._C.algo_choices(): key -> chosen, measured ms; loaded: measured earlier):")
         for d in sorted(unetx._C.algo_choices(), key=lambda d: d["key"]):
             t = ", ".join(f"{k} {v * 1e3:.1f}" if v is not None else f"{k} -" for k, v in d["seconds"].items())
-            print(f"  {d['family']} {d['key']}: {d['chosen']} ({t})")
+            print(f"  {d['family']} {d['key']}: {d['chosen']} ({t}){' loaded' if d['loaded'] else ''}")
 
 
 def main(argv=None) -> int:

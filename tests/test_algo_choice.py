@@ -81,28 +81,66 @@ def test_an_unknown_switch_value_is_named_and_the_cache_stays_on(tmp_path):
     assert "UNETX_ALGO_CACHE='maybe'" in err and Path(out["path"]).is_file()
 
 
-def test_an_unreadable_file_is_ignored_with_a_warning_and_rewritten(tmp_path):
+def test_an_unparsable_file_is_reported_once_and_rewritten(tmp_path):
     path = Path(run(tmp_path)[0]["path"])
     path.write_text('{"format": 1, "machine": {}, "decisions": [tru')
     out, err = run(tmp_path)
-    assert "ignoring the measured-choice cache" in err and str(path) in err
+    assert "could not be parsed" in err and str(path) in err
     assert out["before"] == [] and out["after"]
     assert ids(json.loads(path.read_text())["decisions"]) == ids(out["after"])
+    assert "could not be parsed" not in run(tmp_path)[1]
 
 
-def test_a_stale_file_is_measured_again_quietly(tmp_path):
+@pytest.mark.parametrize("field", ["torch", "build"])
+def test_a_file_of_another_torch_or_build_is_measured_again_quietly(tmp_path, field):
     first, _ = run(tmp_path)
     path = Path(first["path"])
     data = json.loads(path.read_text())
-    data["machine"]["torch"] = "0.0 (another torch)"
+    data["machine"][field] = "another"
     data["decisions"].append(dict(family="weight_grad", key="stale", chosen="gemm", seconds={"gemm": 1.0}))
     path.write_text(json.dumps(data))
     out, err = run(tmp_path)
-    assert "ignoring" not in err
+    assert "unetx:" not in err
     assert out["before"] == [] and not any(d["loaded"] for d in out["after"])
     rewritten = json.loads(path.read_text())
-    assert rewritten["machine"]["torch"] == torch.__version__
+    assert rewritten["machine"]["torch"] == torch.__version__ and rewritten["machine"][field] != "another"
     assert ids(rewritten["decisions"]) == ids(out["after"]), "a stale decision survived the rewrite"
+
+
+def test_a_choice_made_among_other_candidates_is_measured_again(tmp_path):
+    first, _ = run(tmp_path)
+    path = Path(first["path"])
+    data = json.loads(path.read_text())
+    changed = data["decisions"][0]
+    assert len(changed["seconds"]) > 1
+    loser = next(n for n in changed["seconds"] if n != changed["chosen"])
+    del changed["seconds"][loser]  # as if measured where that candidate did not exist (UNETX_WINOGRAD=0, an old build)
+    path.write_text(json.dumps(data))
+    out, _ = run(tmp_path)
+    after = {(d["family"], d["key"]): d for d in out["after"]}
+    again = after[changed["family"], changed["key"]]
+    assert not again["loaded"] and loser in again["seconds"]
+    assert all(d["loaded"] for k, d in after.items() if k != (changed["family"], changed["key"]))
+
+
+def test_a_cache_file_that_cannot_be_read_costs_notices_not_the_run(tmp_path):
+    path = Path(run(tmp_path)[0]["path"])
+    path.unlink()
+    path.mkdir()  # reading it fails with an OSError other than "not found" (as a permission error would)
+    out, err = run(tmp_path)
+    assert out["after"] and not any(d["loaded"] for d in out["after"])
+    assert f"could not read the measured-choice cache {path}" in err and "could not save" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any folder")
+def test_an_unsearchable_folder_costs_a_notice_not_the_import(tmp_path):
+    run(tmp_path)
+    tmp_path.chmod(0)
+    try:
+        out, err = run(tmp_path)
+    finally:
+        tmp_path.chmod(0o700)
+    assert out["after"] and "could not read the measured-choice cache" in err
 
 
 def test_an_unwritable_folder_costs_a_notice_not_the_run(tmp_path):

@@ -297,6 +297,17 @@ def test_bf16_passes_bench_quick(tmp_path):
     assert all(row["float32_s"] > 0 and row["low_s"] > 0 for row in r["rows"]), r["rows"]
 
 
+def test_first_step_bench_quick_second_process_loads_what_the_first_measured():
+    """bench/first_step.py --quick: two processes sharing a new choice cache; the second measures nothing."""
+    p = run_script("first_step.py")
+    assert p.returncode == 0, p.stderr
+    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 2, p.stdout
+    (measured1, loaded1), (measured2, loaded2) = ((int(r[4]), int(r[5])) for r in rows)
+    assert measured1 > 0 and loaded1 == 0
+    assert measured2 == 0 and loaded2 == measured1
+
+
 def test_winograd_bench_quick_runs():
     """bench/winograd.py --quick: both tables, every op row (a smoke test; no timing is checked)."""
     script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "winograd.py")

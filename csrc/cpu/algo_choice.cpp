@@ -15,7 +15,6 @@ namespace {
 
 struct Entry {
   AlgoDecision decision;
-  int chosen = -1;
 };
 
 std::mutex& table_mutex() {
@@ -59,12 +58,19 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
   if (candidates.size() == 1) return candidates[0].run(true) ? 0 : -1;
   const auto id = std::make_pair(family, key);
   // The winner is remembered by name: the same key may come with another candidate list (UNETX_WINOGRAD changed
-  // between calls), where an index would name another candidate. A winner not in this list means measuring again.
+  // between calls), where an index would name another candidate. A winner not in this list means measuring again;
+  // so does a loaded decision measured among other candidates (an earlier process's UNETX_WINOGRAD=0, another
+  // build's list), which would otherwise keep a candidate it never saw from being measured on this machine.
   std::string winner;
   {
     std::lock_guard<std::mutex> lock(table_mutex());
     const auto it = table().find(id);
-    if (it != table().end()) winner = it->second.decision.chosen;
+    if (it != table().end()) {
+      const AlgoDecision& d = it->second.decision;
+      bool same = d.names.size() == candidates.size();
+      for (size_t i = 0; same && i < candidates.size(); ++i) same = d.names[i] == candidates[i].name;
+      if (!d.loaded || same) winner = d.chosen;
+    }
   }
   int cached = -1;
   for (size_t i = 0; i < candidates.size() && !winner.empty(); ++i)
@@ -102,7 +108,6 @@ int run_fastest(const std::string& family, const std::string& key, const std::ve
   }
   if (best < 0) return -1;
   // each candidate wrote its own slot: the winner's result stands as it is
-  e.chosen = best;
   e.decision.chosen = candidates[best].name;
   {
     std::lock_guard<std::mutex> lock(table_mutex());

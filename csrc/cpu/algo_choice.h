@@ -34,7 +34,8 @@
 //
 // algo_choices() lists what was decided, with the measured seconds, for reports (unetx._C.algo_choices()).
 // load_algo_choices() takes decisions an earlier process measured on this machine (python/unetx/ops/algo_choice.py
-// keeps them in a file per machine and build): a loaded winner is run like a measured one, without measuring.
+// keeps them in a file per machine and build): a loaded winner is run like a measured one, without measuring, where
+// the call's candidate list is the one it was measured among (else the call measures and replaces it).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -89,8 +90,8 @@ struct AlgoDecision {
 };
 std::vector<AlgoDecision> algo_choices();
 void clear_algo_choices();
-// Remembers each decision whose key this process has not decided yet and whose winner is among its names (a
-// malformed one is skipped); returns how many were taken.
+// Remembers each decision whose key this process has not decided yet and whose winner is among its names (others
+// are skipped: the Python binding has already refused entries of the wrong types); returns how many were taken.
 int load_algo_choices(const std::vector<AlgoDecision>& decisions);
 
 }  // namespace unetx

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ...ops import algo_choice
 from .. import checkpoint
 from ..errors import InputError
 from ..losses import make_loss, probabilities
@@ -63,6 +64,7 @@ class Trainer:
         (then every planned field left at its default is planned). started: when the time budget began
         (time.perf_counter(); default now)."""
         self.started = time.perf_counter() if started is None else started
+        self._choices_saved = False
         cfg.check()
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -267,6 +269,9 @@ class Trainer:
             total_loss += loss.item() * n
             seen += n
             steps += 1
+            if not self._choices_saved:  # what the first step measured, kept even if the run is killed later
+                self._choices_saved = True
+                algo_choice.save()
             elapsed = time.perf_counter() - t0
             now = time.perf_counter()  # a step as the budget sees it: loading and augmenting its patches included
             self.est["step"] = max(self.est["step"] * 0.8, now - t_prev)
