@@ -186,12 +186,14 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 def warn_if_bf16_emulated(device: torch.device) -> None:
     """bfloat16 autocast on a CPU without native bfloat16 (AVX512-BF16 / AMX) runs emulated convolutions, slower than
-    float32 for unetx and stock PyTorch alike (BENCHMARKS.md, ninth round, AVX2: unetx 1.18x, stock 12x), and its
-    first step measures ATen's emulated convolutions once per layer shape."""
+    float32 for unetx and stock PyTorch alike (BENCHMARKS.md, ninth round, AVX2: unetx 1.18x, stock 12x), and the
+    first step on the machine measures ATen's emulated convolutions once per layer shape (then kept in the choice
+    cache, unetx/ops/algo_choice.py)."""
     if device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(
             "--amp on the CPU: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bfloat16 "
-            "convolutions are emulated and slower than float32 (and the first step, which times them, is slow); "
+            "convolutions are emulated and slower than float32 (and the first step on this machine, which times "
+            "them, is slow); "
             "use float32 here (train --amp off or auto; predict without --amp)",
             stacklevel=3,
         )
