@@ -38,6 +38,7 @@ import time
 import torch
 import unetx
 from unetx.allocator import keep_freed_memory
+from unetx.ops import algo_choice
 
 
 def cpu_flags() -> str:
@@ -272,6 +273,7 @@ def main(argv=None) -> int:
         p.error(f"--weight-grad {a.weight_grad} does not apply to both dtypes: use onednn, onednn_planar or ''")
     torch.set_num_threads(a.threads)
     keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
+    algo_choice.measure_afresh()  # as `unetx bench`: this run measures its own convolution choices
     if a.weight_grad:
         os.environ["UNETX_CONV_ALGO"] = f"weight_grad={a.weight_grad}"
     torch.manual_seed(0)

@@ -14,6 +14,9 @@ def pytest_configure(config):
     threads = config.getoption("--threads")
     if threads:
         torch.set_num_threads(threads)
+    from unetx.ops import algo_choice
+
+    algo_choice.measure_afresh()  # as `unetx bench`: this session measures its own convolution choices
     # many compiled variants of the same functions and module classes
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
 

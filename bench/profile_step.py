@@ -14,6 +14,7 @@ import time
 import torch
 from unetx import bench as ub
 from unetx.allocator import keep_freed_memory
+from unetx.ops import algo_choice
 
 
 def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str) -> None:
@@ -22,6 +23,7 @@ def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str
 
     torch.set_num_threads(threads)
     keep_freed_memory()  # as `unetx bench` and the other commands run (unetx/allocator.py)
+    algo_choice.measure_afresh()  # as `unetx bench`: this run measures its own convolution choices
     w = dataclasses.replace(ub.WORKLOADS["CPU-S"], autocast=autocast)
     state, x, target = ub._inputs(w)
     case = ub.Case(w, ub.Form(impl, layout), "train", state, x, target)

@@ -23,7 +23,7 @@ import torch
 from unetx import bench
 from unetx.allocator import keep_freed_memory
 from unetx.app.training.setup import cpu_has_native_bf16
-from unetx.bench.cli import forget_loaded_choices
+from unetx.ops import algo_choice
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_WORKLOADS = {"cpu": ["CPU-S", "CPU-S-bf16"], "cuda": ["GPU-L", "GPU-L-fp32"]}
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         keep_freed_memory()  # as `unetx bench` and the other commands run, for stock and unetx alike
-        forget_loaded_choices()  # as `unetx bench`: this run measures its own convolution choices
+        algo_choice.measure_afresh()  # as `unetx bench`: this run measures its own convolution choices
     except ValueError as e:
         ap.error(str(e))
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])

@@ -302,10 +302,10 @@ def test_first_step_bench_quick_second_process_loads_what_the_first_measured():
     p = run_script("first_step.py")
     assert p.returncode == 0, p.stderr
     rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| 1 |")]
-    assert len(rows) == 2, p.stdout
+    assert len(rows) == 2, p.stdout + p.stderr
     (measured1, loaded1), (measured2, loaded2) = ((int(r[4]), int(r[5])) for r in rows)
-    assert measured1 > 0 and loaded1 == 0
-    assert measured2 == 0 and loaded2 == measured1
+    assert measured1 > 0 and loaded1 == 0, p.stdout + p.stderr
+    assert measured2 == 0 and loaded2 == measured1, p.stdout + p.stderr
 
 
 def test_winograd_bench_quick_runs():

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..nn.common import check_config
+from ..ops import algo_choice
 from .runner import SPEED_FLAGS, run
 from .table import format_across_precisions, format_table
 from .workloads import WORKLOADS, BenchConfigError
@@ -74,15 +75,6 @@ def named_workload(args: argparse.Namespace, autocast: str | None, configured: b
     return {None: "CPU-S", "bfloat16": "CPU-S-bf16"}.get(autocast)
 
 
-def forget_loaded_choices() -> None:
-    """A benchmark measures its own convolution choices rather than load an earlier process's
-    (unetx/ops/algo_choice.py): repeated runs stay independent samples, a noisy choice is not carried from one to
-    the next. What it measures is saved for later processes as usual."""
-    from ..ops._extension import _C
-
-    _C.clear_algo_choices()
-
-
 def run_args(args: argparse.Namespace) -> int:
     """Run `unetx bench` from parsed arguments (see add_arguments); prints the table. Returns the exit code."""
     from ..allocator import keep_freed_memory
@@ -91,7 +83,7 @@ def run_args(args: argparse.Namespace) -> int:
         keep_freed_memory()  # as the other commands run, for stock PyTorch and unetx alike (see unetx/allocator.py)
     except ValueError as e:
         raise SystemExit(f"unetx bench: error: {e}") from None
-    forget_loaded_choices()
+    algo_choice.measure_afresh()  # runs stay independent samples (unetx/ops/algo_choice.py)
     for name in ("size", "batch", "rounds", "threads"):
         _positive(getattr(args, name), "--" + name)
     cfg = {

@@ -1,7 +1,7 @@
 """The measured implementation choices, kept across processes.
 
 csrc/cpu/algo_choice.h times every candidate of a convolution pass (oneDNN, unetx's Winograd, its GEMMs) on the
-first call for a key (shape, dtype, layout, thread count) and runs the winner from then on; the choices last for the
+first call for a key (shapes, dtype, options, thread count) and runs the winner from then on; the choices last for the
 process, and measuring them is most of a first training step (BENCHMARKS.md, eleventh round). This module keeps them
 in a file per machine and build, so that the next process on the same machine runs the winners from its first step:
 
@@ -10,10 +10,11 @@ in a file per machine and build, so that the next process on the same machine ru
 <machine> hashes the CPU (model name and flags) and the compiled extension's path: one file per installation and CPU
 kind (a home folder shared by several machines keeps one per kind). The file also records torch's version and the
 extension's size and modification time: after a rebuild or another torch, its choices are stale, not loaded, and
-the file is rewritten. `import unetx` loads the file (load()); a process that measured something new writes it at
-exit (save(); `unetx train` also after its first step, so that a run killed later keeps them), merged with what the
-file holds then, under a lock (torchrun's ranks exit together), through a temporary file renamed into place, so that
-no reader sees half a file. A file that cannot be parsed is reported and removed; a folder that cannot be read or
+the file is rewritten (by a process of the installed build: one that started before the rebuild leaves it alone).
+`import unetx` loads the file (load()); a process that measured something new writes it at exit (save(); `unetx
+train` also after its first step, so that a run killed later keeps them), merged with what the file holds then,
+under a lock (<file>.lock; torchrun's ranks exit together), through a temporary file renamed into place, so that no
+reader sees half a file. A file that cannot be parsed is reported and removed; a folder that cannot be read or
 written costs a one-line notice, never the run.
 UNETX_ALGO_CACHE=0 turns the cache off (neither read nor written); deleting the folder forgets every choice.
 UNETX_CONV_ALGO still forces a candidate over a loaded choice, as over a measured one.
@@ -28,8 +29,8 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def _notice(message: str) -> None:
 
 def enabled() -> bool:
     """UNETX_ALGO_CACHE: on unless 0 / off / false / no."""
-    value = os.environ.get("UNETX_ALGO_CACHE", "1").strip().lower()
+    value = os.environ.get("UNETX_ALGO_CACHE", "").strip().lower() or "1"
     if value not in _ON + _OFF:
         _warn_switch(value)
     return value not in _OFF
@@ -96,7 +97,7 @@ def machine() -> dict:
     ext = Path(_C.__file__)
     st = ext.stat()
     return dict(
-        cpu=cpu or {"machine": platform.machine(), "processor": platform.processor()},
+        cpu=cpu or {"machine": platform.machine()},
         torch=torch.__version__,
         extension=str(ext),
         build=f"{st.st_size} {st.st_mtime_ns}",
@@ -118,11 +119,12 @@ class _Stale(Exception):
 
 
 def _read(path: Path) -> list[dict]:
-    """The file's decisions; raises _Stale, FileNotFoundError, another OSError, or ValueError (unparsable)."""
+    """The file's decisions; raises _Stale (another format, build or torch), FileNotFoundError, another OSError, or
+    ValueError (unparsable)."""
     data = json.loads(path.read_text())
-    if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("machine"), dict):
-        raise ValueError("not a unetx choice file of this format")
-    if data["machine"] != machine():
+    if not isinstance(data, dict) or not isinstance(data.get("machine"), dict):
+        raise ValueError("not a unetx choice file")
+    if data.get("format") != _FORMAT or data["machine"] != machine():
         raise _Stale
     decisions = data.get("decisions")
     if not isinstance(decisions, list):
@@ -130,9 +132,10 @@ def _read(path: Path) -> list[dict]:
     for d in decisions:
         if not (
             isinstance(d, dict)
-            and all(isinstance(d.get(k), str) for k in ("family", "key", "chosen"))
+            and all(isinstance(d.get(k), str) and d[k].isprintable() for k in ("family", "key", "chosen"))
             and isinstance(d.get("seconds"), dict)
-            and all(v is None or isinstance(v, (int, float)) for v in d["seconds"].values())
+            and all(n.isprintable() for n in d["seconds"])
+            and all(v is None or (type(v) in (int, float) and abs(v) < 1e300) for v in d["seconds"].values())
         ):
             raise ValueError(f"a malformed decision: {d!r:.200}")
     return decisions
@@ -144,58 +147,79 @@ def load() -> int:
     if path is None:
         return 0
     try:
-        decisions = _read(path)
+        return _C.load_algo_choices(_read(path))
     except (FileNotFoundError, NotADirectoryError, _Stale):
         return 0
     except ValueError as e:
-        with contextlib.suppress(OSError):
-            path.unlink()  # reported once, not at every import; the next save writes a good one
-        _notice(f"removed the measured-choice cache {path}: it could not be parsed ({e}); this process measures")
+        _remove_unparsable(path, e)
         return 0
     except OSError as e:
         _notice(f"could not read the measured-choice cache {path} ({e}); this process measures ({_HINT})")
         return 0
-    return _C.load_algo_choices(decisions)
+
+
+def _remove_unparsable(path: Path, error: Exception) -> None:
+    """Removes a file that cannot be parsed (once reported, not at every import), unless another process has
+    replaced it with a good one meanwhile."""
+    removed = False
+    with contextlib.suppress(OSError), _locked(path):
+        try:
+            _read(path)
+        except ValueError:
+            path.unlink()
+            removed = True
+        except (OSError, _Stale):
+            pass
+    what = "removed" if removed else "ignored"
+    _notice(f"{what} the measured-choice cache {path}: it could not be parsed ({error}); this process measures")
 
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """Holds <file>.lock while a process reads, merges and replaces the file (POSIX)."""
+    """Holds <file>.lock (left in the folder, empty) while a process reads, merges and replaces the file (POSIX):
+    torchrun's ranks save at the same moment."""
     if fcntl is None:
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save() -> Path | None:
     """Write this process's own measurements, merged with the file's current content; the file, or None where
     there was nothing of its own to write (or the cache is off, or the write failed: a notice says why)."""
     mine = [d for d in _C.algo_choices() if not d["loaded"]]
-    path = cache_path() if mine else None
-    if path is None:
+    if not mine:
         return None
-    tmp = None
+    path, tmp = None, None
     try:
+        path = cache_path()
+        if path is None:
+            return None
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             merged = {}
-            with contextlib.suppress(OSError, ValueError, _Stale):
+            try:
                 merged = {(d["family"], d["key"]): d for d in _read(path)}
+            except _Stale:
+                if not _our_build_installed():
+                    return None  # the extension was rebuilt while this process ran: its file is the new build's
+            except (OSError, ValueError):
+                pass
             for d in mine:
                 merged[d["family"], d["key"]] = {k: d[k] for k in ("family", "key", "chosen", "seconds")}
             decisions = sorted(merged.values(), key=lambda d: (d["family"], d["key"]))
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-                tmp = f.name
+            # created 0666 less the umask (and any default ACL), as the user's other files: a shared cache folder
+            # stays usable by the others; O_EXCL: a name no other process is writing
+            tmp = str(path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
                 json.dump(dict(format=_FORMAT, machine=machine(), decisions=decisions), f)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # as any file the user creates (NamedTemporaryFile makes it 0600)
             os.replace(tmp, path)
+            tmp = None
     except OSError as e:
         if tmp:
             with contextlib.suppress(OSError):
@@ -205,11 +229,28 @@ def save() -> Path | None:
     return path
 
 
-def _save_at_exit() -> None:
+def _our_build_installed() -> bool:
+    m = machine()
+    try:
+        st = Path(m["extension"]).stat()
+    except OSError:
+        return False
+    return f"{st.st_size} {st.st_mtime_ns}" == m["build"]
+
+
+def save_quietly() -> None:
+    """save(), any failure a notice: for exit hooks and the middle of a training run."""
     try:
         save()
-    except Exception as e:  # an exit hook must not end a finished run with a traceback
+    except Exception as e:  # a cache must not end a run (or a finished run's exit) with a traceback
         _notice(f"could not save the measured choices ({type(e).__name__}: {e}); the next process measures them again")
+
+
+def measure_afresh() -> None:
+    """Forget every choice, loaded ones included, so that this process measures its own (benchmarks: repeated runs
+    stay independent samples and a noisy choice is not carried from one to the next). What it measures is saved for
+    later processes as usual."""
+    _C.clear_algo_choices()
 
 
 def install() -> None:
@@ -218,4 +259,4 @@ def install() -> None:
         load()
     except Exception as e:  # a cache must not stop `import unetx`
         _notice(f"could not load the measured choices ({type(e).__name__}: {e}); this process measures ({_HINT})")
-    atexit.register(_save_at_exit)
+    atexit.register(save_quietly)

@@ -271,7 +271,7 @@ class Trainer:
             steps += 1
             if not self._choices_saved:  # what the first step measured, kept even if the run is killed later
                 self._choices_saved = True
-                algo_choice.save()
+                algo_choice.save_quietly()
             elapsed = time.perf_counter() - t0
             now = time.perf_counter()  # a step as the budget sees it: loading and augmenting its patches included
             self.est["step"] = max(self.est["step"] * 0.8, now - t_prev)
