@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         keep_freed_memory()  # as `unetx bench` and the other commands run, for stock and unetx alike
-        algo_choice.measure_afresh()  # as `unetx bench`: this run measures its own convolution choices
     except ValueError as e:
         ap.error(str(e))
+    algo_choice.measure_afresh()  # as `unetx bench`: this run measures its own convolution choices
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     out, rdir = Path(args.out), Path(args.results_dir)
     rdir.mkdir(parents=True, exist_ok=True)

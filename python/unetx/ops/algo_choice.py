@@ -95,13 +95,15 @@ def machine() -> dict:
             if key in ("model name", "flags", "CPU implementer", "CPU part", "Features"):
                 cpu[key] = " ".join(sorted(value.split())) if key in ("flags", "Features") else value.strip()
     ext = Path(_C.__file__)
-    st = ext.stat()
     return dict(
-        cpu=cpu or {"machine": platform.machine()},
-        torch=torch.__version__,
-        extension=str(ext),
-        build=f"{st.st_size} {st.st_mtime_ns}",
+        cpu=cpu or {"machine": platform.machine()}, torch=torch.__version__, extension=str(ext), build=_build_of(ext)
     )
+
+
+def _build_of(extension: Path) -> str:
+    """Which build of the extension file this is: its size and modification time (a rebuild changes them)."""
+    st = extension.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
 
 
 def cache_path() -> Path | None:
@@ -232,10 +234,9 @@ def save() -> Path | None:
 def _our_build_installed() -> bool:
     m = machine()
     try:
-        st = Path(m["extension"]).stat()
+        return _build_of(Path(m["extension"])) == m["build"]
     except OSError:
         return False
-    return f"{st.st_size} {st.st_mtime_ns}" == m["build"]
 
 
 def save_quietly() -> None:
