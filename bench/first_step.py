@@ -42,12 +42,22 @@ def child(autocast: str | None, threads: int, steps: int, quick: bool) -> None:
     print(json.dumps(dict(steps=times, loaded=loaded, measured=measured)))
 
 
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--autocast", choices=["bfloat16"], default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=1, help="repeat with a new empty cache")
+    p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--steps", type=positive, default=3)
+    p.add_argument("--pairs", type=positive, default=1, help="repeat with a new empty cache")
     p.add_argument("--quick", action="store_true", help="batch 1 at 32x32, two steps (a smoke test)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
