@@ -242,23 +242,38 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
   return out[ran];
 }
 
-// Whether the device's GEMM kernels of the 2 x 2 stride-2 transposed convolution (LayerKernels::conv_transpose2x2)
-// are candidates: channels-last operands of one floating dtype (float32, bfloat16, float16) of a transposed layer with
-// a 2 x 2 kernel.
-bool transposed2x2_candidate(const LayerKernels& k, const Geometry& g, const at::Tensor& a, const at::Tensor& weight,
-                             bool transposed) {
+// The device's row-GEMM kernels of a layer that is one GEMM per pixel row (LayerKernels::conv_transpose2x2 for a
+// 2 x 2 transposed layer, ::conv1x1 for a 1 x 1 one), where they are candidates: channels-last operands of one
+// floating dtype (float32, bfloat16, float16). Names: the families of its forward and input gradient, its candidate
+// name in the weight_grad family (beside the device's own "gemm" weight gradient of a 1 x 1 layer), its profile event.
+struct PixelGemm {
+  std::optional<at::Tensor> (*run)(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
+                                   int64_t op) = nullptr;
+  const char* forward = nullptr;
+  const char* input_grad = nullptr;
+  const char* weight_grad = nullptr;
+  const char* event = nullptr;
+  explicit operator bool() const { return run != nullptr; }
+};
+
+PixelGemm pixel_gemm(const LayerKernels& k, const Geometry& g, const at::Tensor& a, const at::Tensor& weight,
+                     bool transposed) {
   const auto st = a.scalar_type();
-  return k.conv_transpose2x2 && transposed && g.k == 2 && weight.scalar_type() == st &&
-         (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) &&
-         a.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (weight.scalar_type() != st || (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) ||
+      !a.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return {};
+  if (transposed && g.k == 2 && k.conv_transpose2x2)
+    return {k.conv_transpose2x2, "convT2x2_forward", "convT2x2_input_grad", "gemm", "unetx::conv_transpose2x2"};
+  if (!transposed && g.k == 1 && k.conv1x1)
+    return {k.conv1x1, "conv1x1_forward", "conv1x1_input_grad", "gemm1x1", "unetx::conv1x1"};
+  return {};
 }
 
-// Runs `stock` (ATen's transposed convolution pass) or the device's GEMM kernel (op 0 forward, 1 input gradient of
-// LayerKernels::conv_transpose2x2 on p, q), whichever measures faster for this shape (cpu/algo_choice.h; ATen's
-// first, so it wins ties).
+// Runs `stock` (ATen's convolution pass) or the device's row-GEMM kernel `pg` (op 0 forward, 1 input gradient on
+// p, q), whichever measures faster for this shape (cpu/algo_choice.h; ATen's first, so it wins ties).
 template <typename Stock>
-at::Tensor fastest_transposed2x2(const LayerKernels& k, const Geometry& g, int64_t op, const at::Tensor& p,
-                                 const at::Tensor& q, const OptTensor& bias, int64_t out_ch, Stock&& stock) {
+at::Tensor fastest_pixel_gemm(const PixelGemm& pg, const Geometry& g, int64_t op, const at::Tensor& p,
+                              const at::Tensor& q, const OptTensor& bias, int64_t out_ch, Stock&& stock) {
   at::Tensor out[2];
   std::vector<AlgoCandidate> c{{"onednn",
                                 [&](bool) {
@@ -266,16 +281,16 @@ at::Tensor fastest_transposed2x2(const LayerKernels& k, const Geometry& g, int64
                                   return true;
                                 }},
                                {"gemm", [&](bool) {
-                                  RECORD_FUNCTION("unetx::conv_transpose2x2", {});  // convolution in a profile
-                                  auto r = k.conv_transpose2x2(p, q, bias, op);
+                                  RECORD_FUNCTION(pg.event, {});  // convolution in a profile
+                                  auto r = pg.run(p, q, bias, op);
                                   if (!r) return false;
                                   out[1] = *r;
                                   return true;
                                 }}};
   const int ran = run_fastest(
-      op == 0 ? "convT2x2_forward" : "convT2x2_input_grad",
+      op == 0 ? pg.forward : pg.input_grad,
       algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch, g.H, g.W), c);
-  TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no transposed convolution candidate applied");
+  TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no row-GEMM convolution candidate applied");
   return out[ran];
 }
 
@@ -318,8 +333,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
     const ConvEpilogue ep{bias ? &*bias : nullptr, relu, stats ? &mean : nullptr, stats ? &var : nullptr};
     y = fastest_conv3x3(k, g, 0, shape, weight, weight.size(0), ep, by_rows ? &rows : nullptr, stock);
     epilogue_done = true;
-  } else if (transposed2x2_candidate(k, g, shape, weight, transposed)) {
-    y = fastest_transposed2x2(k, g, 0, stage(), weight, bias, weight.size(1), stock);
+  } else if (const auto pg = pixel_gemm(k, g, shape, weight, transposed)) {
+    y = fastest_pixel_gemm(pg, g, 0, stage(), weight, bias, weight.size(transposed ? 1 : 0), stock);
   } else {
     y = stock();
   }
@@ -380,7 +395,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // (and bias) gradient is whichever of the device's candidates measures fastest for this layer's shape and dtype
   // (cpu/algo_choice.h): the device's own weight gradient (LayerKernels::weight_grad), ATen's on the operands as
   // they are, ATen's on planar copies of them (LayerKernels::to_planar), ATen's on float32 copies of bfloat16 /
-  // float16 ones (LayerKernels::widened_weight_grad), Winograd's or the transposed layer's GEMMs.
+  // float16 ones (LayerKernels::widened_weight_grad), Winograd's, or the row GEMMs of a 2 x 2
+  // transposed or 1 x 1 layer (PixelGemm).
   const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
   const bool need_a = need_x || need_x2;
   const bool try_own_gw = k.weight_grad && output_mask[2] && !transposed && mf == at::MemoryFormat::ChannelsLast &&
@@ -410,8 +426,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     };
     if (winograd_candidate(k, g, gy, weight, transposed))
       ga = fastest_conv3x3(k, g, 1, gy, weight, g.C1 + g.C2, ConvEpilogue{}, nullptr, stock);
-    else if (transposed2x2_candidate(k, g, gy, weight, transposed))
-      ga = fastest_transposed2x2(k, g, 1, gy, weight, std::nullopt, g.C1 + g.C2, stock);
+    else if (const auto pg = pixel_gemm(k, g, gy, weight, transposed))
+      ga = fastest_pixel_gemm(pg, g, 1, gy, weight, std::nullopt, g.C1 + g.C2, stock);
     else
       ga = stock();
   }
@@ -477,17 +493,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           }});
       }
     }
-    // The device's GEMM kernel of a 2 x 2 transposed convolution (LayerKernels::conv_transpose2x2).
-    at::Tensor gemm2x2;
-    std::vector<AlgoCandidate> gemm2x2_c;
-    if (transposed2x2_candidate(k, g, gy, weight, transposed))
-      gemm2x2_c.push_back({"gemm", [&](bool) {
-                             RECORD_FUNCTION("unetx::conv_transpose2x2", {});
-                             auto r = k.conv_transpose2x2(gy, stage(), std::nullopt, 2);
-                             if (!r) return false;
-                             gemm2x2 = *r;
-                             return true;
-                           }});
+    // The device's row-GEMM kernel of a 2 x 2 transposed or a 1 x 1 layer (PixelGemm).
+    at::Tensor pixel;
+    std::vector<AlgoCandidate> pixel_c;
+    if (const auto pg = pixel_gemm(k, g, gy, weight, transposed))
+      pixel_c.push_back({pg.weight_grad, [&, pg](bool) {
+                           RECORD_FUNCTION(pg.event, {});
+                           auto r = pg.run(gy, stage(), std::nullopt, 2);
+                           if (!r) return false;
+                           pixel = *r;
+                           return true;
+                         }});
     // ATen's on float32 copies of bfloat16 / float16 operands (LayerKernels::widened_weight_grad)
     at::Tensor widened;
     std::vector<AlgoCandidate> widened_c;
@@ -517,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (own_first) add(own_c, &own), add(planar_c, &planar);
     cands.push_back(aten_c), slots.push_back(&aten);
     if (!own_first) add(own_c, &own), add(planar_c, &planar);
-    add(gemm2x2_c, &gemm2x2);
+    add(pixel_c, &pixel);
     add(widened_c, &widened);
     // Winograd last: on a tie the more accurate kernels win
     for (size_t i = 0; i < wino_c.size(); ++i) cands.push_back(wino_c[i]), slots.push_back(&wino[i]);

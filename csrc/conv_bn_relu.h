@@ -94,6 +94,11 @@ struct LayerKernels {
   // than ATen's for its shape.
   std::optional<at::Tensor> (*conv_transpose2x2)(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
                                                  int64_t op) = nullptr;
+  // Where not null: the same for a 1 x 1 convolution (b = weight [Co, C, 1, 1]; the head, and the convolution after
+  // a nearest / bilinear upsampling), which has no other kernel of the device: where the CPU lacks bfloat16
+  // instructions, ATen's bfloat16 one is im2col and emulated GEMMs (slow_conv2d).
+  std::optional<at::Tensor> (*conv1x1)(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
+                                       int64_t op) = nullptr;
 
   // Where not null: upsample_concat's forward (out = cat([skip, upsample(x)])) and backward (grad -> grad_skip,
   // grad_x) in one pass over the concatenation, row by row, so that each of its cache lines is written (read) once,

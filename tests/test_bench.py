@@ -171,20 +171,26 @@ print(json.dumps(profile_step(w, "unetx", "channels_last", top=1000, threads=1, 
 
 
 def test_profile_counts_unetx_convolutions_as_convolution():
-    """A step whose 3x3 forward convolutions all run Winograd and whose transposed 2x2 convolutions run unetx's
-    GEMMs (forced): the profile sees unetx::winograd and unetx::conv_transpose2x2 events and counts their time as
-    convolution, not as unetx's own work (Winograd fuses the stage and epilogue into the kernel)."""
-    algos = "conv3x3_forward=winograd4,convT2x2_forward=gemm,convT2x2_input_grad=gemm,weight_grad=gemm"
+    """A step whose 3x3 forward convolutions all run Winograd and whose transposed 2x2 and 1x1 convolutions run
+    unetx's GEMMs (forced): the profile sees unetx::winograd, unetx::conv_transpose2x2 and unetx::conv1x1 events and
+    counts their time as convolution, not as unetx's own work (Winograd fuses the stage and epilogue into the
+    kernel)."""
+    algos = (
+        "conv3x3_forward=winograd4,convT2x2_forward=gemm,convT2x2_input_grad=gemm,weight_grad=gemm,"
+        "conv1x1_forward=gemm,conv1x1_input_grad=gemm"
+    )
     env = dict(ENV, UNETX_WINOGRAD="1", UNETX_CONV_ALGO=algos)
     p = subprocess.run(
         [sys.executable, "-c", PROFILE_WINOGRAD], capture_output=True, text=True, env=env, timeout=300, check=False
     )
     assert p.returncode == 0, p.stderr
     prof = json.loads(p.stdout.strip().splitlines()[-1])
-    ours = {r["name"]: r for r in prof["top"] if r["name"] in ("unetx::winograd", "unetx::conv_transpose2x2")}
-    assert ours.keys() == {"unetx::winograd", "unetx::conv_transpose2x2"}, [r["name"] for r in prof["top"]]
+    names = ("unetx::winograd", "unetx::conv_transpose2x2", "unetx::conv1x1")
+    ours = {r["name"]: r for r in prof["top"] if r["name"] in names}
+    assert ours.keys() == set(names), [r["name"] for r in prof["top"]]
     assert ours["unetx::winograd"]["calls"] >= 4
     assert ours["unetx::conv_transpose2x2"]["calls"] == 6  # depth 2: two transposed layers x forward, grads
+    assert ours["unetx::conv1x1"]["calls"] == 2  # the head's forward and input gradient (weight_grad: the 3x3 "gemm")
     conv = next(v for k, v in prof["categories"].items() if k.startswith("convolution"))
     assert conv >= sum(r["self_ms"] for r in ours.values()) > 0, prof["categories"]
 

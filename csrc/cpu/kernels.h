@@ -92,20 +92,26 @@ constexpr int64_t kPlanarWeightGradMinChannels = 16;
 // Whether it or oneDNN's is used for a shape is measured (cpu/algo_choice.h; `python bench/weight_grad.py`).
 std::optional<at::Tensor> weight_grad(const at::Tensor& grad_y, const at::Tensor& a, const StageRows* rows, int64_t k);
 
-// ---- conv_transpose2x2.cpp: the 2 x 2, stride-2 transposed convolution (weight [C, Co, 2, 2]) of dense
-// channels-last float32 / bfloat16 / float16 operands as row GEMMs (float32 arithmetic): forward y [N, Co, 2H, 2W] (+
-// bias) from x [N, C, H, W], input gradient [N, C, H, W] from grad_y, weight gradient [C, Co, 2, 2] from grad_y and x.
-// std::nullopt where they do not apply (another dtype, kernel size or shape): the caller runs ATen's. Each reads its
-// operands once, writes its result once (the weight gradient as a permuted view, which the caller copies into its
-// parameter's layout).
+// ---- conv_transpose2x2.cpp: the convolutions that are one GEMM per pixel row, on dense channels-last float32 /
+// bfloat16 / float16 operands (float32 arithmetic). The 2 x 2, stride-2 transposed convolution (weight [C, Co, 2, 2]):
+// forward y [N, Co, 2H, 2W] (+ bias) from x [N, C, H, W], input gradient [N, C, H, W] from grad_y, weight gradient
+// [C, Co, 2, 2] from grad_y and x. The 1 x 1 convolution (weight [Co, C, 1, 1]): forward y [N, Co, H, W] (+ bias),
+// input gradient [N, C, H, W], weight gradient [Co, C, 1, 1]. std::nullopt where they do not apply (another dtype,
+// kernel size or shape): the caller runs ATen's. Each reads its operands once, writes its result once (the weight
+// gradient as a permuted view, which the caller copies into its parameter's layout).
 std::optional<at::Tensor> conv_transpose2x2(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias);
 std::optional<at::Tensor> conv_transpose2x2_input_grad(const at::Tensor& grad_y, const at::Tensor& weight);
 std::optional<at::Tensor> conv_transpose2x2_weight_grad(const at::Tensor& grad_y, const at::Tensor& x);
-// The three as one LayerKernels entry: op 0 forward (x, weight, bias), 1 input gradient (grad_y, weight), 2 weight
+std::optional<at::Tensor> conv1x1(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+std::optional<at::Tensor> conv1x1_input_grad(const at::Tensor& grad_y, const at::Tensor& weight);
+std::optional<at::Tensor> conv1x1_weight_grad(const at::Tensor& grad_y, const at::Tensor& x);
+// Each three as one LayerKernels entry: op 0 forward (x, weight, bias), 1 input gradient (grad_y, weight), 2 weight
 // gradient (grad_y, x).
 std::optional<at::Tensor> conv_transpose2x2_op(const at::Tensor& a, const at::Tensor& b,
                                                const std::optional<at::Tensor>& bias, int64_t op);
+std::optional<at::Tensor> conv1x1_op(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+                                     int64_t op);
 
 // ---- winograd.cpp: Winograd F(tile x tile, 3 x 3) convolution (tile = 4 or 2) of a 3 x 3, stride-1, padding-1
 // convolution, float32, computed in channels-last layout (other layouts are converted first); outputs are dense

@@ -21,6 +21,7 @@ const LayerKernels kKernels{
     /*to_planar_min_channels=*/kPlanarWeightGradMinChannels,
     /*winograd3x3=*/winograd3x3,
     /*conv_transpose2x2=*/conv_transpose2x2_op,
+    /*conv1x1=*/conv1x1_op,
     /*upsample_concat_forward=*/upsample_concat_forward,
     /*upsample_concat_backward=*/upsample_concat_backward,
     /*widened_weight_grad=*/true,

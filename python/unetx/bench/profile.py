@@ -25,10 +25,10 @@ def _own_category(name: str) -> str | None:
         return "optimizer (Adam step)"
     if name.startswith("autograd::") or (name.startswith("GeneratedBackwardFor") and name.endswith("Backward")):
         return _ELSE  # autograd's bookkeeping around each node
-    # the convolutions unetx computes itself: weight-gradient GEMMs, the transposed 2x2 GEMMs, and Winograd (which
-    # builds the input stage band by band and writes the output's epilogue inside the kernel: not separable from the
-    # convolution there)
-    if name in ("unetx::weight_grad", "unetx::winograd", "unetx::conv_transpose2x2"):
+    # the convolutions unetx computes itself: weight-gradient GEMMs, the transposed 2x2 and 1x1 row GEMMs, and
+    # Winograd (which builds the input stage band by band and writes the output's epilogue inside the kernel: not
+    # separable from the convolution there)
+    if name in ("unetx::weight_grad", "unetx::winograd", "unetx::conv_transpose2x2", "unetx::conv1x1"):
         return _CATEGORY_ORDER[0]
     if name.startswith("unetx::") or name.startswith("GeneratedBackwardFor_unetx"):
         return "unetx ops' own work (kernels, copies)"
