@@ -1,8 +1,9 @@
 """torch.profiler on one CPU-S training step, unetx and stock PyTorch, in float32 or under bf16 autocast: the top ops
-by self time (torch.profiler key_averages), which dtypes the convolutions ran in, and unetx's measured weight-gradient
+by self time (torch.profiler key_averages), which dtypes the convolutions ran in, and unetx's measured convolution
 choices (cpu/algo_choice.h).
 
     python bench/profile_step.py --autocast bfloat16 --threads 2 [--impl unetx|stock|both] [--top 10]
+        [--upsample nearest]  (CPU-S with another upsampling: its 1x1 convolutions)
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import time
 import torch
 from unetx import bench as ub
 from unetx.allocator import keep_freed_memory
+from unetx.bench.flops import step_flops
 from unetx.ops import algo_choice
 
 
-def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str) -> None:
+def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str, upsample: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     torch.set_num_threads(threads)
     keep_freed_memory()  # as `unetx bench` and the other commands run (unetx/allocator.py)
     algo_choice.measure_afresh()  # as `unetx bench`: this run measures its own convolution choices
-    w = dataclasses.replace(ub.WORKLOADS["CPU-S"], autocast=autocast)
+    cpu_s = ub.WORKLOADS["CPU-S"]
+    w = dataclasses.replace(cpu_s, autocast=autocast, config=dict(cpu_s.config, upsample=upsample))
+    gflop = step_flops(w, "train") / 1e9
     state, x, target = ub._inputs(w)
     case = ub.Case(w, ub.Form(impl, layout), "train", state, x, target)
     for _ in range(2):
@@ -36,7 +40,7 @@ def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str
         case.step()
     print(
         f"\n## {impl} eager {layout}, {autocast or 'float32'}: step {unprofiled:.3f} s unprofiled "
-        f"({289 / unprofiled:.0f} GFLOP/s at CPU-S's 289 GFLOP per step)"
+        f"({gflop / unprofiled:.0f} GFLOP/s at {gflop:.0f} GFLOP per step; upsample {upsample})"
     )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
     dtypes: dict[str, float] = {}
@@ -68,9 +72,10 @@ def main(argv=None) -> int:
     p.add_argument("--impl", choices=["unetx", "stock", "both"], default="both")
     p.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--upsample", choices=["transpose", "nearest", "bilinear"], default="transpose")
     a = p.parse_args(argv)
     for impl in ["unetx", "stock"] if a.impl == "both" else [a.impl]:
-        profile(impl, a.autocast, a.threads, a.top, a.layout)
+        profile(impl, a.autocast, a.threads, a.top, a.layout, a.upsample)
     return 0
 
 
