@@ -232,7 +232,8 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
   }
   const int ran = run_fastest(op == 0 ? "conv3x3_forward" : "conv3x3_input_grad",
                               algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch,
-                                       g.H, g.W, rows != nullptr, ep.bias != nullptr, ep.relu, ep.mean != nullptr),
+                                       g.H, g.W, rows != nullptr, ep.bias != nullptr, ep.relu, ep.mean != nullptr,
+                                       q.size(0)),  // the weight's output channels (out_ch is C for op 1)
                               c);
   TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no 3x3 convolution candidate applied");
   if (ep.mean) {
@@ -289,7 +290,9 @@ at::Tensor fastest_pixel_gemm(const PixelGemm& pg, const Geometry& g, int64_t op
                                 }}};
   const int ran = run_fastest(
       op == 0 ? pg.forward : pg.input_grad,
-      algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch, g.H, g.W), c);
+      algo_key(c10::toString(p.scalar_type()), at::get_num_threads(), g.N, g.C1 + g.C2, out_ch, g.H, g.W, q.size(0),
+               q.size(1)),  // the weight's channels (out_ch is C for op 1)
+      c);
   TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no row-GEMM convolution candidate applied");
   return out[ran];
 }
@@ -391,7 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gy = out;
   }
 
-  // 2. the convolution's backward (ATen), on the recomputed input stage. The input gradient is ATen's; the weight
+  // 2. the convolution's backward, on the recomputed input stage. The input gradient is ATen's or a kernel of the
+  // device (below); the weight
   // (and bias) gradient is whichever of the device's candidates measures fastest for this layer's shape and dtype
   // (cpu/algo_choice.h): the device's own weight gradient (LayerKernels::weight_grad), ATen's on the operands as
   // they are, ATen's on planar copies of them (LayerKernels::to_planar), ATen's on float32 copies of bfloat16 /
@@ -417,8 +421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Planar copies: k x k (k > 1) channels-last layers on a device with to_planar (LayerKernels::to_planar).
   const bool can_split = k.to_planar != nullptr && output_mask[2] && ymf == at::MemoryFormat::ChannelsLast && g.k > 1;
   at::Tensor ga, gw, gb_;
-  // The input gradient alone (the weight gradient is chosen below): ATen's, or a Winograd kernel where one measures
-  // faster for this shape (fastest_conv3x3).
+  // The input gradient alone (the weight gradient is chosen below): ATen's, or a Winograd or row-GEMM kernel where
+  // one measures faster for this shape (fastest_conv3x3, fastest_pixel_gemm).
   if (need_a) {
     auto stock = [&] {
       return std::get<0>(at::convolution_backward(gy, a, weight, std::nullopt, cp.stride, cp.padding, {1, 1},

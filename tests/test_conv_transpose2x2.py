@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import unetx
-from conftest import max_err
+from conftest import BF16_FLOOR, check_vs_stock, max_err
 
 ops = torch.ops.unetx
 CL = torch.channels_last
@@ -109,12 +109,85 @@ def test_channels_last_weight_gives_the_same_bits(monkeypatch, kind):
     """The GEMM kernels repack the weight from its own strides (a model's weights are often channels-last): the
     same results as from a contiguous weight, the weight gradient in the weight's layout."""
     x, scale, shift, wt, b, gy = inputs(kind, 2, 24, 16, 5, 7, staged=True)
+    # other strides: channels-last for the 2x2 weight; a 1x1 weight is channels-last already, so its two channel
+    # dimensions swapped in memory
+    other = wt.contiguous(memory_format=CL) if kind.transposed else wt[:, :, 0, 0].t().contiguous().t()[..., None, None]
+    assert torch.equal(other, wt) and other.stride() != wt.stride()
     monkeypatch.setenv("UNETX_CONV_ALGO", kind.force_gemm)
     want = layer(kind, torch.float32, x, scale, shift, wt, b, gy)
-    got = layer(kind, torch.float32, x, scale, shift, wt.contiguous(memory_format=CL), b, gy)
+    got = layer(kind, torch.float32, x, scale, shift, other, b, gy)
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    assert got["grad_w"].is_contiguous(memory_format=CL)
+    assert got["grad_w"].stride() == other.stride() and want["grad_w"].stride() == wt.stride()
+
+
+# A 1x1 layer's input stage and epilogue, each on its own: the batch-norm centre, the pooled input, an upsampled
+# second input (the head never has one, but the op takes it), training statistics, eval ReLU.
+STAGES = ["mean", "pool", "nearest", "bilinear", "stats", "relu"]
+
+
+def conv1x1_layer(dt, stage, x, scale, shift, mean_in, x2, wt, b, gy, gmean, gvar):
+    cast = lambda t: None if t is None else t.to(dt)
+    x2_mode = stage if stage in ("nearest", "bilinear") else "none"
+    stats, relu = stage == "stats", stage == "relu"
+    args = (cast(x), cast(scale), cast(shift), stage == "pool", cast(x2) if x2_mode != "none" else None, x2_mode)
+    x_mean = mean_in if stage == "mean" else None  # the BatchNorm vectors stay float32, as the model passes them
+    y, mean, var = ops.conv_bn_relu(*args, cast(wt), cast(b), False, stats, relu, x_mean)
+    g = ops.conv_bn_relu_backward(
+        cast(gy),
+        gmean if stats else None,
+        gvar if stats else None,
+        *args,
+        cast(wt),
+        True,
+        False,
+        y,
+        mean if stats else y.new_empty(0),
+        relu,
+        [True, x2_mode != "none", True, True],
+        x_mean,
+    )
+    names = ["grad_x", "grad_scale", "grad_shift", "grad_x2", "grad_w", "grad_b", "grad_mean"]
+    out = {"y": y} | ({"mean": mean, "var": var} if stats else {})
+    return out | {n: t for n, t in zip(names, g) if t is not None}
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("stage", STAGES)
+def test_conv1x1_with_each_input_stage_and_epilogue(monkeypatch, stage, dt):
+    """The row GEMMs of a 1x1 layer (forced), against the float64 layer, within twice the error of ATen's on the same
+    inputs, for each input stage and epilogue the fused op composes around the convolution."""
+    g = torch.Generator().manual_seed(3)
+    n, c1, c2, co, h, w = 2, 6, 4, 5, 6, 10
+    f = 2 if stage == "pool" else 1
+    x = torch.randn(n, c1, f * h, f * w, generator=g).contiguous(memory_format=CL)
+    scale, shift = torch.rand(c1, generator=g) + 0.5, torch.randn(c1, generator=g)
+    mean_in = torch.randn(c1, generator=g)
+    x2 = torch.randn(n, c2, h // 2, w // 2, generator=g).contiguous(memory_format=CL)
+    cin = c1 + (c2 if stage in ("nearest", "bilinear") else 0)
+    wt = torch.randn(co, cin, 1, 1, generator=g) / cin**0.5
+    b = torch.randn(co, generator=g)
+    gy = torch.randn(n, co, h, w, generator=g).contiguous(memory_format=CL)
+    gmean, gvar = torch.randn(co, generator=g), torch.randn(co, generator=g)
+    rounded = lambda t: t.to(dt).to(torch.float32)  # the reference sees the rounded inputs both paths see
+    x, scale, shift, x2, wt, b, gy = (rounded(t) for t in (x, scale, shift, x2, wt, b, gy))
+    args = (x, scale, shift, mean_in, x2, wt, b, gy, gmean, gvar)
+    ref = conv1x1_layer(torch.float64, stage, *(a.double() for a in args))
+    monkeypatch.setenv("UNETX_CONV_ALGO", CONV1X1.force_aten)
+    base = conv1x1_layer(dt, stage, *args)
+    monkeypatch.setenv("UNETX_CONV_ALGO", CONV1X1.force_gemm)
+    conv1x1_layer(dt, stage, *args)
+    with torch.profiler.profile() as prof:
+        got = conv1x1_layer(dt, stage, *args)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("unetx::conv1x1") == 3, calls  # forward, input gradient, weight gradient
+    assert calls.get("aten::convolution", 0) + calls.get("aten::convolution_backward", 0) == 0, calls
+    assert got.keys() == ref.keys() == base.keys()
+    for name, r in ref.items():
+        assert got[name].dtype == base[name].dtype, name
+        # float32: twice ATen's error plus a few ulps of the largest value (the weight gradient sums rows in another
+        # order than oneDNN); bf16: plus one rounding of the largest value (conftest)
+        check_vs_stock(got[name], base[name], r, name, floor=5e-7 if dt == torch.float32 else BF16_FLOOR)
 
 
 @pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
