@@ -66,6 +66,21 @@ def inputs(kind, n, c, co, h, w, staged, seed=0):
     return x, scale, shift, wt, b, gy
 
 
+def aten_and_gemm(monkeypatch, kind, run):
+    """run() with ATen's convolutions forced, then with the GEMM kernels forced and profiled: (ATen's result, the
+    GEMMs' result, the profiled call's op counts, its ATen convolution calls)."""
+    monkeypatch.setenv("UNETX_CONV_ALGO", kind.force_aten)
+    base = run()
+    monkeypatch.setenv("UNETX_CONV_ALGO", kind.force_gemm)
+    # a pass the GEMMs do not take (1 x 1 images: a layout they refuse) is measured among the others on its first
+    # call, each candidate run more than once; the profiled call runs the choice once
+    run()
+    with torch.profiler.profile() as prof:
+        got = run()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    return base, got, calls, calls.get("aten::convolution", 0) + calls.get("aten::convolution_backward", 0)
+
+
 @pytest.mark.parametrize("dt", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("staged", [False, True], ids=["plain", "bn_relu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -75,18 +90,9 @@ def test_gemm_kernels_match_float64_within_twice_aten(monkeypatch, kind, shape, 
     if dt != torch.float32:  # the reference sees the rounded inputs both dtypes see
         args = tuple(None if a is None else a.to(dt).to(torch.float32) for a in args)
     ref = layer(kind, torch.float64, *args)
-    monkeypatch.setenv("UNETX_CONV_ALGO", kind.force_aten)
-    base = layer(kind, dt, *args)
-    monkeypatch.setenv("UNETX_CONV_ALGO", kind.force_gemm)
-    # a pass the GEMMs do not take (1 x 1 images: a layout they refuse) is measured among the others on its first
-    # call, each candidate run more than once; the profiled call runs the choice once
-    layer(kind, dt, *args)
-    with torch.profiler.profile() as prof:
-        got = layer(kind, dt, *args)
+    base, got, calls, aten = aten_and_gemm(monkeypatch, kind, lambda: layer(kind, dt, *args))
     # the GEMM kernels ran, not ATen's in their place: the forward, and where the gradient's layout is unambiguously
     # channels-last (not 1 x 1 images), the input and weight gradients
-    calls = {e.key: e.count for e in prof.key_averages()}
-    aten = calls.get("aten::convolution", 0) + calls.get("aten::convolution_backward", 0)
     if shape[3] * shape[4] > 1:
         assert calls.get(kind.event) == 3 and aten == 0, calls
     else:
@@ -173,15 +179,8 @@ def test_conv1x1_with_each_input_stage_and_epilogue(monkeypatch, stage, dt):
     x, scale, shift, x2, wt, b, gy = (rounded(t) for t in (x, scale, shift, x2, wt, b, gy))
     args = (x, scale, shift, mean_in, x2, wt, b, gy, gmean, gvar)
     ref = conv1x1_layer(torch.float64, stage, *(a.double() for a in args))
-    monkeypatch.setenv("UNETX_CONV_ALGO", CONV1X1.force_aten)
-    base = conv1x1_layer(dt, stage, *args)
-    monkeypatch.setenv("UNETX_CONV_ALGO", CONV1X1.force_gemm)
-    conv1x1_layer(dt, stage, *args)
-    with torch.profiler.profile() as prof:
-        got = conv1x1_layer(dt, stage, *args)
-    calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls.get("unetx::conv1x1") == 3, calls  # forward, input gradient, weight gradient
-    assert calls.get("aten::convolution", 0) + calls.get("aten::convolution_backward", 0) == 0, calls
+    base, got, calls, aten = aten_and_gemm(monkeypatch, CONV1X1, lambda: conv1x1_layer(dt, stage, *args))
+    assert calls.get("unetx::conv1x1") == 3 and aten == 0, calls  # forward, input gradient, weight gradient
     assert got.keys() == ref.keys() == base.keys()
     for name, r in ref.items():
         assert got[name].dtype == base[name].dtype, name
