@@ -395,11 +395,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   // 2. the convolution's backward, on the recomputed input stage. The input gradient is ATen's or a kernel of the
-  // device (below); the weight
-  // (and bias) gradient is whichever of the device's candidates measures fastest for this layer's shape and dtype
-  // (cpu/algo_choice.h): the device's own weight gradient (LayerKernels::weight_grad), ATen's on the operands as
-  // they are, ATen's on planar copies of them (LayerKernels::to_planar), ATen's on float32 copies of bfloat16 /
-  // float16 ones (LayerKernels::widened_weight_grad), Winograd's, or the row GEMMs of a 2 x 2
+  // device (below); the weight (and bias) gradient is whichever of the device's candidates measures fastest for this
+  // layer's shape and dtype (cpu/algo_choice.h): the device's own weight gradient (LayerKernels::weight_grad),
+  // ATen's on the operands as they are, ATen's on planar copies of them (LayerKernels::to_planar), ATen's on float32
+  // copies of bfloat16 / float16 ones (LayerKernels::widened_weight_grad), Winograd's, or the row GEMMs of a 2 x 2
   // transposed or 1 x 1 layer (PixelGemm).
   const bool need_x = output_mask[0], need_x2 = output_mask[1] && x2.has_value();
   const bool need_a = need_x || need_x2;
