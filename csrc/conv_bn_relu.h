@@ -96,7 +96,7 @@ struct LayerKernels {
                                                  int64_t op) = nullptr;
   // Where not null: the same for a 1 x 1 convolution (b = weight [Co, C, 1, 1]; the head, and the convolution after
   // a nearest / bilinear upsampling), whose forward and input gradient have no other kernel of the device (its
-  // weight gradient also has `weight_grad`, float32 only): where the CPU lacks bfloat16 instructions, ATen's
+  // weight gradient also has `weight_grad`, float32 / float64 only): where the CPU lacks bfloat16 instructions, ATen's
   // bfloat16 convolution is im2col and emulated GEMMs (slow_conv2d).
   std::optional<at::Tensor> (*conv1x1)(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
                                        int64_t op) = nullptr;
