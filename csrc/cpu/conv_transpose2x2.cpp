@@ -236,28 +236,31 @@ std::optional<at::Tensor> conv1x1_weight_grad(const at::Tensor& grad_y, const at
   return g;
 }
 
-std::optional<at::Tensor> conv_transpose2x2_op(const at::Tensor& a, const at::Tensor& b,
-                                               const std::optional<at::Tensor>& bias, int64_t op) {
+namespace {
+// One LayerKernels entry from a kernel's three passes: op 0 forward (x, weight, bias), 1 input gradient (grad_y,
+// weight), 2 weight gradient (grad_y, x).
+template <auto Forward, auto InputGrad, auto WeightGrad>
+std::optional<at::Tensor> by_op(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+                                int64_t op) {
   switch (op) {
     case 0:
-      return conv_transpose2x2(a, b, bias);
+      return Forward(a, b, bias);
     case 1:
-      return conv_transpose2x2_input_grad(a, b);
+      return InputGrad(a, b);
     default:
-      return conv_transpose2x2_weight_grad(a, b);
+      return WeightGrad(a, b);
   }
+}
+}  // namespace
+
+std::optional<at::Tensor> conv_transpose2x2_op(const at::Tensor& a, const at::Tensor& b,
+                                               const std::optional<at::Tensor>& bias, int64_t op) {
+  return by_op<conv_transpose2x2, conv_transpose2x2_input_grad, conv_transpose2x2_weight_grad>(a, b, bias, op);
 }
 
 std::optional<at::Tensor> conv1x1_op(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
                                      int64_t op) {
-  switch (op) {
-    case 0:
-      return conv1x1(a, b, bias);
-    case 1:
-      return conv1x1_input_grad(a, b);
-    default:
-      return conv1x1_weight_grad(a, b);
-  }
+  return by_op<conv1x1, conv1x1_input_grad, conv1x1_weight_grad>(a, b, bias, op);
 }
 
 }  // namespace unetx::cpu
