@@ -21,8 +21,17 @@ beside each level's summary and not counted among the passes.
 --cache cold (default) has every timed call read its inputs from memory (see Evict), as in a training step; --cache
 hot repeats calls on inputs that stay in cache where they fit.
 
+--step measures the passes where users meet them instead: whole CPU-S training steps (`unetx bench`'s workload,
+unetx eager channels_last, fused Adam), float32 against the same step under bf16 autocast, each unetx:: pass's self
+time per step from torch.profiler, profiled steps alternating between the precisions. There the convolutions are
+each chosen by measurement (with Winograd, most input stages are built in cache, band by band, and never run as a
+pass of their own), and a layer's path may differ between the precisions: calls are paired by the shape of the tensor
+each pass's event records (layers of different shapes apart) where both precisions made as many calls of it, and
+the others are shown apart (pair_rounds).
+
     python bench/bf16_passes.py [--threads 2] [--dtype bfloat16] [--layout channels_last] [--cache cold|hot]
                                 [--rounds 9] [--json out.json]
+    python bench/bf16_passes.py --step [--upsample transpose|nearest|bilinear] [--rounds 5]
     python bench/bf16_passes.py --quick        # tiny sizes, one round: a smoke test, not a measurement
 """
 
@@ -247,10 +256,162 @@ def layer_pass_times(c, n, s, low, layout, rounds, evict):
     }
 
 
+# The passes inside conv_bn_relu (LAYER_EVENTS) and the fused op's own work around its kernels; the other unetx::
+# events of a CPU-S step are its convolutions (compute-bound GEMMs, float32 inside in either precision).
+GLUE_EVENTS = ["unetx::conv_bn_relu", "unetx::conv_bn_relu_backward"]
+
+
+def pair_rounds(f32_rounds: list[dict], low_rounds: list[dict]) -> dict:
+    """Each unetx event's float32 and low-precision time in a step, its calls paired across the precisions.
+
+    A round is {(event, recorded input shapes): (self ms, calls)} of one profiled step; round i of each precision
+    were run back to back. Calls pair by the shapes their event recorded (a layer's tensor: layers of different
+    shapes apart, those of one shape together) where both precisions made as many calls of that shape; the others,
+    and every call of an event that records no shapes (the convolutions), are unpaired. Returns {event: dict of
+    float32_ms, low_ms (paired, per step), ratio (the median of the rounds' low / float32 ratios), paired_calls,
+    unpaired_float32_ms, unpaired_low_ms, unpaired_float32_calls, unpaired_low_calls}: medians over the rounds, an
+    event absent from a round counting as zero there."""
+    fields = ("float32_ms", "low_ms", "paired_calls", "unpaired_float32_ms", "unpaired_low_ms")
+    fields += ("unpaired_float32_calls", "unpaired_low_calls")
+    per_round = []
+    for pf, pl in zip(f32_rounds, low_rounds):
+        acc: dict[str, dict] = {}
+        for key in set(pf) | set(pl):
+            (tf, cf), (tl, cl) = pf.get(key, (0.0, 0)), pl.get(key, (0.0, 0))
+            v = acc.setdefault(key[0], dict.fromkeys(fields, 0))
+            if cf and cf == cl and key[1] not in ("", "[]"):
+                v["float32_ms"] += tf
+                v["low_ms"] += tl
+                v["paired_calls"] += cf
+            else:
+                v["unpaired_float32_ms"] += tf
+                v["unpaired_low_ms"] += tl
+                v["unpaired_float32_calls"] += cf
+                v["unpaired_low_calls"] += cl
+        per_round.append(acc)
+    out = {}
+    for e in {e for acc in per_round for e in acc}:
+        vals = [acc.get(e, dict.fromkeys(fields, 0)) for acc in per_round]
+        out[e] = {f: statistics.median(v[f] for v in vals) for f in fields}
+        for f in ("paired_calls", "unpaired_float32_calls", "unpaired_low_calls"):
+            out[e][f] = round(out[e][f])
+        ratios = [v["low_ms"] / v["float32_ms"] for v in vals if v["float32_ms"] > 0]
+        out[e]["ratio"] = statistics.median(ratios) if ratios else float("nan")
+    return out
+
+
+def together_ratio(f32_rounds: list[dict], low_rounds: list[dict], events) -> float:
+    """The median over rounds of (the paired calls of `events`, low-precision time summed) / (float32's)."""
+    ratios = []
+    for pf, pl in zip(f32_rounds, low_rounds):
+        r = pair_rounds([pf], [pl])
+        tf = sum(r[e]["float32_ms"] for e in events if e in r)
+        tl = sum(r[e]["low_ms"] for e in events if e in r)
+        if tf > 0:
+            ratios.append(tl / tf)
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def step_profiles(low: str, rounds: int, upsample: str, quick: bool) -> tuple[dict, dict]:
+    """({precision: [round: {(event, input shapes): (self ms, calls)}]}, {precision: step s}) for the unetx:: events
+    of CPU-S training steps (unetx eager channels_last), float32 and under `low` autocast: torch.profiler's self time
+    per step, the rounds alternating the precisions' order; step times are the median of the unprofiled step before
+    each profiled one."""
+    import dataclasses
+
+    from torch.profiler import ProfilerActivity, profile
+    from unetx import bench as ub
+
+    cpu_s = ub.WORKLOADS["CPU-S"]
+    cfg = dict(cpu_s.config, upsample=upsample)
+    if quick:
+        cfg.update(base_channels=8, depth=2)
+    cases = {}
+    for name, ac in (("float32", None), (low, low)):
+        w = dataclasses.replace(
+            cpu_s, autocast=ac, config=cfg, batch=1 if quick else cpu_s.batch, size=32 if quick else cpu_s.size
+        )
+        state, x, target = ub._inputs(w)
+        case = ub.Case(w, ub.Form("unetx", "channels_last"), "train", state, x, target)
+        for _ in range(2):  # the first step measures the convolution choices
+            case.step()
+        cases[name] = case
+    steps = {k: [] for k in cases}
+    profiles = {k: [] for k in cases}
+    for r in range(rounds):
+        for k in list(cases) if r % 2 == 0 else list(cases)[::-1]:
+            t0 = time.perf_counter()
+            cases[k].step()
+            steps[k].append(time.perf_counter() - t0)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                cases[k].step()
+            profiles[k].append(
+                {
+                    (e.key, str(e.input_shapes)): (e.self_cpu_time_total / 1e3, e.count)
+                    for e in prof.key_averages(group_by_input_shape=True)
+                    if e.key.startswith("unetx::")
+                }
+            )
+    return profiles, {k: statistics.median(v) for k, v in steps.items()}
+
+
+def write_json(a, **fields) -> None:
+    """The run's rows and settings into --json, with the machine and torch they were measured on."""
+    head = dict(cpu=cpu_name(), flags=cpu_flags(), torch=torch.__version__, threads=a.threads, dtype=a.dtype)
+    with open(a.json, "w") as f:
+        json.dump(dict(head, **fields), f, indent=1)
+
+
+def main_step(a) -> int:
+    rows = []
+    rounds = 1 if a.quick else a.rounds
+    profiles, steps = step_profiles(a.dtype, rounds, a.upsample, a.quick)
+    times = pair_rounds(profiles["float32"], profiles[a.dtype])
+    algo = os.environ.get("UNETX_CONV_ALGO")
+    print(
+        f"# unetx passes in a CPU-S training step ({a.upsample} upsampling{', quick: tiny' if a.quick else ''}), "
+        f"{a.dtype} autocast / float32, unetx eager channels_last; {cpu_name()} [{cpu_flags()}], torch "
+        f"{torch.__version__}, {a.threads} threads, self time per step (torch.profiler), median of {rounds} rounds"
+        + (f"; UNETX_CONV_ALGO={algo} (from the environment)" if algo else "")
+    )
+    print(f"# step (unprofiled, median): float32 {steps['float32']:.3f} s, {a.dtype} {steps[a.dtype]:.3f} s")
+    print(
+        "# paired: calls of one recorded shape, as many in both precisions (ratio: median of the rounds' ratios); "
+        "unpaired: the others, and the convolutions (their events record no shapes)"
+    )
+    print(
+        f"| event | kind | paired calls | float32 ms | {a.dtype} ms | ratio | unpaired: float32 / {a.dtype} ms "
+        "(calls) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    order = sorted(times.items(), key=lambda kv: -(kv[1]["float32_ms"] + kv[1]["unpaired_float32_ms"]))
+    for key, t in order:
+        kind = "pass" if key in LAYER_EVENTS else "op glue" if key in GLUE_EVENTS else "other (a convolution)"
+        rows.append(dict(name=key, kind=kind, **t))
+        ucf, ucl = t["unpaired_float32_calls"], t["unpaired_low_calls"]
+        unpaired = f"{t['unpaired_float32_ms']:.1f} ({ucf}) / {t['unpaired_low_ms']:.1f} ({ucl})" if ucf or ucl else "-"
+        print(
+            f"| {key} | {kind} | {t['paired_calls']} | {t['float32_ms']:.1f} | {t['low_ms']:.1f} | {t['ratio']:.2f} "
+            f"| {unpaired} |",
+            flush=True,
+        )
+    passes = [r for r in rows if r["kind"] == "pass" and r["paired_calls"]]
+    if passes:
+        worst = max(passes, key=lambda r: r["ratio"])
+        together = together_ratio(profiles["float32"], profiles[a.dtype], [r["name"] for r in passes])
+        print(
+            f"\npasses (paired calls): worst {a.dtype}/float32 ratio {worst['ratio']:.3f} ({worst['name']}); all "
+            f"together {together:.3f} (median of the rounds' ratios; target <= 0.6 each)"
+        )
+    if a.json:
+        write_json(a, upsample=a.upsample, rounds=rounds, unetx_conv_algo=algo, step_s=steps, rows=rows)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 9; 5 with --step)")
     p.add_argument(
         "--cache",
         default="cold",
@@ -266,19 +427,46 @@ def main(argv=None) -> int:
         help="the conv_bn_relu layers' weight gradient, forced (UNETX_CONV_ALGO); '' lets unetx measure. One that "
         "applies to both dtypes (not gemm: float32 only; not onednn_float32: low precision only)",
     )
+    p.add_argument(
+        "--step",
+        action="store_true",
+        help="the passes in whole CPU-S training steps, float32 against autocast (see the top of this file)",
+    )
+    p.add_argument(
+        "--upsample",
+        default="transpose",
+        choices=["transpose", "nearest", "bilinear"],
+        help="with --step: CPU-S's upsampling (nearest / bilinear: the stage upsamples and concatenates, 1x1 conv)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke test)")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
-    if a.weight_grad in ("gemm", "onednn_float32"):
+    if a.weight_grad in ("gemm", "onednn_float32") and not a.step:
         p.error(f"--weight-grad {a.weight_grad} does not apply to both dtypes: use onednn, onednn_planar or ''")
+    if a.step:
+        # a step runs as users run it: channels_last, every convolution (weight gradients too) measured
+        for opt, given, allowed in (
+            ("--layout", a.layout, ("channels_last",)),
+            ("--cache", a.cache, ("cold",)),
+            ("--weight-grad", a.weight_grad, (p.get_default("weight_grad"), "")),
+        ):
+            if given not in allowed:
+                p.error(f"{opt} {given} does not apply to --step (leave it out)")
+    elif a.upsample != "transpose":
+        p.error(f"--upsample {a.upsample} applies to --step only (add --step)")
+    if a.rounds is not None and a.rounds < 1:
+        p.error(f"--rounds {a.rounds}: give 1 or more")
     torch.set_num_threads(a.threads)
     keep_freed_memory()  # as `unetx bench` and the commands run (unetx/allocator.py)
     algo_choice.measure_afresh()  # as `unetx bench`: this run measures its own convolution choices
+    torch.manual_seed(0)
+    if a.step:
+        a.rounds = a.rounds or 5
+        return main_step(a)
+    low = getattr(torch, a.dtype)
     if a.weight_grad:
         os.environ["UNETX_CONV_ALGO"] = f"weight_grad={a.weight_grad}"
-    torch.manual_seed(0)
-    rounds = 1 if a.quick else a.rounds
-    low = getattr(torch, a.dtype)
+    rounds = 1 if a.quick else (a.rounds or 9)
     evict = Evict(a.cache == "cold")
     print(
         f"# unetx passes, {a.dtype} / float32, {a.layout}; {cpu_name()} [{cpu_flags()}], torch {torch.__version__}, "
@@ -319,22 +507,7 @@ def main(argv=None) -> int:
                 f"{len(lv)}; floor (ATen copy of the level's activation): {floors[lvl][2]:.2f}"
             )
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(
-                dict(
-                    cpu=cpu_name(),
-                    flags=cpu_flags(),
-                    torch=torch.__version__,
-                    threads=a.threads,
-                    dtype=a.dtype,
-                    layout=a.layout,
-                    cache=a.cache,
-                    rounds=rounds,
-                    rows=rows,
-                ),
-                f,
-                indent=1,
-            )
+        write_json(a, layout=a.layout, cache=a.cache, rounds=rounds, rows=rows)
     return 0
 
 

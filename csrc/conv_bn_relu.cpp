@@ -81,7 +81,10 @@ at::Tensor input_stage(const LayerKernels& k, const Geometry& g, const at::Tenso
                        const OptTensor& scale, const OptTensor& shift, bool pool, const OptTensor& x2,
                        at::MemoryFormat mf) {
   if (!scale && !pool && !x2) return x;
-  RECORD_FUNCTION("unetx::input_stage", {});
+  // each pass's event names a tensor of its layer, so that a profile with record_shapes tells layers of different
+  // shapes apart (bench/bf16_passes.py --step pairs their calls across precisions); the inputs are built only while
+  // a RecordFunction callback such as a profiler is active
+  RECORD_FUNCTION("unetx::input_stage", std::vector<c10::IValue>({x}));
   auto a = at::empty({g.N, g.C1 + g.C2, g.H, g.W}, x.options().memory_format(mf));
   auto a1 = a.narrow(1, 0, g.C1);
   if (!scale && !pool)
@@ -217,7 +220,7 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
                                   out[0] = stock();
                                   if (e.relu) out[0].relu_();
                                   if (e.mean) {
-                                    RECORD_FUNCTION("unetx::batch_stats", {});
+                                    RECORD_FUNCTION("unetx::batch_stats", std::vector<c10::IValue>({out[0]}));
                                     k.batch_stats(out[0], *e.mean, *e.var);
                                   }
                                   return true;
@@ -352,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerK
                     " (batch statistics need batch * height * width > 1)");
   y = y.contiguous(layout_of(y));
   if (!epilogue_done) {
-    RECORD_FUNCTION("unetx::batch_stats", {});
+    RECORD_FUNCTION("unetx::batch_stats", std::vector<c10::IValue>({y}));
     k.batch_stats(y, mean, var);
   }
   return {y, mean, var};
@@ -387,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     auto out = at::empty(yc.sizes(), yc.options().memory_format(ymf));
     {
-      RECORD_FUNCTION("unetx::fold_output_grad", {});
+      RECORD_FUNCTION("unetx::fold_output_grad", std::vector<c10::IValue>({gy}));
       k.fold_output_grad(gy, yc, b.defined() ? &m : nullptr, a.defined() ? &a : nullptr, b.defined() ? &b : nullptr,
                          relu, out);
     }
@@ -466,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             constexpr auto planar_mf = at::MemoryFormat::Contiguous;
                             at::Tensor gy_p, a_p;
                             {
-                              RECORD_FUNCTION("unetx::to_planar", {});
+                              RECORD_FUNCTION("unetx::to_planar", std::vector<c10::IValue>({gy}));
                               gy_p = k.to_planar(gy);
                               // the only run: free each channels-last operand once its planar copy exists, so
                               // peak memory stays one operand above the unsplit backward's
@@ -576,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         gtp = &gt;
       }
       {
-        RECORD_FUNCTION("unetx::activation_backward", {});
+        RECORD_FUNCTION("unetx::activation_backward", std::vector<c10::IValue>({xc}));
         k.activation_backward(x_pool ? nullptr : &ga1, x_pool ? &ga1 : nullptr, xc, x_mean, x_scale, x_shift, gx, gsp,
                               gtp);
       }
@@ -590,7 +593,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (need_x2) {
     gx2 = at::empty(x2c->sizes(), x2c->options().memory_format(mf));
     {
-      RECORD_FUNCTION("unetx::upsample_backward", {});
+      RECORD_FUNCTION("unetx::upsample_backward", std::vector<c10::IValue>({gx2}));
       k.upsample_backward(ga.narrow(1, g.C1, g.C2), g.mode, gx2);
     }
   }

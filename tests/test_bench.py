@@ -304,6 +304,95 @@ def test_bf16_passes_bench_quick(tmp_path):
     assert all(row["float32_s"] > 0 and row["low_s"] > 0 for row in r["rows"]), r["rows"]
 
 
+def test_bf16_passes_step_quick_pairs_each_layers_calls(tmp_path):
+    """bench/bf16_passes.py --step --quick: whole training steps in float32 and bf16 autocast, each unetx pass's calls
+    paired across the precisions by the shapes its event records; no timing is asserted."""
+    out = tmp_path / "step.json"
+    p = run_script("bf16_passes.py", "--step", "--upsample", "nearest", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    rows = {row["name"]: row for row in r["rows"]}
+    for name in ("unetx::activation_backward", "unetx::fold_output_grad", "unetx::upsample_backward"):
+        assert rows[name]["kind"] == "pass", rows[name]
+        # the same layers run these passes in both precisions: every call is paired, none left over
+        assert rows[name]["paired_calls"] > 0, rows[name]
+        assert rows[name]["unpaired_float32_calls"] == rows[name]["unpaired_low_calls"] == 0, rows[name]
+        assert rows[name]["float32_ms"] > 0 and rows[name]["low_ms"] > 0, rows[name]
+    # the convolutions record no shapes: never paired (which of them run is measured, so none is required here)
+    convs = [row for row in r["rows"] if row["kind"].startswith("other")]
+    assert all(row["paired_calls"] == 0 for row in convs), convs
+    assert "passes (paired calls): worst bfloat16/float32 ratio" in p.stdout, p.stdout
+
+
+def load_bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH_DIR, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bf16_passes_pairs_calls_by_shape_and_count():
+    """bf16_passes.pair_rounds on made-up rounds: a shape in one precision only, a count that differs, an event
+    absent from a round (zero there), an event without shapes (never paired)."""
+    pair_rounds = load_bench("bf16_passes").pair_rounds
+    a, b, none = "[[4, 32, 64, 64]]", "[[4, 64, 32, 32]]", "[]"
+    f32 = [
+        {("p", a): (10.0, 2), ("p", b): (4.0, 1), ("q", a): (6.0, 3), ("conv", none): (100.0, 5)},
+        {("p", a): (12.0, 2), ("p", b): (4.0, 1), ("conv", none): (90.0, 5)},
+        {("p", a): (8.0, 2), ("p", b): (5.0, 1), ("q", a): (6.0, 3), ("conv", none): (80.0, 5)},
+    ]
+    low = [
+        {("p", a): (5.0, 2), ("q", a): (3.0, 2), ("conv", none): (50.0, 5)},
+        {("p", a): (6.0, 2), ("p", b): (1.0, 1), ("conv", none): (45.0, 5)},
+        {("p", a): (4.0, 2), ("q", a): (3.0, 2), ("conv", none): (40.0, 5)},
+    ]
+    r = pair_rounds(f32, low)
+    # p: shape a paired in every round, shape b in round 1 only (ratios 0.5, 7 / 16, 0.5), b unpaired in 0 and 2
+    assert r["p"]["ratio"] == 0.5, r["p"]
+    assert r["p"]["paired_calls"] == 2, r["p"]  # median of 2, 3, 2
+    assert r["p"]["unpaired_float32_calls"] == 1 and r["p"]["unpaired_low_calls"] == 0, r["p"]
+    assert r["p"]["float32_ms"] == 10.0 and r["p"]["unpaired_float32_ms"] == 4.0, r["p"]  # medians of 10/16/8, 4/0/5
+    # q: counts differ (3 against 2) and it is absent from round 1: never paired, zero in round 1
+    assert r["q"]["paired_calls"] == 0 and r["q"]["ratio"] != r["q"]["ratio"], r["q"]  # NaN: no paired time
+    assert r["q"]["unpaired_float32_ms"] == 6.0 and r["q"]["unpaired_low_calls"] == 2, r["q"]
+    # conv: same counts every round, but no recorded shapes
+    assert r["conv"]["paired_calls"] == 0 and r["conv"]["unpaired_float32_ms"] == 90.0, r["conv"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--upsample", "nearest"], "--upsample nearest applies to --step only (add --step)"),
+        (["--step", "--layout", "nchw"], "--layout nchw does not apply to --step (leave it out)"),
+        (["--step", "--cache", "hot"], "--cache hot does not apply to --step (leave it out)"),
+        (["--rounds", "0"], "--rounds 0: give 1 or more"),
+        (["--step", "--weight-grad", "onednn"], "--weight-grad onednn does not apply to --step (leave it out)"),
+    ],
+)
+def test_bf16_passes_refuses_options_that_do_not_apply(args, message):
+    p = run_script("bf16_passes.py", *args)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+def test_pass_events_record_their_layers_shape():
+    """The passes' profiler events carry a tensor of their layer: what bf16_passes.py --step pairs calls by."""
+    import unetx
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 6, 10, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(5, 6, 3, 3, requires_grad=True)
+    sc, sh, mu = torch.rand(6) + 0.5, torch.randn(6), torch.randn(6) * 0.1
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y, m, v = unetx.ops.conv_bn_relu(x, w, None, x_scale=sc, x_shift=sh, x_mean=mu, stats=True)
+        (y.sum() + m.sum() + v.sum()).backward()
+    events = prof.key_averages(group_by_input_shape=True)
+    shapes = {e.key: e.input_shapes for e in events if e.key.startswith("unetx::")}
+    assert shapes["unetx::activation_backward"] == [[2, 6, 10, 12]], shapes
+    assert shapes["unetx::fold_output_grad"] == [[2, 5, 10, 12]], shapes
+
+
 def test_first_step_bench_quick_second_process_loads_what_the_first_measured():
     """bench/first_step.py --quick: two processes sharing a new choice cache; the second measures nothing."""
     p = run_script("first_step.py")
