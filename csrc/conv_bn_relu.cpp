@@ -87,8 +87,8 @@ at::Tensor input_stage(const LayerKernels& k, const Geometry& g, const at::Tenso
   RECORD_FUNCTION("unetx::input_stage", std::vector<c10::IValue>({x}));
   auto a = at::empty({g.N, g.C1 + g.C2, g.H, g.W}, x.options().memory_format(mf));
   auto a1 = a.narrow(1, 0, g.C1);
-  if (!scale && !pool)
-    a1.copy_(x);
+  if (!scale && !pool)  // an activated x (eval) into its channel slice: as x2's copy, in rows where the device can
+    k.upsample_forward(x, Upsample::None, a1);
   else if (pool)
     k.activation_forward(x, mean, scale, shift, nullptr, &a1);
   else
@@ -116,7 +116,7 @@ StageRows stage_rows(const LayerKernels& k, const Geometry& g, const at::Tensor&
         auto a1 = out.narrow(1, 0, g.C1);
         const auto xs = x.narrow(0, n, 1).narrow(2, f * lo, f * (hi - lo));
         if (!scale && !pool)
-          a1.copy_(xs);
+          k.upsample_forward(xs, Upsample::None, a1);
         else
           k.activation_forward(xs, mean, scale, shift, pool ? nullptr : &a1, pool ? &a1 : nullptr);
         if (x2) {
