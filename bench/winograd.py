@@ -68,32 +68,42 @@ def cpu_flags() -> str:
 
 
 def timing_table(shapes, reps: int) -> None:
-    print("| layer (in->out @ size) | op | stock CL | F(4x4) | F(2x2) | best speed-up |")
-    print("|---|---|---|---|---|---|")
+    """Per shape and op: stock, both tiles, and F(4x4) on one image of one tile (4 x 4 pixels): its per-call
+    weight-sized work (the forward's and input gradient's weight transform, the weight gradient's inverse one), which
+    a whole call pays on top of its tiles' work."""
+    print("| layer (in->out @ size) | op | stock CL | F(4x4) | F(2x2) | best speed-up | F(4x4), one 4x4 tile |")
+    print("|---|---|---|---|---|---|---|")
     totals = {"stock": 0.0, "best": 0.0}
     for n, c, h, w, co in shapes:
         x = torch.randn(n, c, h, w).contiguous(memory_format=CL)
         g = torch.randn(n, co, h, w).contiguous(memory_format=CL)
+        x1, g1 = (t[:1, :, :4, :4].contiguous(memory_format=CL) for t in (x, g))
         wt = torch.randn(co, c, 3, 3)
         wcl = wt.contiguous(memory_format=CL)
         cases = {
-            "forward": (lambda: aten.convolution(x, wcl, None, *CONV), lambda m: ops.winograd_conv3x3(x, wt, m)),
+            "forward": (
+                lambda: aten.convolution(x, wcl, None, *CONV),
+                lambda m, x, g: ops.winograd_conv3x3(x, wt, m),
+            ),
             "input grad": (
                 lambda: aten.convolution_backward(g, x, wcl, None, *CONV, [True, False, False])[0],
-                lambda m: ops.winograd_conv3x3_input_grad(g, wt, m),
+                lambda m, x, g: ops.winograd_conv3x3_input_grad(g, wt, m),
             ),
             "weight grad": (
                 lambda: aten.convolution_backward(g, x, wcl, None, *CONV, [False, True, False])[1],
-                lambda m: ops.winograd_conv3x3_weight_grad(g, x, m),
+                lambda m, x, g: ops.winograd_conv3x3_weight_grad(g, x, m),
             ),
         }
         for name, (stock, wino) in cases.items():
-            t = [median_ms(stock, reps), median_ms(lambda: wino(4), reps), median_ms(lambda: wino(2), reps)]
+            t = [median_ms(stock, reps), median_ms(lambda: wino(4, x, g), reps), median_ms(lambda: wino(2, x, g), reps)]
+            one_tile = median_ms(lambda: wino(4, x1, g1), reps)
             best = min(t)
             totals["stock"] += t[0]
             totals["best"] += best
             print(
-                f"| {c}->{co} @{h} | {name} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[0] / best:.2f}x |", flush=True
+                f"| {c}->{co} @{h} | {name} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[0] / best:.2f}x "
+                f"| {one_tile:.2f} |",
+                flush=True,
             )
     print(
         f"\nsum over shapes and ops: stock {totals['stock']:.0f} ms, best of the three {totals['best']:.0f} ms "

@@ -411,5 +411,5 @@ def test_winograd_bench_quick_runs():
         [sys.executable, script, "--quick"], check=False, capture_output=True, text=True, env=ENV, timeout=600
     )
     assert p.returncode == 0, p.stderr
-    for row in ("| forward |", "| input grad |", "| weight grad |", "F(4x4) error (ratio)"):
+    for row in ("| forward |", "| input grad |", "| weight grad |", "F(4x4), one 4x4 tile", "F(4x4) error (ratio)"):
         assert row in p.stdout, f"missing {row!r} in:\n{p.stdout}"
