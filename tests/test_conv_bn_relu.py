@@ -705,24 +705,31 @@ def test_staged_weight_gradient_in_row_blocks(stage, threads, monkeypatch):
     assert err < 1e-5, f"weight gradient relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("conv", ["onednn", "winograd4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activated_input_is_concatenated_in_rows(monkeypatch, conv, dtype):
+def test_activated_input_is_concatenated_in_rows(monkeypatch, conv, dtype, threads):
     """An eval layer's activated x (no scale, no pool) goes into its channel slice of the stage by the device's row
     copy, as x2 does, not ATen's copy_ (slower into a channel slice): whole (oneDNN's convolution) and band by band
-    (Winograd). Values exactly those of the concatenation."""
+    (Winograd; one tall image: several bands of tile rows, the last one partial). Values exactly those of the
+    concatenation."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv("UNETX_WINOGRAD", "1")
     monkeypatch.setenv("UNETX_CONV_ALGO", f"conv3x3_forward={conv}")
     cl = torch.channels_last
-    x = torch.randn(2, 6, 10, 12).to(dtype).contiguous(memory_format=cl)
-    x2 = torch.randn(2, 5, 10, 12).to(dtype).contiguous(memory_format=cl)
+    x = torch.randn(1, 6, 42, 12).to(dtype).contiguous(memory_format=cl)
+    x2 = torch.randn(1, 5, 42, 12).to(dtype).contiguous(memory_format=cl)
     w, b = torch.randn(4, 11, 3, 3).to(dtype), torch.randn(4).to(dtype)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        y, _, _ = ops.conv_bn_relu(x, w, b, x2=x2, x2_mode="none", stats=False, relu=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            y, _, _ = ops.conv_bn_relu(x, w, b, x2=x2, x2_mode="none", stats=False, relu=True)
+        cat = torch.cat([x, x2], 1).contiguous(memory_format=cl)
+        same, _, _ = ops.conv_bn_relu(cat, w, b, stats=False, relu=True)
+    finally:
+        torch.set_num_threads(prev)
     copies = [e.input_shapes[0] for e in prof.events() if e.name == "aten::copy_" and e.input_shapes]
     assert not [s for s in copies if len(s) == 4 and s[1] == 6], copies  # x's 6 channels, whole or a band of rows
-    cat = torch.cat([x, x2], 1).contiguous(memory_format=cl)
-    same, _, _ = ops.conv_bn_relu(cat, w, b, stats=False, relu=True)
     torch.testing.assert_close(y, same, rtol=0, atol=0)
