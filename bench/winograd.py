@@ -68,9 +68,9 @@ def cpu_flags() -> str:
 
 
 def timing_table(shapes, reps: int) -> None:
-    """Per shape and op: stock, both tiles, and F(4x4) on one image of one tile (4 x 4 pixels): its per-call
-    weight-sized work (the forward's and input gradient's weight transform, the weight gradient's inverse one), which
-    a whole call pays on top of its tiles' work."""
+    """Per shape and op: stock, both tiles, and F(4x4) on one image of one tile (4 x 4 pixels): what a call costs
+    with almost no tiles, its per-call weight-sized work (the forward's and input gradient's weight transform, the
+    weight gradient's inverse one). Medians taken apart: the columns do not add up exactly on a noisy machine."""
     print("| layer (in->out @ size) | op | stock CL | F(4x4) | F(2x2) | best speed-up | F(4x4), one 4x4 tile |")
     print("|---|---|---|---|---|---|---|")
     totals = {"stock": 0.0, "best": 0.0}
