@@ -116,6 +116,11 @@ struct LayerKernels {
   // Winograd's weight gradient takes; unetx's GEMM kernel is float32 only) the widening copies cost far less.
   // Synchronous devices only (the candidates are timed on the host's clock).
   bool widened_weight_grad = false;
+
+  // Where not null: after a forward has chosen its convolution, keep only the chosen Winograd tile's transform of
+  // `weight` among those held for it (cpu/kernels.h hold_weight_transforms; tile 0: ATen's was chosen, keep none), so
+  // that a held weight costs the memory of what runs, not of every candidate measured.
+  void (*keep_weight_transform)(const at::Tensor& weight, int64_t tile) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,

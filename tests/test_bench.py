@@ -413,3 +413,16 @@ def test_winograd_bench_quick_runs():
     assert p.returncode == 0, p.stderr
     for row in ("| forward |", "| input grad |", "| weight grad |", "F(4x4), one 4x4 tile", "F(4x4) error (ratio)"):
         assert row in p.stdout, f"missing {row!r} in:\n{p.stdout}"
+
+
+def test_eval_weights_bench_quick(tmp_path):
+    """bench/eval_weights.py --quick: both precisions, kept and folded, and the transforms held (no timing checked)."""
+    out = tmp_path / "eval.json"
+    p = run_script("eval_weights.py", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    for row in ("| float32 |", "| bfloat16 autocast |"):
+        assert row in p.stdout, p.stdout
+    r = json.loads(out.read_text())
+    for name in ("float32", "bfloat16 autocast"):
+        assert len(r["rows"][name]["kept"]) == len(r["rows"][name]["folded"]) == 1
+    assert r["params"] > 0

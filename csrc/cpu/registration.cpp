@@ -25,6 +25,7 @@ const LayerKernels kKernels{
     /*upsample_concat_forward=*/upsample_concat_forward,
     /*upsample_concat_backward=*/upsample_concat_backward,
     /*widened_weight_grad=*/true,
+    /*keep_weight_transform=*/keep_weight_transform,
 };
 
 }  // namespace

@@ -410,6 +410,47 @@ at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
   return U;
 }
 
+// Transformed weights kept across calls (hold_weight_transforms, cpu/kernels.h): for each held weight, the
+// forward's U per tile size, computed by its first call and reused while the weight lives. An eval layer's
+// transform is as much memory traffic as its tile products at the deepest levels, and its weight never changes
+// between calls. Entries are found by the weight's TensorImpl: a weak reference keeps the address from being reused
+// by another tensor, and an expired entry (its weight freed) is dropped with its transforms on the next visit.
+struct HeldWeight {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+  at::Tensor U[2];  // tile 2, tile 4
+};
+
+std::mutex& held_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::vector<HeldWeight>& held() {
+  static std::vector<HeldWeight> h;
+  return h;
+}
+
+void drop_expired() {
+  auto& h = held();
+  h.erase(std::remove_if(h.begin(), h.end(), [](const HeldWeight& e) { return e.weight.expired(); }), h.end());
+}
+
+// The forward's transformed weight (not the adjoint's: held weights are eval weights, never differentiated).
+template <int M, typename T>
+at::Tensor forward_transform(const at::Tensor& weight) {
+  const int slot = M == 4 ? 1 : 0;
+  {
+    std::lock_guard<std::mutex> lock(held_mutex());
+    drop_expired();
+    for (auto& e : held())
+      if (e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl()) {
+        if (!e.U[slot].defined()) e.U[slot] = transform_weight<M, T>(weight, /*adjoint=*/false);
+        return e.U[slot];
+      }
+  }
+  return transform_weight<M, T>(weight, /*adjoint=*/false);
+}
+
 // Where the transformed weight (P * C * Co floats) is larger than this, a block's GEMMs would stream it from
 // memory once per block: blocks are then made large and split among the threads by position instead (each
 // position's slice of the weight read once per block).
@@ -750,12 +791,13 @@ at::Tensor conv(const at::Tensor& x, const StageRows* rows, const at::Tensor& we
   with_io_type(x.scalar_type(), [&](auto t) {
     using T = decltype(t);
     const Source<T> src{rows ? nullptr : xc.template const_data_ptr<T>(), rows};
-    if (m == 4)
-      conv_impl<4>(src, transform_weight<4, T>(weight, adjoint).template const_data_ptr<float>(),
-                   y.template data_ptr<T>(), g, in, out, ep);
-    else
-      conv_impl<2>(src, transform_weight<2, T>(weight, adjoint).template const_data_ptr<float>(),
-                   y.template data_ptr<T>(), g, in, out, ep);
+    if (m == 4) {
+      const auto U = adjoint ? transform_weight<4, T>(weight, true) : forward_transform<4, T>(weight);
+      conv_impl<4>(src, U.template const_data_ptr<float>(), y.template data_ptr<T>(), g, in, out, ep);
+    } else {
+      const auto U = adjoint ? transform_weight<2, T>(weight, true) : forward_transform<2, T>(weight);
+      conv_impl<2>(src, U.template const_data_ptr<float>(), y.template data_ptr<T>(), g, in, out, ep);
+    }
   });
   if (stats) {
     TORCH_INTERNAL_ASSERT(sink.count() == N * H * W, op, ": statistics of ", sink.count(), " outputs, not ", N * H * W);
@@ -821,6 +863,33 @@ at::Tensor winograd_conv3x3_input_grad(const at::Tensor& grad_y, const at::Tenso
 
 at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, int64_t tile) {
   return wino_weight_grad(grad_y, x, nullptr, tile);
+}
+
+void hold_weight_transforms(const at::Tensor& weight) {
+  TORCH_CHECK(weight.defined() && weight.device().is_cpu(), "unetx.hold_weight_transforms: expected a CPU tensor");
+  std::lock_guard<std::mutex> lock(held_mutex());
+  drop_expired();
+  for (const auto& e : held())
+    if (e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl()) return;
+  held().push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()), {}});
+}
+
+void keep_weight_transform(const at::Tensor& weight, int64_t tile) {
+  std::lock_guard<std::mutex> lock(held_mutex());
+  for (auto& e : held())
+    if (e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl())
+      for (int slot = 0; slot < 2; ++slot)
+        if (tile != (slot == 1 ? 4 : 2)) e.U[slot].reset();
+}
+
+std::pair<int64_t, int64_t> held_weight_transforms() {
+  std::lock_guard<std::mutex> lock(held_mutex());
+  drop_expired();
+  int64_t bytes = 0;
+  for (const auto& e : held())
+    for (const auto& u : e.U)
+      if (u.defined()) bytes += u.nbytes();
+  return {int64_t(held().size()), bytes};
 }
 
 at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,

@@ -11,6 +11,7 @@ output whose BatchNorm was folded into the convolution.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -58,6 +59,10 @@ class ConvBNReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.pending(Act(x)).materialize()
 
+    def train(self, mode: bool = True) -> ConvBNReLU:
+        forget_eval_weights(self.bn)  # every eval() folds the weights afresh (see _eval_weights)
+        return super().train(mode)
+
     def pending(self, x: Act, pool: bool = False, x2: Tensor | None = None, x2_mode: str = "none") -> Act:
         """This layer on a pending input (optionally 2x2-avg-pooled, optionally concatenated with upsample(x2))."""
         return conv_bn_relu_pending(x, self.conv, self.bn, pool, x2, x2_mode, sync_bn=self.sync_bn)
@@ -99,11 +104,7 @@ def conv_bn_relu_pending(
             _update_running_stats(bn, mean.detach(), var.detach(), count)
         return Act(y, gamma * torch.rsqrt(var + bn.eps), beta, mean)
     # eval: BatchNorm folded into the convolution, ReLU fused; the output is already activated
-    s = gamma * torch.rsqrt(bn.running_var + bn.eps)
-    w = conv.weight * s.view(-1, 1, 1, 1)
-    b = beta - bn.running_mean * s
-    if conv.bias is not None:
-        b = b + conv.bias * s
+    w, b = _eval_weights(conv, bn, gamma, beta)
     y, _, _ = ops.conv_bn_relu(
         xy,
         w,
@@ -118,6 +119,58 @@ def conv_bn_relu_pending(
         relu=True,
     )
     return Act(y)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    s = gamma * torch.rsqrt(bn.running_var + bn.eps)
+    w = conv.weight * s.view(-1, 1, 1, 1)
+    b = beta - bn.running_mean * s
+    if conv.bias is not None:
+        b = b + conv.bias * s
+    return w, b
+
+
+# bn -> (key, the tensors the key names, folded weight, folded bias): an eval layer's folded (and autocast-cast)
+# weight and bias, kept across calls, with the CPU Winograd transform of the weight held beside it
+# (ops.winograd_conv3x3.hold_weight_transforms): refolding, casting and transforming cost weight-sized passes per
+# call, as much time as the convolution itself at the deepest levels.
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# False: eval layers fold their weights on every call and keep nothing (the memory of the kept weights and their
+# transforms back: about 5x a model's parameters in float32; bench/eval_weights.py measures both).
+KEEP_EVAL_WEIGHTS = True
+
+
+def _eval_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """The eval layer's folded weight and bias. Kept across calls where nothing is differentiated (no_grad,
+    inference_mode, or no parameter requiring grad) and outside torch.compile (whose graph folds them itself), until
+    a parameter or running statistic changes (its version, storage or dtype), the autocast dtype changes, or the
+    layer's train()/eval() is called (which also catches a change made through `.data`, which autograd cannot see)."""
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    live = [t for t in tensors if t is not None]
+    if (
+        not KEEP_EVAL_WEIGHTS
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in live))
+        or any(t.is_inference() for t in live)  # no version counter to tell a change by
+    ):
+        return _fold(conv, bn, gamma, beta)
+    device_type = conv.weight.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    # the entry keeps `tensors` alive, so no other tensor can take one of their ids while it stands
+    key = (bn.eps, dtype, tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in live))
+    entry = _FOLDED.get(bn)
+    if entry is not None and entry[0] == key:
+        return entry[2], entry[3]
+    w, b = ops.autocast.conv_operands(_fold(conv, bn, gamma, beta), device_type)
+    ops.hold_weight_transforms(w)
+    _FOLDED[bn] = (key, tensors, w, b)
+    return w, b
+
+
+def forget_eval_weights(bn: nn.BatchNorm2d) -> None:
+    """Drop the folded weights kept for `bn`'s layer (the next eval call folds them again)."""
+    _FOLDED.pop(bn, None)
 
 
 @torch.no_grad()

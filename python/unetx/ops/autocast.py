@@ -41,6 +41,14 @@ def _lower_precision(args: tuple, device_type: str, indices: tuple[int, ...]) ->
     )
 
 
+def conv_operands(tensors: tuple, device_type: str) -> tuple:
+    """`tensors` as conv_bn_relu's autocast rule casts its data under the autocast state of now (unchanged outside
+    autocast): for callers that keep cast operands across calls (unetx.nn's eval layers)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return _lower_precision(tensors, device_type, tuple(range(len(tensors))))
+
+
 def _promote(args: tuple, device_type: str, indices: tuple[int, ...]) -> tuple:
     tensors = [args[i] for i in indices if _eligible(args[i], device_type)]
     if not tensors:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._common import _check_4d, _ops
+from ._extension import _C
 
 
 def winograd_conv3x3(x: Tensor, weight: Tensor, tile: int = 4) -> Tensor:
@@ -21,6 +22,20 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, tile: int = 4) -> Tensor:
     error in float32 (within 64x resp. 4x stock float32's; in bfloat16 within 2x stock bfloat16's, the result's
     rounding dominating; tests/test_winograd.py). The output is channels-last. Differentiable in x and weight."""
     return _ops.winograd_conv3x3(x, weight, tile)
+
+
+def hold_weight_transforms(weight: Tensor) -> None:
+    """Keep the Winograd forward's transformed weight of `weight` (4x its values in float32 for tile 4, computed by
+    its first CPU forward) for as long as `weight` lives, instead of transforming it on every call. Only for a tensor
+    whose values never change while it lives: unetx.nn's eval layers hold their folded weights this way. A no-op
+    for a tensor off the CPU."""
+    if weight.device.type == "cpu":
+        _C.hold_weight_transforms(weight)
+
+
+def held_weight_transforms() -> tuple[int, int]:
+    """(weights held by hold_weight_transforms and still alive, bytes their transformed weights take)."""
+    return tuple(_C.held_weight_transforms())
 
 
 def _fake_conv(op, t, name, weight, out_channels):
