@@ -117,9 +117,9 @@ struct LayerKernels {
   // Synchronous devices only (the candidates are timed on the host's clock).
   bool widened_weight_grad = false;
 
-  // Where not null: after a forward has chosen its convolution, keep only the chosen Winograd tile's transform of
-  // `weight` among those held for it (cpu/kernels.h hold_weight_transforms; tile 0: ATen's was chosen, keep none), so
-  // that a held weight costs the memory of what runs, not of every candidate measured.
+  // Where not null: after a forward has chosen its convolution (Winograd tile `tile`, 0 for ATen's), drop the
+  // transforms held for `weight` (cpu/kernels.h hold_weight_transforms) of tiles never chosen for it, so that a held
+  // weight costs the memory of what runs, not of every candidate measured.
   void (*keep_weight_transform)(const at::Tensor& weight, int64_t tile) = nullptr;
 };
 

@@ -91,9 +91,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "hold_weight_transforms", [](const at::Tensor& weight) { unetx::cpu::hold_weight_transforms(weight); },
       py::arg("weight"),
-      "Keep the CPU Winograd forward's transformed weight of `weight` for as long as `weight` lives (computed by its "
-      "first forward) instead of transforming it on every call. Only for a tensor whose values never change while it "
-      "lives: an eval layer's folded weight (unetx.nn.layers).");
+      "Keep the CPU Winograd forward's transformed weight of `weight` across calls (computed by its first forward; "
+      "again when its version changes) until release_weight_transforms or `weight` is freed: for an eval layer's "
+      "folded weight (unetx.nn.layers).");
+  m.def(
+      "release_weight_transforms", [](const at::Tensor& weight) { unetx::cpu::release_weight_transforms(weight); },
+      py::arg("weight"), "Stop holding `weight`'s transforms (hold_weight_transforms) and free them now.");
   m.def("held_weight_transforms", &unetx::cpu::held_weight_transforms,
         "(weights held, bytes their transformed weights take) of hold_weight_transforms.");
   m.def(

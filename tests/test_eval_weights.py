@@ -79,9 +79,12 @@ def test_only_what_runs_is_held(monkeypatch):
     assert unetx.ops.held_weight_transforms()[1] - before[1] == sum(
         16 * c.in_channels * c.out_channels * 4 for c in layers
     )
-    monkeypatch.setenv("UNETX_CONV_ALGO", "conv3x3_forward=onednn")
+    # a tile once chosen stays (a model predicting at two sizes may choose one per size)
+    monkeypatch.setenv("UNETX_CONV_ALGO", "conv3x3_forward=winograd4")
     kept(m, x)
-    assert unetx.ops.held_weight_transforms()[1] == before[1]
+    assert unetx.ops.held_weight_transforms()[1] - before[1] == sum(
+        (16 + 36) * c.in_channels * c.out_channels * 4 for c in layers
+    )
 
 
 def test_nothing_is_kept_while_parameters_are_differentiated():
@@ -93,9 +96,14 @@ def test_nothing_is_kept_while_parameters_are_differentiated():
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
-def test_released_with_the_model():
+def test_released_with_the_model_and_at_train():
     m, x = model(), image()
     before = unetx.ops.held_weight_transforms()
+    kept(m, x)
+    assert unetx.ops.held_weight_transforms()[0] > before[0]
+    m.train()
+    assert unetx.ops.held_weight_transforms() == before
+    m.eval()
     kept(m, x)
     assert unetx.ops.held_weight_transforms()[0] > before[0]
     del m
@@ -164,7 +172,8 @@ def test_kept_under_inference_mode_then_used_under_no_grad():
     torch.testing.assert_close(b, expected, rtol=0, atol=0)
 
 
-def test_converted_model_keeps_and_refreshes_its_weights():
+def test_converted_model_folds_every_call():
+    """A converted model's stock modules have no train() of unetx's to drop kept weights by: nothing is kept."""
     torch.manual_seed(0)
     stock = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1, bias=False),
@@ -177,9 +186,64 @@ def test_converted_model_keeps_and_refreshes_its_weights():
     randomise_batchnorm(stock)
     m = unetx.convert(stock).eval()
     x = torch.randn(2, 3, 20, 28).contiguous(memory_format=torch.channels_last)
+    before = unetx.ops.held_weight_transforms()
     torch.testing.assert_close(kept(m, x), fresh(m, x), rtol=0, atol=0)
-    before = kept(m, x)
+    assert unetx.ops.held_weight_transforms() == before
     with torch.no_grad():
-        next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d)).weight.mul_(-1)
-    assert not torch.equal(kept(m, x), before)
+        next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d)).weight.data.mul_(-1)
     torch.testing.assert_close(kept(m, x), fresh(m, x), rtol=0, atol=0)
+
+
+def test_a_kept_call_folds_nothing(monkeypatch):
+    m, x = model(), image()
+    folds = []
+    real = unetx.nn.layers._fold
+    monkeypatch.setattr(unetx.nn.layers, "_fold", lambda *a: folds.append(1) or real(*a))
+    first = kept(m, x)
+    assert len(folds) == convs(m)
+    w = [unetx.nn.layers._KEPT[c.bn].w for c in m.modules() if isinstance(c, unetx.nn.layers.ConvBNReLU)]
+    torch.testing.assert_close(kept(m, x), first, rtol=0, atol=0)
+    assert len(folds) == convs(m)  # the second call folded nothing
+    assert all(
+        unetx.nn.layers._KEPT[c.bn].w is wi
+        for c, wi in zip((c for c in m.modules() if isinstance(c, unetx.nn.layers.ConvBNReLU)), w)
+    )
+
+
+def test_frozen_model_kept_under_inference_mode_then_differentiated_in_its_input():
+    m, x = model(), image()
+    m.requires_grad_(False)
+    with torch.inference_mode():
+        m(x)
+    xg = x.clone().requires_grad_()
+    m(xg).square().sum().backward()  # the kept weights are saved for backward: they must be normal tensors
+    xr = x.clone().requires_grad_()
+    m.requires_grad_(True)
+    m(xr).square().sum().backward()  # folded afresh, differentiated in the parameters too
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["module", "data"])
+def test_half_and_back_is_seen(how):
+    """.half() then .float() gives every parameter new storage (possibly at its old address) and no new version;
+    `p.data = ...` alone keeps even the buffers."""
+    m, x = model(), image()
+    kept(m, x)
+    if how == "module":
+        m.half()
+        m.float()
+    else:
+        for p in m.parameters():
+            p.data = p.data.half().float()
+    torch.testing.assert_close(kept(m, x), fresh(m, x), rtol=0, atol=0)
+
+
+def test_fx_symbolic_trace_of_an_eval_layer():
+    torch.manual_seed(0)
+    layer = unetx.nn.layers.ConvBNReLU(3, 8)
+    randomise_batchnorm(layer)
+    layer.eval()
+    x = torch.randn(1, 3, 12, 10)
+    traced = torch.fx.symbolic_trace(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=0)

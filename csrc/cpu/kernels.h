@@ -130,13 +130,14 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
 // applied in its output transform.
 at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int64_t tile, const StageRows* rows,
                        const ConvEpilogue& out);
-// Keep the forward's transformed weight of `weight` (computed by its first Winograd forward) for as long as
-// `weight` lives, instead of transforming it on every call: for a tensor whose values never change while it lives
-// (an eval layer's folded weight, unetx.nn.layers). held_weight_transforms: the weights held and the bytes their
-// transforms take.
+// Keep the forward's transformed weight of `weight` (computed by its first Winograd forward) across calls instead of
+// transforming it on every call, transformed again when its version changes, dropped at release_weight_transforms
+// or (at the next Winograd forward) once `weight` is freed: for an eval layer's folded weight (unetx.nn.layers).
+// held_weight_transforms: the weights held and the bytes their transforms take.
 void hold_weight_transforms(const at::Tensor& weight);
+void release_weight_transforms(const at::Tensor& weight);
 std::pair<int64_t, int64_t> held_weight_transforms();
-// LayerKernels::keep_weight_transform: of those held for `weight`, drop every transform but tile `tile`'s.
+// LayerKernels::keep_weight_transform: of the transforms held for `weight`, keep those of tiles ever chosen for it.
 void keep_weight_transform(const at::Tensor& weight, int64_t tile);
 
 }  // namespace unetx::cpu

@@ -411,13 +411,15 @@ at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
 }
 
 // Transformed weights kept across calls (hold_weight_transforms, cpu/kernels.h): for each held weight, the
-// forward's U per tile size, computed by its first call and reused while the weight lives. An eval layer's
-// transform is as much memory traffic as its tile products at the deepest levels, and its weight never changes
-// between calls. Entries are found by the weight's TensorImpl: a weak reference keeps the address from being reused
-// by another tensor, and an expired entry (its weight freed) is dropped with its transforms on the next visit.
+// forward's U per tile size, computed by its first call and reused while the weight and its version stand. An eval
+// layer's weight does not change between calls, and its transform is weight-sized work that dominates a call at
+// the deepest levels (few tiles, most channels). Entries are found by the weight's TensorImpl: the weak reference
+// keeps the address from being reused by another tensor while the entry stands.
 struct HeldWeight {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
-  at::Tensor U[2];  // tile 2, tile 4
+  at::Tensor U[2];                // tile 2, tile 4
+  int64_t version[2] = {-1, -1};  // the weight's version U was computed from
+  bool chosen[2] = {false, false};
 };
 
 std::mutex& held_mutex() {
@@ -430,25 +432,40 @@ std::vector<HeldWeight>& held() {
   return h;
 }
 
+// Under held_mutex: entries whose weight was freed go, with their transforms.
 void drop_expired() {
   auto& h = held();
   h.erase(std::remove_if(h.begin(), h.end(), [](const HeldWeight& e) { return e.weight.expired(); }), h.end());
 }
 
-// The forward's transformed weight (not the adjoint's: held weights are eval weights, never differentiated).
+// The entry of `weight` (expired ones dropped first), or null; under held_mutex.
+HeldWeight* held_entry(const at::Tensor& weight) {
+  drop_expired();
+  for (auto& e : held())
+    if (e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl()) return &e;
+  return nullptr;
+}
+
+int64_t version_of(const at::Tensor& t) {
+  return t.is_inference() ? 0 : int64_t(t._version());  // an inference tensor cannot change outside inference mode
+}
+
+// The forward's transformed weight (not the adjoint's: held weights are eval weights, never differentiated); computed
+// outside the lock, so that the transform's threads never wait on it.
 template <int M, typename T>
 at::Tensor forward_transform(const at::Tensor& weight) {
   const int slot = M == 4 ? 1 : 0;
+  const int64_t version = version_of(weight);
   {
     std::lock_guard<std::mutex> lock(held_mutex());
-    drop_expired();
-    for (auto& e : held())
-      if (e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl()) {
-        if (!e.U[slot].defined()) e.U[slot] = transform_weight<M, T>(weight, /*adjoint=*/false);
-        return e.U[slot];
-      }
+    HeldWeight* e = held_entry(weight);
+    if (!e) return transform_weight<M, T>(weight, /*adjoint=*/false);
+    if (e->U[slot].defined() && e->version[slot] == version) return e->U[slot];
   }
-  return transform_weight<M, T>(weight, /*adjoint=*/false);
+  auto U = transform_weight<M, T>(weight, /*adjoint=*/false);
+  std::lock_guard<std::mutex> lock(held_mutex());
+  if (HeldWeight* e = held_entry(weight)) e->U[slot] = U, e->version[slot] = version;
+  return U;
 }
 
 // Where the transformed weight (P * C * Co floats) is larger than this, a block's GEMMs would stream it from
@@ -868,18 +885,29 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
 void hold_weight_transforms(const at::Tensor& weight) {
   TORCH_CHECK(weight.defined() && weight.device().is_cpu(), "unetx.hold_weight_transforms: expected a CPU tensor");
   std::lock_guard<std::mutex> lock(held_mutex());
-  drop_expired();
-  for (const auto& e : held())
-    if (e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl()) return;
-  held().push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()), {}});
+  if (!held_entry(weight))
+    held().push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr())});
 }
 
+void release_weight_transforms(const at::Tensor& weight) {
+  std::lock_guard<std::mutex> lock(held_mutex());
+  auto& h = held();
+  h.erase(std::remove_if(h.begin(), h.end(),
+                         [&](const HeldWeight& e) {
+                           return e.weight.expired() || e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl();
+                         }),
+          h.end());
+}
+
+// A tile chosen for any of the weight's input shapes stays held (a model predicting on images of two sizes may
+// choose differently for each, and would otherwise transform again at every switch); tiles never chosen go.
 void keep_weight_transform(const at::Tensor& weight, int64_t tile) {
   std::lock_guard<std::mutex> lock(held_mutex());
-  for (auto& e : held())
-    if (e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl())
-      for (int slot = 0; slot < 2; ++slot)
-        if (tile != (slot == 1 ? 4 : 2)) e.U[slot].reset();
+  if (HeldWeight* e = held_entry(weight))
+    for (int slot = 0; slot < 2; ++slot) {
+      e->chosen[slot] = e->chosen[slot] || tile == (slot == 1 ? 4 : 2);
+      if (!e->chosen[slot]) e->U[slot].reset();
+    }
 }
 
 std::pair<int64_t, int64_t> held_weight_transforms() {

@@ -65,7 +65,9 @@ class ConvBNReLU(nn.Module):
 
     def pending(self, x: Act, pool: bool = False, x2: Tensor | None = None, x2_mode: str = "none") -> Act:
         """This layer on a pending input (optionally 2x2-avg-pooled, optionally concatenated with upsample(x2))."""
-        return conv_bn_relu_pending(x, self.conv, self.bn, pool, x2, x2_mode, sync_bn=self.sync_bn)
+        return conv_bn_relu_pending(
+            x, self.conv, self.bn, pool, x2, x2_mode, sync_bn=self.sync_bn, keep_eval_weights=True
+        )
 
 
 def conv_bn_relu_pending(
@@ -76,9 +78,12 @@ def conv_bn_relu_pending(
     x2: Tensor | None = None,
     x2_mode: str = "none",
     sync_bn: bool = False,
+    keep_eval_weights: bool = False,
 ) -> Act:
     """Conv2d -> BatchNorm2d -> ReLU of stock modules' parameters on the fused op, BatchNorm semantics included
-    (batch statistics and running-stat updates in training, folded running statistics in eval)."""
+    (batch statistics and running-stat updates in training, folded running statistics in eval). With
+    keep_eval_weights, the eval fold is kept across calls (_eval_weights): for layers whose train() drops it
+    (ConvBNReLU); a converted model's stock modules have no such hook and fold on every call."""
     # under torch.autocast the op casts its data to the autocast dtype itself (unetx.ops.autocast)
     xy, weight, bias = x.y, conv.weight, conv.bias
     gamma = bn.weight if bn.affine else torch.ones(bn.num_features, device=weight.device, dtype=torch.float32)
@@ -104,7 +109,7 @@ def conv_bn_relu_pending(
             _update_running_stats(bn, mean.detach(), var.detach(), count)
         return Act(y, gamma * torch.rsqrt(var + bn.eps), beta, mean)
     # eval: BatchNorm folded into the convolution, ReLU fused; the output is already activated
-    w, b = _eval_weights(conv, bn, gamma, beta)
+    w, b = _eval_weights(conv, bn, gamma, beta, keep_eval_weights)
     y, _, _ = ops.conv_bn_relu(
         xy,
         w,
@@ -130,47 +135,87 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, gamma: Tensor, beta: Tensor) -> t
     return w, b
 
 
-# bn -> (key, the tensors the key names, folded weight, folded bias): an eval layer's folded (and autocast-cast)
-# weight and bias, kept across calls, with the CPU Winograd transform of the weight held beside it
-# (ops.winograd_conv3x3.hold_weight_transforms): refolding, casting and transforming cost weight-sized passes per
-# call, as much time as the convolution itself at the deepest levels.
-_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 # False: eval layers fold their weights on every call and keep nothing (the memory of the kept weights and their
-# transforms back: about 5x a model's parameters in float32; bench/eval_weights.py measures both).
+# transforms back; bench/eval_weights.py measures both).
 KEEP_EVAL_WEIGHTS = True
 
 
-def _eval_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """The eval layer's folded weight and bias. Kept across calls where nothing is differentiated (no_grad,
-    inference_mode, or no parameter requiring grad) and outside torch.compile (whose graph folds them itself), until
-    a parameter or running statistic changes (its version, storage or dtype), the autocast dtype changes, or the
-    layer's train()/eval() is called (which also catches a change made through `.data`, which autograd cannot see)."""
-    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    live = [t for t in tensors if t is not None]
-    if (
-        not KEEP_EVAL_WEIGHTS
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and any(t.requires_grad for t in live))
-        or any(t.is_inference() for t in live)  # no version counter to tell a change by
-    ):
+class _Kept(NamedTuple):
+    """A layer's folded (and autocast-cast) eval weight and bias, and what they were folded from: each tensor's
+    identity and its storage's, held weakly (a freed one cannot pass for a new one at its address, and nothing is
+    kept alive), and the state that changes in place (version) or through `.data =` (storage, strides, dtype)."""
+
+    state: tuple
+    refs: tuple
+    w: Tensor
+    b: Tensor
+    release: weakref.finalize  # drops w's held Winograd transforms when the layer goes
+
+
+# bn -> _Kept: refolding, casting and transforming an eval layer's weight are weight-sized passes on every call,
+# which matter most at the deepest levels, where weights are largest and activations smallest.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state(tensors: list[Tensor], bn: nn.BatchNorm2d, device_type: str) -> tuple:
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return (bn.eps, dtype) + tuple(
+        (t._version, t.storage_offset(), t.shape, t.stride(), t.dtype, t.device) for t in tensors
+    )
+
+
+def _keepable(tensors: list[Tensor]) -> bool:
+    """Whether kept weights may stand in for folding now: not while tracing (torch.compile / export fold in their
+    graph; fx proxies, fake and subclass tensors have no storage to tell a change by), not for inference tensors
+    (no version counter), not while a parameter is differentiated, not during a CUDA graph capture (which must
+    record the fold)."""
+    if torch.compiler.is_compiling() or not KEEP_EVAL_WEIGHTS:
+        return False
+    if any(type(t) not in (Tensor, nn.Parameter) or t.is_inference() for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _eval_weights(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d, gamma: Tensor, beta: Tensor, keep: bool
+) -> tuple[Tensor, Tensor]:
+    """The eval layer's folded weight and bias. With `keep` (unetx's own layers), kept across calls where
+    _keepable, and folded again when a parameter or running statistic changes (in place, or replaced, or given new
+    storage, layout or dtype), when the autocast dtype changes, and at the layer's train()/eval() (ConvBNReLU.train:
+    the one way to make a change through `.data`, which bumps no version, seen)."""
+    tensors = [
+        t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None
+    ]
+    if not keep or not _keepable(tensors):
         return _fold(conv, bn, gamma, beta)
     device_type = conv.weight.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    # the entry keeps `tensors` alive, so no other tensor can take one of their ids while it stands
-    key = (bn.eps, dtype, tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in live))
-    entry = _FOLDED.get(bn)
-    if entry is not None and entry[0] == key:
-        return entry[2], entry[3]
-    w, b = ops.autocast.conv_operands(_fold(conv, bn, gamma, beta), device_type)
+    state = _state(tensors, bn, device_type)
+    kept = _KEPT.get(bn)
+    if (
+        kept is not None
+        and kept.state == state
+        and all(rt() is t and rs() is t.untyped_storage() for t, (rt, rs) in zip(tensors, kept.refs))
+    ):
+        return kept.w, kept.b
+    forget_eval_weights(bn)
+    # a normal tensor even under inference_mode: a frozen model may later be differentiated in its input
+    with torch.inference_mode(False), torch.no_grad():
+        w, b = ops.autocast.conv_operands(_fold(conv, bn, gamma, beta), device_type)
     ops.hold_weight_transforms(w)
-    _FOLDED[bn] = (key, tensors, w, b)
+    release = weakref.finalize(bn, ops.release_weight_transforms, w)
+    release.atexit = False
+    refs = tuple((weakref.ref(t), weakref.ref(t.untyped_storage())) for t in tensors)
+    _KEPT[bn] = _Kept(state, refs, w, b, release)
     return w, b
 
 
 def forget_eval_weights(bn: nn.BatchNorm2d) -> None:
-    """Drop the folded weights kept for `bn`'s layer (the next eval call folds them again)."""
-    _FOLDED.pop(bn, None)
+    """Drop the folded weights kept for `bn`'s layer and their held transforms (the next eval call folds again)."""
+    kept = _KEPT.pop(bn, None)
+    if kept is not None and kept.release.detach() is not None:
+        ops.release_weight_transforms(kept.w)
 
 
 @torch.no_grad()

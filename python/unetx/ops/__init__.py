@@ -8,7 +8,8 @@ fake (meta) impl, autograd formula (each backward is itself a registered op) and
   avg_pool2x2       2x2 average pooling, stride 2                                       (ops/avg_pool2x2.py)
   upsample_concat   cat([skip, upsample2x(x)], dim=1) in one pass                       (ops/upsample_concat.py)
   winograd_conv3x3  3x3 'same' convolution by Winograd F(4x4) / F(2x2), CPU float32      (ops/winograd_conv3x3.py)
-                    (hold_weight_transforms: its transformed weight kept across calls, for eval weights)
+                    (hold_weight_transforms / release_weight_transforms: its transformed weight kept
+                    across calls, for eval weights)
 
 Kernels: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, schemas in csrc/registration.cpp. Plain-PyTorch references:
 unetx.ops.reference. Autocast: unetx.ops.autocast (one rule for all ops). Devices: unetx.ops._dispatch.
@@ -26,7 +27,12 @@ from .avg_pool2x2 import avg_pool2x2
 from .bn_relu import bn_relu, bn_relu_pool
 from .conv_bn_relu import conv_bn_relu
 from .upsample_concat import upsample_concat
-from .winograd_conv3x3 import held_weight_transforms, hold_weight_transforms, winograd_conv3x3
+from .winograd_conv3x3 import (
+    held_weight_transforms,
+    hold_weight_transforms,
+    release_weight_transforms,
+    winograd_conv3x3,
+)
 
 algo_choice.install()
 
@@ -44,6 +50,7 @@ __all__ = [
     "hold_weight_transforms",
     "memory_format",
     "reference",
+    "release_weight_transforms",
     "upsample_concat",
     "winograd_conv3x3",
 ]

@@ -25,12 +25,19 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, tile: int = 4) -> Tensor:
 
 
 def hold_weight_transforms(weight: Tensor) -> None:
-    """Keep the Winograd forward's transformed weight of `weight` (4x its values in float32 for tile 4, computed by
-    its first CPU forward) for as long as `weight` lives, instead of transforming it on every call. Only for a tensor
-    whose values never change while it lives: unetx.nn's eval layers hold their folded weights this way. A no-op
-    for a tensor off the CPU."""
+    """Keep the CPU Winograd forward's transformed weight of `weight` (computed by its first forward; float32, 36 / 9
+    times its values for tile 4) across calls instead of transforming it on every call, until `weight` is released
+    (release_weight_transforms) or freed (its transforms are then dropped at the next Winograd forward), or changes
+    in place (its version: transformed again). Only the tile the layer chose stays held. unetx.nn's eval layers
+    hold their folded weights this way. A no-op for a tensor off the CPU."""
     if weight.device.type == "cpu":
         _C.hold_weight_transforms(weight)
+
+
+def release_weight_transforms(weight: Tensor) -> None:
+    """Stop holding `weight`'s transforms (hold_weight_transforms) and free them now."""
+    if weight.device.type == "cpu":
+        _C.release_weight_transforms(weight)
 
 
 def held_weight_transforms() -> tuple[int, int]:
