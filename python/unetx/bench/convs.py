@@ -51,7 +51,9 @@ class ConvRecorder(TorchDispatchMode):
                     shape=shape,
                     fmt=fmt,
                     dtype=x.dtype,
-                    weight=a["weight"].detach(),
+                    # the tensor itself where nothing differentiates it: an eval layer's kept weight, whose held
+                    # Winograd transform the replay then uses as the layer does (nn.layers._eval_weights)
+                    weight=a["weight"] if not a["weight"].requires_grad else a["weight"].detach(),
                     bias=None if a["bias"] is None else a["bias"].detach(),
                     transposed=a["transposed"],
                 )
