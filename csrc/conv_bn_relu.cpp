@@ -239,7 +239,8 @@ at::Tensor fastest_conv3x3(const LayerKernels& k, const Geometry& g, int64_t op,
                                        q.size(0)),  // the weight's output channels (out_ch is C for op 1)
                               c);
   TORCH_INTERNAL_ASSERT(ran >= 0, "unetx: no 3x3 convolution candidate applied");
-  if (op == 0 && k.keep_weight_transform) k.keep_weight_transform(q, ran == 0 ? 0 : c[ran].name == "winograd4" ? 4 : 2);
+  if (op == 0 && k.drop_unchosen_weight_transforms)
+    k.drop_unchosen_weight_transforms(q, ran == 0 ? 0 : c[ran].name == "winograd4" ? 4 : 2);
   if (ep.mean) {
     *ep.mean = mean[ran];
     *ep.var = var[ran];

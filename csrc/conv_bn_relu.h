@@ -120,7 +120,7 @@ struct LayerKernels {
   // Where not null: after a forward has chosen its convolution (Winograd tile `tile`, 0 for ATen's), drop the
   // transforms held for `weight` (cpu/kernels.h hold_weight_transforms) of tiles never chosen for it, so that a held
   // weight costs the memory of what runs, not of every candidate measured.
-  void (*keep_weight_transform)(const at::Tensor& weight, int64_t tile) = nullptr;
+  void (*drop_unchosen_weight_transforms)(const at::Tensor& weight, int64_t tile) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_forward(const LayerKernels& k, const at::Tensor& x,

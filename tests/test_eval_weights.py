@@ -247,3 +247,26 @@ def test_fx_symbolic_trace_of_an_eval_layer():
     traced = torch.fx.symbolic_trace(layer)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=0)
+
+
+def test_a_held_weight_changed_in_place_or_through_data_is_transformed_again():
+    """ops.hold_weight_transforms on a tensor of one's own: the transform follows the tensor's values."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 8, 3, 3)
+    unetx.ops.hold_weight_transforms(w)
+    for change in (None, "in_place", "data"):
+        if change == "in_place":
+            w.mul_(-2)
+        elif change == "data":
+            w.data = torch.randn(16, 8, 3, 3)
+        expected = unetx.ops.winograd_conv3x3(x, w.clone())
+        torch.testing.assert_close(unetx.ops.winograd_conv3x3(x, w), expected, rtol=0, atol=0)
+    unetx.ops.release_weight_transforms(w)
+
+
+def test_an_inference_tensor_is_not_held():
+    with torch.inference_mode():
+        w = torch.randn(4, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        unetx.ops.hold_weight_transforms(w)

@@ -137,7 +137,8 @@ at::Tensor winograd3x3(const at::Tensor& a, const at::Tensor& b, int64_t op, int
 void hold_weight_transforms(const at::Tensor& weight);
 void release_weight_transforms(const at::Tensor& weight);
 std::pair<int64_t, int64_t> held_weight_transforms();
-// LayerKernels::keep_weight_transform: of the transforms held for `weight`, keep those of tiles ever chosen for it.
-void keep_weight_transform(const at::Tensor& weight, int64_t tile);
+// LayerKernels::drop_unchosen_weight_transforms: of the transforms held for `weight`, keep those of tiles ever chosen
+// for it.
+void drop_unchosen_weight_transforms(const at::Tensor& weight, int64_t tile);
 
 }  // namespace unetx::cpu

@@ -25,7 +25,7 @@ const LayerKernels kKernels{
     /*upsample_concat_forward=*/upsample_concat_forward,
     /*upsample_concat_backward=*/upsample_concat_backward,
     /*widened_weight_grad=*/true,
-    /*keep_weight_transform=*/keep_weight_transform,
+    /*drop_unchosen_weight_transforms=*/drop_unchosen_weight_transforms,
 };
 
 }  // namespace

@@ -52,6 +52,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -415,10 +416,24 @@ at::Tensor transform_weight(const at::Tensor& weight, bool adjoint) {
 // layer's weight does not change between calls, and its transform is weight-sized work that dominates a call at
 // the deepest levels (few tiles, most channels). Entries are found by the weight's TensorImpl: the weak reference
 // keeps the address from being reused by another tensor while the entry stands.
+// What a weight's values may change by without a new TensorImpl: an in-place op (its version) or `.data =` /
+// set_() (its storage, shape, strides or dtype; no version bump).
+struct WeightState {
+  int64_t version = -1;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype = at::kFloat;
+  bool operator==(const WeightState&) const = default;
+};
+
+WeightState state_of(const at::Tensor& w) {
+  return {int64_t(w._version()), w.const_data_ptr(), w.sizes().vec(), w.strides().vec(), w.scalar_type()};
+}
+
 struct HeldWeight {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
-  at::Tensor U[2];                // tile 2, tile 4
-  int64_t version[2] = {-1, -1};  // the weight's version U was computed from
+  at::Tensor U[2];          // tile 2, tile 4
+  WeightState computed[2];  // the weight's state each U was computed from
   bool chosen[2] = {false, false};
 };
 
@@ -446,25 +461,21 @@ HeldWeight* held_entry(const at::Tensor& weight) {
   return nullptr;
 }
 
-int64_t version_of(const at::Tensor& t) {
-  return t.is_inference() ? 0 : int64_t(t._version());  // an inference tensor cannot change outside inference mode
-}
-
 // The forward's transformed weight (not the adjoint's: held weights are eval weights, never differentiated); computed
 // outside the lock, so that the transform's threads never wait on it.
 template <int M, typename T>
 at::Tensor forward_transform(const at::Tensor& weight) {
   const int slot = M == 4 ? 1 : 0;
-  const int64_t version = version_of(weight);
   {
     std::lock_guard<std::mutex> lock(held_mutex());
     HeldWeight* e = held_entry(weight);
     if (!e) return transform_weight<M, T>(weight, /*adjoint=*/false);
-    if (e->U[slot].defined() && e->version[slot] == version) return e->U[slot];
+    if (e->U[slot].defined() && e->computed[slot] == state_of(weight)) return e->U[slot];
   }
+  const WeightState state = state_of(weight);  // read before the transform: a change during it means another one
   auto U = transform_weight<M, T>(weight, /*adjoint=*/false);
   std::lock_guard<std::mutex> lock(held_mutex());
-  if (HeldWeight* e = held_entry(weight)) e->U[slot] = U, e->version[slot] = version;
+  if (HeldWeight* e = held_entry(weight)) e->U[slot] = U, e->computed[slot] = state;
   return U;
 }
 
@@ -883,7 +894,10 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_y, const at::Tens
 }
 
 void hold_weight_transforms(const at::Tensor& weight) {
-  TORCH_CHECK(weight.defined() && weight.device().is_cpu(), "unetx.hold_weight_transforms: expected a CPU tensor");
+  TORCH_CHECK(weight.defined() && weight.device().is_cpu(), "unetx.hold_weight_transforms: expected a CPU tensor, got ",
+              weight.defined() ? weight.device().str() : std::string("an undefined tensor"));
+  TORCH_CHECK(!weight.is_inference(), "unetx.hold_weight_transforms: an inference tensor has no version counter to ",
+              "tell an in-place change by; hold a normal tensor (made outside torch.inference_mode)");
   std::lock_guard<std::mutex> lock(held_mutex());
   if (!held_entry(weight))
     held().push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr())});
@@ -901,7 +915,7 @@ void release_weight_transforms(const at::Tensor& weight) {
 
 // A tile chosen for any of the weight's input shapes stays held (a model predicting on images of two sizes may
 // choose differently for each, and would otherwise transform again at every switch); tiles never chosen go.
-void keep_weight_transform(const at::Tensor& weight, int64_t tile) {
+void drop_unchosen_weight_transforms(const at::Tensor& weight, int64_t tile) {
   std::lock_guard<std::mutex> lock(held_mutex());
   if (HeldWeight* e = held_entry(weight))
     for (int slot = 0; slot < 2; ++slot) {

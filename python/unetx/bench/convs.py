@@ -51,9 +51,11 @@ class ConvRecorder(TorchDispatchMode):
                     shape=shape,
                     fmt=fmt,
                     dtype=x.dtype,
-                    # the tensor itself where nothing differentiates it: an eval layer's kept weight, whose held
-                    # Winograd transform the replay then uses as the layer does (nn.layers._eval_weights)
+                    # an eval layer's kept weight (nn.layers._eval_weights) is recorded and replayed as itself: its
+                    # held Winograd transform is then used as the layer uses it, where a copy (detach() too: another
+                    # TensorImpl) would be transformed on every call
                     weight=a["weight"] if not a["weight"].requires_grad else a["weight"].detach(),
+                    kept=not a["weight"].requires_grad,
                     bias=None if a["bias"] is None else a["bias"].detach(),
                     transposed=a["transposed"],
                 )
@@ -95,7 +97,8 @@ def conv_replay(rec: ConvRecorder, device: torch.device) -> Callable[[], None]:
     alone."""
     fwd, bwd = [], []
     for r in rec.forward:
-        fwd.append((_randn(r["shape"], r["fmt"], r["dtype"], device), r["weight"].clone(), r["bias"], r["transposed"]))
+        wt = r["weight"] if r["kept"] else r["weight"].clone()
+        fwd.append((_randn(r["shape"], r["fmt"], r["dtype"], device), wt, r["bias"], r["transposed"]))
     for r in reversed(rec.backward):
         bwd.append(
             (

@@ -135,8 +135,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, gamma: Tensor, beta: Tensor) -> t
     return w, b
 
 
-# False: eval layers fold their weights on every call and keep nothing (the memory of the kept weights and their
-# transforms back; bench/eval_weights.py measures both).
+# False: eval layers fold their weights on every call (bench/eval_weights.py measures both ways). What is already kept
+# stays until the layer's train()/eval() or its end: set it before the first eval call to keep nothing.
 KEEP_EVAL_WEIGHTS = True
 
 
@@ -165,11 +165,11 @@ def _state(tensors: list[Tensor], bn: nn.BatchNorm2d, device_type: str) -> tuple
 
 
 def _keepable(tensors: list[Tensor]) -> bool:
-    """Whether kept weights may stand in for folding now: not while tracing (torch.compile / export fold in their
-    graph; fx proxies, fake and subclass tensors have no storage to tell a change by), not for inference tensors
-    (no version counter), not while a parameter is differentiated, not during a CUDA graph capture (which must
-    record the fold)."""
-    if torch.compiler.is_compiling() or not KEEP_EVAL_WEIGHTS:
+    """Whether kept weights may stand in for folding now: not while tracing (torch.compile / export / jit.trace
+    fold in their graph; fx proxies, fake and subclass tensors have no storage to tell a change by), not for
+    inference tensors (no version counter), not while a parameter is differentiated, not during a CUDA graph capture
+    (which must record the fold)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not KEEP_EVAL_WEIGHTS:
         return False
     if any(type(t) not in (Tensor, nn.Parameter) or t.is_inference() for t in tensors):
         return False

@@ -27,9 +27,10 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, tile: int = 4) -> Tensor:
 def hold_weight_transforms(weight: Tensor) -> None:
     """Keep the CPU Winograd forward's transformed weight of `weight` (computed by its first forward; float32, 36 / 9
     times its values for tile 4) across calls instead of transforming it on every call, until `weight` is released
-    (release_weight_transforms) or freed (its transforms are then dropped at the next Winograd forward), or changes
-    in place (its version: transformed again). Only the tile the layer chose stays held. unetx.nn's eval layers
-    hold their folded weights this way. A no-op for a tensor off the CPU."""
+    (release_weight_transforms) or freed (its transforms are then dropped at the next Winograd forward). A change in
+    place or through `.data =` is seen (transformed again). Of the tiles a layer measures, those it ever chose stay
+    held. unetx.nn's eval layers hold their folded weights this way. A no-op for a tensor off the CPU; an inference
+    tensor (no version counter) is refused."""
     if weight.device.type == "cpu":
         _C.hold_weight_transforms(weight)
 
