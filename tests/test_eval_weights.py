@@ -45,8 +45,12 @@ def kept(m: torch.nn.Module, x: torch.Tensor, autocast: bool = False) -> torch.T
         return m(x)
 
 
+def fused_layers(m: torch.nn.Module) -> list[unetx.nn.layers.ConvBNReLU]:
+    return [c for c in m.modules() if isinstance(c, unetx.nn.layers.ConvBNReLU)]
+
+
 def convs(m: torch.nn.Module) -> int:
-    return sum(isinstance(x, unetx.nn.layers.ConvBNReLU) for x in m.modules())
+    return len(fused_layers(m))
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
@@ -58,7 +62,7 @@ def test_kept_weights_give_what_folding_afresh_gives(autocast):
     held, held_bytes = unetx.ops.held_weight_transforms()
     assert held - before[0] == convs(m)  # one folded weight per layer
     # each one's F(4x4) transform, float32 (36 positions of in x out channels), and no other
-    layers = [c.conv for c in m.modules() if isinstance(c, unetx.nn.layers.ConvBNReLU)]
+    layers = [c.conv for c in fused_layers(m)]
     assert held_bytes - before[1] == sum(36 * c.in_channels * c.out_channels * 4 for c in layers)
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
@@ -75,7 +79,7 @@ def test_only_what_runs_is_held(monkeypatch):
     assert held_bytes == before[1]  # ATen's convolution runs: no transform held
     monkeypatch.setenv("UNETX_CONV_ALGO", "conv3x3_forward=winograd2")
     kept(m, x)
-    layers = [c.conv for c in m.modules() if isinstance(c, unetx.nn.layers.ConvBNReLU)]
+    layers = [c.conv for c in fused_layers(m)]
     assert unetx.ops.held_weight_transforms()[1] - before[1] == sum(
         16 * c.in_channels * c.out_channels * 4 for c in layers
     )
@@ -201,13 +205,10 @@ def test_a_kept_call_folds_nothing(monkeypatch):
     monkeypatch.setattr(unetx.nn.layers, "_fold", lambda *a: folds.append(1) or real(*a))
     first = kept(m, x)
     assert len(folds) == convs(m)
-    w = [unetx.nn.layers._KEPT[c.bn].w for c in m.modules() if isinstance(c, unetx.nn.layers.ConvBNReLU)]
+    w = [unetx.nn.layers._KEPT[c.bn].w for c in fused_layers(m)]
     torch.testing.assert_close(kept(m, x), first, rtol=0, atol=0)
     assert len(folds) == convs(m)  # the second call folded nothing
-    assert all(
-        unetx.nn.layers._KEPT[c.bn].w is wi
-        for c, wi in zip((c for c in m.modules() if isinstance(c, unetx.nn.layers.ConvBNReLU)), w)
-    )
+    assert all(unetx.nn.layers._KEPT[c.bn].w is wi for c, wi in zip(fused_layers(m), w))
 
 
 def test_frozen_model_kept_under_inference_mode_then_differentiated_in_its_input():

@@ -466,13 +466,14 @@ HeldWeight* held_entry(const at::Tensor& weight) {
 template <int M, typename T>
 at::Tensor forward_transform(const at::Tensor& weight) {
   const int slot = M == 4 ? 1 : 0;
+  WeightState state;  // read before the transform: a change during it means another one
   {
     std::lock_guard<std::mutex> lock(held_mutex());
     HeldWeight* e = held_entry(weight);
-    if (!e) return transform_weight<M, T>(weight, /*adjoint=*/false);
-    if (e->U[slot].defined() && e->computed[slot] == state_of(weight)) return e->U[slot];
+    if (!e) return transform_weight<M, T>(weight, /*adjoint=*/false);  // not held (may be an inference tensor)
+    state = state_of(weight);
+    if (e->U[slot].defined() && e->computed[slot] == state) return e->U[slot];
   }
-  const WeightState state = state_of(weight);  // read before the transform: a change during it means another one
   auto U = transform_weight<M, T>(weight, /*adjoint=*/false);
   std::lock_guard<std::mutex> lock(held_mutex());
   if (HeldWeight* e = held_entry(weight)) e->U[slot] = U, e->computed[slot] = state;
@@ -905,12 +906,7 @@ void hold_weight_transforms(const at::Tensor& weight) {
 
 void release_weight_transforms(const at::Tensor& weight) {
   std::lock_guard<std::mutex> lock(held_mutex());
-  auto& h = held();
-  h.erase(std::remove_if(h.begin(), h.end(),
-                         [&](const HeldWeight& e) {
-                           return e.weight.expired() || e.weight._unsafe_get_target() == weight.unsafeGetTensorImpl();
-                         }),
-          h.end());
+  if (HeldWeight* e = held_entry(weight)) held().erase(held().begin() + (e - held().data()));
 }
 
 // A tile chosen for any of the weight's input shapes stays held (a model predicting on images of two sizes may
