@@ -271,3 +271,9 @@ def test_an_inference_tensor_is_not_held():
         w = torch.randn(4, 4, 3, 3)
     with pytest.raises(RuntimeError, match="inference tensor"):
         unetx.ops.hold_weight_transforms(w)
+
+
+@pytest.mark.parametrize("fn", ["hold_weight_transforms", "release_weight_transforms"])
+def test_not_a_tensor_is_a_clear_error(fn):
+    with pytest.raises(TypeError, match=rf"unetx\.{fn}: expected the weight as a torch\.Tensor, got list"):
+        getattr(unetx.ops, fn)([1.0, 2.0])

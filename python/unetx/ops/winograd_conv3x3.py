@@ -31,14 +31,21 @@ def hold_weight_transforms(weight: Tensor) -> None:
     place or through `.data =` is seen (transformed again). Of the tiles a layer measures, those it ever chose stay
     held. unetx.nn's eval layers hold their folded weights this way. A no-op for a tensor off the CPU; an inference
     tensor (no version counter) is refused."""
+    _check_tensor("unetx.hold_weight_transforms", weight)
     if weight.device.type == "cpu":
         _C.hold_weight_transforms(weight)
 
 
 def release_weight_transforms(weight: Tensor) -> None:
     """Stop holding `weight`'s transforms (hold_weight_transforms) and free them now."""
+    _check_tensor("unetx.release_weight_transforms", weight)
     if weight.device.type == "cpu":
         _C.release_weight_transforms(weight)
+
+
+def _check_tensor(op: str, weight) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{op}: expected the weight as a torch.Tensor, got {type(weight).__name__}")
 
 
 def held_weight_transforms() -> tuple[int, int]:
