@@ -4,6 +4,7 @@ choices (cpu/algo_choice.h).
 
     python bench/profile_step.py --autocast bfloat16 --threads 2 [--impl unetx|stock|both] [--top 10]
         [--upsample nearest]  (CPU-S with another upsampling: its 1x1 convolutions)
+        [--floor]  (unetx: also profile its convolution floor and list where the step spends time the floor does not)
 
 GFLOP per step are stock's (unetx.bench.flops.step_flops): with nearest / bilinear upsampling unetx convolves the 1x1
 layers at the low resolution, a quarter of stock's work there (about 3% of the step's count).
@@ -22,7 +23,45 @@ from unetx.bench.flops import step_flops
 from unetx.ops import algo_choice
 
 
-def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str, upsample: str) -> None:
+def _self_ms(prof) -> dict[str, tuple[float, int]]:
+    return {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+
+
+def _floor_diff(case, prof, top: int) -> None:
+    """Profile the convolution floor (unetx.bench.convs: the step's convolutions replayed alone) and list the ops
+    whose self time in the step exceeds their self time in the floor: what step / its convolutions is made of."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    from unetx.bench.convs import conv_replay, record_convs
+
+    run = conv_replay(record_convs(case), torch.device("cpu"))
+    for _ in range(2):
+        run()
+    t0 = time.perf_counter()
+    run()
+    unprofiled = time.perf_counter() - t0
+    with tprofile(activities=[ProfilerActivity.CPU]) as fprof:
+        run()
+    step, floor = _self_ms(prof), _self_ms(fprof)
+    total_s = sum(v[0] for v in step.values())
+    total_f = sum(v[0] for v in floor.values())
+    print(
+        f"\n## the step above minus its convolution floor: floor {unprofiled:.3f} s unprofiled; profiled self time "
+        f"step {total_s:.1f} ms, floor {total_f:.1f} ms, difference {total_s - total_f:.1f} ms"
+    )
+    rows = []
+    for k in set(step) | set(floor):
+        (ts, ns), (tf, nf) = step.get(k, (0.0, 0)), floor.get(k, (0.0, 0))
+        rows.append((ts - tf, k, ts, ns, tf, nf))
+    rows.sort(key=lambda r: -abs(r[0]))
+    print(f"  {'step - floor':>12}  {'step ms (calls)':>17}  {'floor ms (calls)':>17}  op")
+    for d, k, ts, ns, tf, nf in rows[:top]:
+        print(f"  {d:10.1f} ms  {ts:9.1f} ({ns:5d})  {tf:9.1f} ({nf:5d})  {k[:70]}")
+
+
+def profile(
+    impl: str, autocast: str | None, threads: int, top: int, layout: str, upsample: str, floor: bool = False
+) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -59,6 +98,8 @@ def profile(impl: str, autocast: str | None, threads: int, top: int, layout: str
             dtypes[key] = dtypes.get(key, 0.0) + e.cpu_time_total / 1e3
     for k, v in sorted(dtypes.items(), key=lambda kv: -kv[1]):
         print(f"  {v:8.1f} ms  {k}")
+    if impl == "unetx" and floor:
+        _floor_diff(case, prof, top)
     if impl == "unetx":
         import unetx
 
@@ -76,9 +117,10 @@ def main(argv=None) -> int:
     p.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--upsample", choices=["transpose", "nearest", "bilinear"], default="transpose")
+    p.add_argument("--floor", action="store_true", help="unetx: also profile its convolution floor, list the difference")
     a = p.parse_args(argv)
     for impl in ["unetx", "stock"] if a.impl == "both" else [a.impl]:
-        profile(impl, a.autocast, a.threads, a.top, a.layout, a.upsample)
+        profile(impl, a.autocast, a.threads, a.top, a.layout, a.upsample, a.floor)
     return 0
 
 
