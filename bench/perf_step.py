@@ -13,9 +13,9 @@ permission to attach to a process. unetx's symbols need an unstripped build:
     pip install --no-build-isolation -Cbuild-dir=build/prof -Ccmake.build-type=RelWithDebInfo -Cinstall.strip=false -e .
 
 (without it, unetx's kernels show as addresses in _C's library). oneDNN's JIT-compiled kernels show as one "JIT"
-row. Each process measures its own convolution choices (as `unetx bench`), so the two may differ where candidates are
-close: the floor's forward convolutions, run with no input stage or statistics, are keyed and chosen apart from the
-step's.
+row. Each process measures its own convolution choices (as `unetx bench`), and the floor's convolutions, run with no
+input stage, statistics or gradient folding, are keyed and chosen apart from the step's (forward: no stage rows, no
+statistics; weight gradient: no stage), so the two can run different algorithms for the same layer.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def _worker(what: str, autocast: str | None, threads: int, layout: str, ready: P
     print(f"{(time.perf_counter() - t0) / n:.6f} {n}")
 
 
-# "overhead samples dso [.] symbol"; a JIT dso is "[JIT] tid N", the kernel's symbols are marked [k]
+# "overhead period dso [.] symbol" (period: the samples' CPU time in ns, cpu-clock's unit, whatever sampling rate the
+# kernel granted); a JIT dso is "[JIT] tid N", the kernel's symbols are marked [k]
 _ROW = re.compile(r"\s*[\d.]+%\s+(\d+)\s+(.+?)\s+\[[.k]\]\s+(.*)")
 
 
@@ -80,40 +81,50 @@ def _measure(what: str, a, tmp: Path) -> tuple[dict[str, float], float]:
     cmd = [sys.executable, __file__, "--worker", what, "--threads", str(a.threads), "--layout", a.layout]
     cmd += ["--seconds", str(a.seconds + 4), "--ready", str(ready)] + (["--autocast", a.autocast] if a.autocast else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"perf_step: the {what} process exited with {proc.returncode} before it was ready")
-        time.sleep(0.2)
-    time.sleep(1.0)  # past the first calls after the ready mark
-    freq = 999
-    rec = subprocess.run(
-        ["perf", "record", "-e", "cpu-clock", "-F", str(freq), "-p", str(proc.pid), "-o", str(data)]
-        + ["--", "sleep", str(a.seconds)],
-        capture_output=True,
-        text=True,
-    )
-    out, _ = proc.communicate()
-    if rec.returncode != 0:
-        raise SystemExit(f"perf_step: perf record failed ({rec.returncode}): {rec.stderr.strip()[-400:]}")
-    per_call, _n = out.strip().splitlines()[-1].split()
-    per_call = float(per_call)
+    try:
+        deadline = time.monotonic() + 900  # CPU-S's first steps measure their convolution choices: minutes at most
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"perf_step: the {what} process exited with {proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"perf_step: the {what} process was not ready after 900 s")
+            time.sleep(0.2)
+        time.sleep(1.0)  # past the first calls after the ready mark
+        rec = subprocess.run(
+            ["perf", "record", "-e", "cpu-clock", "-F", "999", "-p", str(proc.pid), "-o", str(data)]
+            + ["--", "sleep", str(a.seconds)],
+            capture_output=True,
+            text=True,
+        )
+        if rec.returncode != 0:
+            raise SystemExit(f"perf_step: perf record failed ({rec.returncode}): {rec.stderr.strip()[-400:]}")
+        out, _ = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0 or not out.strip():
+        raise SystemExit(f"perf_step: the {what} process failed ({proc.returncode}) while it was sampled")
+    per_call = float(out.strip().splitlines()[-1].split()[0])
     rep = subprocess.run(
-        ["perf", "report", "-i", str(data), "--no-children", "-F", "overhead,sample,dso,sym", "-g", "none", "--stdio"],
+        ["perf", "report", "-i", str(data), "--no-children", "-F", "overhead,period,dso,sym", "-g", "none", "--stdio"],
         capture_output=True,
         text=True,
     )
-    return parse_report(rep.stdout, freq, a.seconds / per_call), per_call
+    if rep.returncode != 0:
+        raise SystemExit(f"perf_step: perf report failed ({rep.returncode}): {rep.stderr.strip()[-400:]}")
+    return parse_report(rep.stdout, a.seconds / per_call), per_call
 
 
-def parse_report(text: str, freq: int, calls: float) -> dict[str, float]:
-    """`perf report -F overhead,sample,dso,sym --stdio` text -> thread-ms per call by symbol (samples / freq over
-    `calls` calls), oneDNN's JIT code and libgomp's waits each folded into one row."""
+def parse_report(text: str, calls: float) -> dict[str, float]:
+    """`perf report -F overhead,period,dso,sym --stdio` text of a cpu-clock recording -> thread-ms per call by symbol
+    (the period's ns over `calls` calls), oneDNN's JIT code and libgomp's waits each folded into one row."""
     table: dict[str, float] = {}
     for line in text.splitlines():
         r = _ROW.match(line)
         if r:
             k = _symbol(r.group(2), r.group(3))
-            table[k] = table.get(k, 0.0) + int(r.group(1)) / freq * 1e3 / calls
+            table[k] = table.get(k, 0.0) + int(r.group(1)) / 1e6 / calls
     return table
 
 

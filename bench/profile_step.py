@@ -28,8 +28,10 @@ def _self_ms(prof) -> dict[str, tuple[float, int]]:
 
 
 def _floor_diff(case, prof, top: int) -> None:
-    """Profile the convolution floor (unetx.bench.convs: the step's convolutions replayed alone) and list the ops
-    whose self time in the step exceeds their self time in the floor: what step / its convolutions is made of."""
+    """Profile the convolution floor (unetx.bench.convs: the step's convolutions replayed alone, its own measured
+    choices) the way the step was profiled, and list the ops by how much their self time differs, largest first
+    (negative: more in the floor): what step / its convolutions is made of, each op inflated by the profiler's
+    per-call cost (bench/perf_step.py samples instead)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
     from unetx.bench.convs import conv_replay, record_convs
@@ -40,7 +42,7 @@ def _floor_diff(case, prof, top: int) -> None:
     t0 = time.perf_counter()
     run()
     unprofiled = time.perf_counter() - t0
-    with tprofile(activities=[ProfilerActivity.CPU]) as fprof:
+    with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as fprof:
         run()
     step, floor = _self_ms(prof), _self_ms(fprof)
     total_s = sum(v[0] for v in step.values())
@@ -98,8 +100,6 @@ def profile(
             dtypes[key] = dtypes.get(key, 0.0) + e.cpu_time_total / 1e3
     for k, v in sorted(dtypes.items(), key=lambda kv: -kv[1]):
         print(f"  {v:8.1f} ms  {k}")
-    if impl == "unetx" and floor:
-        _floor_diff(case, prof, top)
     if impl == "unetx":
         import unetx
 
@@ -107,6 +107,8 @@ def profile(
         for d in sorted(unetx._C.algo_choices(), key=lambda d: d["key"]):
             t = ", ".join(f"{k} {v * 1e3:.1f}" if v is not None else f"{k} -" for k, v in d["seconds"].items())
             print(f"  {d['family']} {d['key']}: {d['chosen']} ({t}){' loaded' if d['loaded'] else ''}")
+        if floor:  # after the step's choices are listed: the floor measures its own under other keys
+            _floor_diff(case, prof, top)
 
 
 def main(argv=None) -> int:

@@ -429,21 +429,21 @@ def test_eval_weights_bench_quick(tmp_path):
 
 
 def test_perf_step_parses_a_report_into_thread_ms_per_call():
-    """bench/perf_step.py's parser on made-up `perf report -F overhead,sample,dso,sym` lines: samples / frequency over
-    the calls, oneDNN's JIT code (a dso with spaces) and libgomp's addresses each one row, kernel symbols ([k]) kept,
-    header lines skipped."""
+    """bench/perf_step.py's parser on made-up `perf report -F overhead,period,dso,sym` lines of a cpu-clock recording:
+    the period (ns) over the calls, oneDNN's JIT code (a dso with spaces) and libgomp's addresses each one row, kernel
+    symbols ([k]) kept, header lines skipped."""
     parse = load_bench("perf_step").parse_report
     text = """# Samples: 3K of event 'cpu-clock'
 #
-    40.00%          1200  [JIT] tid 20555                     [.] 0x00007f4974f00032
-    10.00%           300  [JIT] tid 20555                     [.] 0x00007f4973fc2646
-     5.00%           150  libgomp.so.1                        [.] 0x000000000001e02a
-     5.00%           150  libgomp.so.1                        [.] 0x000000000001de62
-     2.00%            60  _C.cpython-311-x86_64-linux-gnu.so  [.] unetx::cpu::fold_pixels<float>(float const*)
-     1.00%            30  [kernel.kallsyms]                   [k] clear_page_erms
+    40.00%    1200000000  [JIT] tid 20555                     [.] 0x00007f4974f00032
+    10.00%     300000000  [JIT] tid 20555                     [.] 0x00007f4973fc2646
+     5.00%     150000000  libgomp.so.1                        [.] 0x000000000001e02a
+     5.00%     150000000  libgomp.so.1                        [.] 0x000000000001de62
+     2.00%      60000000  _C.cpython-311-x86_64-linux-gnu.so  [.] unetx::cpu::fold_pixels<float>(float const*)
+     1.00%      30000000  [kernel.kallsyms]                   [k] clear_page_erms
 """
-    t = parse(text, freq=1000, calls=3.0)
-    assert t["[JIT] (oneDNN's generated kernels)"] == pytest.approx(1500 / 1000 * 1e3 / 3)
+    t = parse(text, calls=3.0)
+    assert t["[JIT] (oneDNN's generated kernels)"] == pytest.approx(1500 / 3)
     assert t["libgomp (threads waiting)"] == pytest.approx(300 / 3)
     assert t["_C.cpython-311-x86_64-linux-gnu.so: unetx::cpu::fold_pixels<float>(float const*)"] == pytest.approx(20)
     assert t["[kernel.kallsyms]: clear_page_erms"] == pytest.approx(10)
