@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--upsample", choices=["transpose", "nearest", "bilinear"], default="transpose")
-    p.add_argument("--floor", action="store_true", help="unetx: also profile its convolution floor, list the difference")
+    p.add_argument("--floor", action="store_true", help="unetx: profile its convolution floor too")
     a = p.parse_args(argv)
     for impl in ["unetx", "stock"] if a.impl == "both" else [a.impl]:
         profile(impl, a.autocast, a.threads, a.top, a.layout, a.upsample, a.floor)
