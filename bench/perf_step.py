@@ -138,6 +138,12 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=["step", "floor"], help=argparse.SUPPRESS)
     p.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.seconds <= 0:
+        p.error(f"--seconds must be > 0, got {a.seconds}")
+    if a.top < 1:
+        p.error(f"--top must be >= 1, got {a.top}")
     if a.worker:
         _worker(a.worker, a.autocast, a.threads, a.layout, a.ready, a.seconds)
         return 0

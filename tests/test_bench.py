@@ -448,3 +448,17 @@ def test_perf_step_parses_a_report_into_thread_ms_per_call():
     assert t["_C.cpython-311-x86_64-linux-gnu.so: unetx::cpu::fold_pixels<float>(float const*)"] == pytest.approx(20)
     assert t["[kernel.kallsyms]: clear_page_erms"] == pytest.approx(10)
     assert len(t) == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seconds", "0"], "--seconds must be > 0, got 0.0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--top", "-3"], "--top must be >= 1, got -3"),
+    ],
+)
+def test_perf_step_refuses_bad_options_before_running_anything(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_bench("perf_step").main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
